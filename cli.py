@@ -1,0 +1,56 @@
+"""Command line: `python cli.py fit|validate|test|predict [--config FILE] [--key value ...]`."""
+
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from datamodule import MNISTAdderData
+from lightning_module import MNISTAdder
+from mnist_files import MNISTUnavailable
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
+
+class AdderCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/sum_acc", "checkpoint.mode": "max",
+                             "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch:02d}"})
+        # One seed decides the initial weights, the augmentation, the split and every pairing.
+        parser.link_arguments("seed_everything", "data.seed")
+
+    def before_fit(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def after_fit(self) -> None:
+        """Test the best checkpoint (chosen on validation) on the official test set and print a summary."""
+        fit_seconds = time.perf_counter() - self._fit_start
+        if self.trainer.interrupted:
+            return
+        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        metrics = {k: v for result in results for k, v in result.items()}
+        rows = [("checkpoint", best or "(weights at the end of fit)"), ("fit time", f"{fit_seconds:.1f} s")]
+        rows += [(label, f"{100 * metrics[key]:.2f} %") for key, label in (
+            ("test/digit_acc", "digit accuracy (fixed pairs)"), ("test/sum_acc", "sum accuracy (fixed pairs)"),
+            ("test/sum_acc_all_pairs", "sum accuracy (all 100,000 pairs)")) if key in metrics]
+        width = max(len(label) for label, _ in rows)
+        rank_zero_info("\n".join(["", "Official MNIST test set", *(f"  {a:<{width}}  {b}" for a, b in rows)]))
+
+
+def cli_main(args=None) -> AdderCLI:
+    try:
+        return AdderCLI(MNISTAdder, MNISTAdderData, args=args, seed_everything_default=0,
+                        auto_configure_optimizers=False,
+                        parser_kwargs={sub: {"default_config_files": [str(DEFAULT_CONFIG)]}
+                                       for sub in ("fit", "validate", "test", "predict")})
+    except (ValueError, FloatingPointError, MNISTUnavailable) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    cli_main()

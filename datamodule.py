@@ -1,0 +1,197 @@
+"""MNIST images paired with random numbers 0-9, held as tensors and served a whole batch at a time."""
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from mnist_files import OFFICIAL_MD5, ensure_mnist, read_idx
+
+TestPairs = Literal["all", "fixed", "both"]
+
+
+def _seeded(*keys) -> torch.Generator:
+    """A CPU generator (the same stream on every machine) for one purpose, e.g. ("val", seed)."""
+    return torch.Generator().manual_seed(int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16))
+
+
+def draw_numbers(count: int, *keys) -> torch.Tensor:
+    return torch.randint(0, 10, (count,), generator=_seeded(*keys))
+
+
+class Pairs(Dataset):
+    """Images with one number each; `__getitems__` cuts a whole batch with one index.
+
+    A batch is a dict: image float [B,1,28,28] in [0,1], number, digit and sum int64 [B].
+    """
+
+    def __init__(self, images: torch.Tensor, digits: torch.Tensor, numbers: torch.Tensor):
+        self.images, self.digits, self.numbers = images, digits, numbers
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, device=self.images.device)
+        number = self.numbers[idx]
+        return {"image": self.images[idx].unsqueeze(1).float().div_(255), "number": number,
+                "digit": self.digits[idx], "sum": self.digits[idx] + number}
+
+    def to(self, device: torch.device) -> "Pairs":
+        self.images, self.digits, self.numbers = (t.to(device) for t in (self.images, self.digits, self.numbers))
+        return self
+
+
+class TrainPairs(Pairs):
+    """Fresh numbers every epoch, drawn from (seed, epoch) alone."""
+
+    def __init__(self, images: torch.Tensor, digits: torch.Tensor, seed: int):
+        self.seed = seed
+        super().__init__(images, digits, draw_numbers(len(digits), "train", seed, 0))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.numbers = draw_numbers(len(self.digits), "train", self.seed, epoch).to(self.images.device)
+
+
+class AllPairs(Pairs):
+    """Every image with every number 0..9: number and sum are [B, 10], so a batch holds 10 * B pairs."""
+
+    def __init__(self, images: torch.Tensor, digits: torch.Tensor):
+        super().__init__(images, digits, torch.arange(10).expand(len(digits), 10))
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = super().__getitems__(indices)
+        batch["sum"] = batch["digit"][:, None] + batch["number"]
+        return batch
+
+
+class EpochSampler(DistributedSampler):
+    """This process's shard, reshuffled each epoch; tells the dataset the epoch so it redraws numbers."""
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+
+
+def _whole_batch(batch):
+    return batch
+
+
+class MNISTAdderData(L.LightningDataModule):
+    """Official MNIST: 55,000 train / 5,000 val (a seeded split) / the official 10,000 test images.
+
+    Args:
+        data_dir: holds (or receives) ``MNIST/raw/`` with the four official IDX files.
+        batch_size: training batch size; evaluation uses larger batches.
+        seed: decides the split, the train numbers of every epoch and the fixed val/test numbers.
+        val_size: training images held out for validation and model selection.
+        test_pairs: ``fixed`` (one number per test image), ``all`` (each image with all ten
+            numbers: 100,000 pairs) or ``both``.
+        rotate: augmentation, maximum rotation in degrees (0 turns it off).
+        translate: augmentation, maximum shift as a fraction of the image size.
+        scale: augmentation, maximum relative zoom in or out.
+        on_device: keep all images on the accelerator and cut batches there (fast on a GPU).
+    """
+
+    def __init__(self, data_dir: str = "data", batch_size: int = 128, seed: int = 0, val_size: int = 5000,
+                 test_pairs: TestPairs = "both", rotate: float = 10.0, translate: float = 0.1,
+                 scale: float = 0.1, on_device: bool = False):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 1 <= val_size <= 59_999:
+            raise ValueError(f"val_size must be within 1..59999, got {val_size}")
+        if test_pairs not in ("all", "fixed", "both"):
+            raise ValueError(f"test_pairs must be 'all', 'fixed' or 'both', got {test_pairs!r}")
+        if min(rotate, translate, scale) < 0:
+            raise ValueError("rotate, translate and scale must be >= 0")
+        self.save_hyperparameters()
+        self.raw_dir = Path(data_dir) / "MNIST" / "raw"
+        if not all((self.raw_dir / name).is_file() for name in OFFICIAL_MD5):
+            _check_writable(Path(data_dir))
+
+    def prepare_data(self) -> None:
+        ensure_mnist(self.raw_dir)
+
+    def setup(self, stage: str) -> None:
+        if hasattr(self, "test_set"):
+            return
+        hp = self.hparams
+        images = read_idx(self.raw_dir / "train-images-idx3-ubyte")
+        digits = read_idx(self.raw_dir / "train-labels-idx1-ubyte").long()
+        if hp.val_size >= len(digits):
+            raise ValueError(f"val_size {hp.val_size} leaves no training images out of {len(digits)}")
+        order = torch.randperm(len(digits), generator=_seeded("split", hp.seed))
+        train, val = order[hp.val_size:], order[:hp.val_size]
+        test_images = read_idx(self.raw_dir / "t10k-images-idx3-ubyte")
+        test_digits = read_idx(self.raw_dir / "t10k-labels-idx1-ubyte").long()
+        self.train_set = TrainPairs(images[train], digits[train], hp.seed)
+        self.val_set = Pairs(images[val], digits[val], draw_numbers(len(val), "val", hp.seed))
+        self.test_set = Pairs(test_images, test_digits, draw_numbers(len(test_digits), "test", hp.seed))
+        self.all_pairs_set = AllPairs(test_images, test_digits)
+        if hp.on_device and self.trainer is not None:
+            for dataset in (self.train_set, self.val_set, self.test_set, self.all_pairs_set):
+                dataset.to(self.trainer.strategy.root_device)
+
+    def _shard(self) -> dict:
+        trainer = self.trainer
+        return {"num_replicas": trainer.world_size if trainer else 1, "rank": trainer.global_rank if trainer else 0}
+
+    def _loader(self, dataset: Pairs, batch_size: int, sampler, drop_last: bool = False) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_whole_batch, drop_last=drop_last,
+                          pin_memory=not self.hparams.on_device and torch.cuda.is_available())
+
+    def _eval_loader(self, dataset: Pairs, batch_size: int = 1000) -> DataLoader:
+        # No padding under DDP: every sample is counted exactly once.
+        return self._loader(dataset, batch_size, UnrepeatedDistributedSampler(dataset, shuffle=False, **self._shard()))
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochSampler(self.train_set, shuffle=True, seed=self.hparams.seed, drop_last=True, **self._shard())
+        return self._loader(self.train_set, self.hparams.batch_size, sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        choice = self.hparams.test_pairs
+        return ([self._eval_loader(self.test_set)] * (choice != "all")
+                + [self._eval_loader(self.all_pairs_set, 250)] * (choice != "fixed"))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.trainer is not None and self.trainer.training:
+            batch["image"] = self.augment(batch["image"])
+        return batch
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """A random rotation, zoom and shift for each image, done for the whole batch at once."""
+        hp = self.hparams
+        if hp.rotate == hp.translate == hp.scale == 0:
+            return images
+        n, dev = len(images), images.device
+
+        def uniform(*shape):
+            return torch.rand(*shape, device=dev) * 2 - 1
+
+        angle = uniform(n) * math.radians(hp.rotate)
+        zoom = 1 + uniform(n) * hp.scale
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        shift = uniform(n, 2) * hp.translate * 2  # affine_grid spans [-1, 1]: the image is 2 units wide
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, align_corners=False)
+
+
+def _check_writable(data_dir: Path) -> None:
+    existing = next(p for p in (data_dir, *data_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"data_dir {str(data_dir)!r} cannot be written (checked {str(existing)!r})")

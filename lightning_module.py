@@ -1,0 +1,204 @@
+"""The dual-input, dual-output network and its manual-optimization training step."""
+
+import inspect
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from visuals import confusion_image, sample_grid
+
+SumLoss = Literal["cross_entropy", "mse"]
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def _conv(cin: int, cout: int, kernel: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+
+
+class DualInputNet(nn.Module):
+    """image -> conv features; number -> one-hot -> Linear; both concatenated -> 2 FC layers -> 29 logits."""
+
+    def __init__(self, channels: tuple[int, int, int], number_features: int, hidden: int):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.image = nn.Sequential(*_conv(1, c1, 5), *_conv(c1, c2, 3), *_conv(c2, c3, 3), nn.Flatten())  # 28->14->7->3
+        self.number = nn.Linear(10, number_features)
+        self.head = nn.Sequential(nn.Linear(c3 * 3 * 3 + number_features, hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, 29))
+        self.to(memory_format=torch.channels_last)  # measurably faster convolutions on CPU and GPU
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - MNIST_MEAN) / MNIST_STD
+        return self.image(x.contiguous(memory_format=torch.channels_last))
+
+    def logits(self, image_features: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        number_features = F.relu(self.number(F.one_hot(numbers, 10).to(image_features.dtype)))
+        return self.head(torch.cat([image_features, number_features], dim=1))
+
+    def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.image_features(images), numbers)
+
+
+def _stage_metrics() -> nn.ModuleDict:
+    return nn.ModuleDict({"digit_acc": MulticlassAccuracy(10, average="micro"),
+                          "sum_acc": MulticlassAccuracy(19, average="micro"),
+                          "digit_loss": MeanMetric(), "sum_loss": MeanMetric()})
+
+
+class MNISTAdder(L.LightningModule):
+    """Predicts the digit in an MNIST image and its sum with a given number 0-9.
+
+    Contract: ``forward(images, numbers)`` takes float images [B,1,28,28] in [0,1] and int64 numbers
+    [B] in 0..9 and returns logits [B,29]: 10 for the digit, then 19 for the sum 0..18.
+
+    Args:
+        sum_loss: ``cross_entropy``, or ``mse``: the Brier score, squared error between the softmax
+            over the 19 sum logits and the one-hot target, summed over the classes.
+        channels: widths of the three conv layers.
+        number_features: width of the Linear layer that embeds the number.
+        hidden: width of the first FC layer.
+        optimizer: any torch optimizer, e.g. from YAML as class_path/init_args.
+        scheduler: any LR scheduler; ``total_steps`` is filled in when it takes one (OneCycleLR).
+        scheduler_interval: step the scheduler after every ``step`` or every ``epoch``.
+        gradient_clip_val: clip the gradient norm to this (0 turns it off).
+    """
+
+    def __init__(self, sum_loss: SumLoss = "cross_entropy", channels: tuple[int, int, int] = (32, 64, 128),
+                 number_features: int = 64, hidden: int = 256,
+                 optimizer: OptimizerCallable = torch.optim.AdamW,
+                 scheduler: LRSchedulerCallable | None = None,
+                 scheduler_interval: Literal["step", "epoch"] = "step", gradient_clip_val: float = 0.0):
+        super().__init__()
+        if sum_loss not in ("cross_entropy", "mse"):
+            raise ValueError(f"sum_loss must be 'cross_entropy' or 'mse', got {sum_loss!r}")
+        if min(*channels, number_features, hidden) < 1 or gradient_clip_val < 0:
+            raise ValueError("channels, number_features and hidden must be >= 1 and gradient_clip_val >= 0")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.automatic_optimization = False
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.net = DualInputNet(tuple(channels), number_features, hidden)
+        self.train_metrics, self.val_metrics, self.test_metrics = _stage_metrics(), _stage_metrics(), _stage_metrics()
+        self.test_all_pairs = nn.ModuleDict({"digit_acc": MulticlassAccuracy(10, average="micro"),
+                                             "sum_acc": MulticlassAccuracy(19, average="micro")})
+        self.val_sum_acc_best = MaxMetric()
+        self.val_confusion = MulticlassConfusionMatrix(10)
+        self._misclassified: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        return self.net(images, numbers)
+
+    def losses(self, logits: torch.Tensor, digits: torch.Tensor, sums: torch.Tensor):
+        digit_loss = F.cross_entropy(logits[:, :10], digits)
+        if self.hparams.sum_loss == "mse":
+            target = F.one_hot(sums, 19).to(logits.dtype)
+            sum_loss = (logits[:, 10:].softmax(dim=1) - target).square().sum(dim=1).mean()
+        else:
+            sum_loss = F.cross_entropy(logits[:, 10:], sums)
+        return digit_loss, sum_loss
+
+    def _evaluate(self, batch: dict, metrics: nn.ModuleDict, stage: str) -> torch.Tensor:
+        logits = self(batch["image"], batch["number"])
+        digit_loss, sum_loss = self.losses(logits, batch["digit"], batch["sum"])
+        n = len(logits)
+        metrics["digit_acc"](logits[:, :10], batch["digit"])
+        metrics["sum_acc"](logits[:, 10:], batch["sum"])
+        metrics["digit_loss"](digit_loss, n)
+        metrics["sum_loss"](sum_loss, n)
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=n,
+                     add_dataloader_idx=False, prog_bar=stage == "val" and name.endswith("acc"))
+        return logits, digit_loss, sum_loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        logits, digit_loss, sum_loss = self._evaluate(batch, self.train_metrics, "train")
+        if not torch.isfinite(digit_loss + sum_loss):
+            raise FloatingPointError(
+                f"non-finite loss at step {self.global_step} (digit {digit_loss.item()}, sum {sum_loss.item()}): "
+                "training stopped; lower the learning rate or set model.gradient_clip_val")
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(digit_loss, retain_graph=True)
+        self.manual_backward(sum_loss)
+        if self.hparams.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val,
+                                gradient_clip_algorithm="norm")
+        optimizer.step()
+        if self.hparams.scheduler_interval == "step":
+            self._step_scheduler()
+        self.log("loss", digit_loss + sum_loss, prog_bar=True, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.scheduler_interval == "epoch":
+            self._step_scheduler()
+
+    def _step_scheduler(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits, _, _ = self._evaluate(batch, self.val_metrics, "val")
+        digit_pred, sum_pred = logits[:, :10].argmax(1), logits[:, 10:].argmax(1)
+        self.val_confusion.update(digit_pred, batch["digit"])
+        wrong = (digit_pred != batch["digit"]) | (sum_pred != batch["sum"])
+        if wrong.any() and len(self._misclassified) < 32:
+            self._misclassified.append({"image": batch["image"][wrong], "number": batch["number"][wrong],
+                                        "digit": batch["digit"][wrong], "sum": batch["sum"][wrong],
+                                        "digit_pred": digit_pred[wrong], "sum_pred": sum_pred[wrong]})
+
+    def on_validation_epoch_end(self) -> None:
+        confusion = self.val_confusion.compute()
+        self.val_confusion.reset()
+        misclassified, self._misclassified = self._misclassified, []
+        if self.trainer.sanity_checking:
+            return
+        self.val_sum_acc_best(self.val_metrics["sum_acc"].compute())
+        # The value, not the object: Lightning resets a logged metric object every epoch.
+        self.log("val/sum_acc_best", self.val_sum_acc_best.compute())
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("val/confusion_matrix", confusion_image(confusion), self.current_epoch)
+            if misclassified:
+                wrong = {k: torch.cat([m[k] for m in misclassified])[:32] for k in misclassified[0]}
+                experiment.add_image("val/misclassified", sample_grid(**wrong), self.current_epoch)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch["number"].ndim == 1:
+            self._evaluate(batch, self.test_metrics, "test")
+            return
+        # Each image with all ten numbers: the conv features are computed once and shared by its ten pairs.
+        features = self.net.image_features(batch["image"])
+        pairs = batch["number"].shape[1]
+        logits = self.net.logits(features.repeat_interleave(pairs, dim=0), batch["number"].flatten())
+        self.test_all_pairs["digit_acc"](logits[:, :10], batch["digit"].repeat_interleave(pairs))
+        self.test_all_pairs["sum_acc"](logits[:, 10:], batch["sum"].flatten())
+        for name, metric in self.test_all_pairs.items():
+            self.log(f"test/{name}_all_pairs", metric, on_epoch=True, batch_size=len(logits),
+                     add_dataloader_idx=False)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        logits = self(batch["image"], batch["number"])
+        digit_prob, digit = logits[:, :10].softmax(1).max(1)
+        sum_prob, sum_ = logits[:, 10:].softmax(1).max(1)
+        return {"number": batch["number"], "digit": digit, "digit_prob": digit_prob, "sum": sum_,
+                "sum_prob": sum_prob}
+
+    def on_fit_end(self) -> None:
+        if self.logger is not None and self.val_sum_acc_best.update_called:
+            # TensorBoard's HPARAMS tab: the hyperparameters beside the best validation sum accuracy.
+            self.logger.log_hyperparams(self.hparams, {"hp/val_sum_acc_best": self.val_sum_acc_best.compute().item()})
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        if self.scheduler is None:
+            return optimizer
+        needs_total = "total_steps" in inspect.signature(self.scheduler).parameters
+        kwargs = {"total_steps": int(self.trainer.estimated_stepping_batches)} if needs_total else {}
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer, **kwargs)}
