@@ -40,9 +40,9 @@ class Pairs(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices, device=self.images.device)
-        number = self.numbers[idx]
-        return {"image": self.images[idx].unsqueeze(1).float().div_(255), "number": number,
-                "digit": self.digits[idx], "sum": self.digits[idx] + number}
+        number, digit = self.numbers[idx], self.digits[idx]
+        return {"image": self.images[idx].unsqueeze(1).float().div_(255), "number": number, "digit": digit,
+                "sum": digit.view(-1, *[1] * (number.dim() - 1)) + number}
 
     def to(self, device: torch.device) -> "Pairs":
         self.images, self.digits, self.numbers = (t.to(device) for t in (self.images, self.digits, self.numbers))
@@ -65,11 +65,6 @@ class AllPairs(Pairs):
 
     def __init__(self, images: torch.Tensor, digits: torch.Tensor):
         super().__init__(images, digits, torch.arange(10).expand(len(digits), 10))
-
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = super().__getitems__(indices)
-        batch["sum"] = batch["digit"][:, None] + batch["number"]
-        return batch
 
 
 class EpochSampler(DistributedSampler):

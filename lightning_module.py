@@ -1,6 +1,5 @@
 """The dual-input, dual-output network and its manual-optimization training step."""
 
-import inspect
 from typing import Literal
 
 import lightning as L
@@ -65,7 +64,7 @@ class MNISTAdder(L.LightningModule):
         number_features: width of the Linear layer that embeds the number.
         hidden: width of the first FC layer.
         optimizer: any torch optimizer, e.g. from YAML as class_path/init_args.
-        scheduler: any LR scheduler; ``total_steps`` is filled in when it takes one (OneCycleLR).
+        scheduler: any LR scheduler; an unset ``total_steps`` (OneCycleLR) is filled in from the trainer.
         scheduler_interval: step the scheduler after every ``step`` or every ``epoch``.
         gradient_clip_val: clip the gradient norm to this (0 turns it off).
     """
@@ -199,6 +198,7 @@ class MNISTAdder(L.LightningModule):
         optimizer = self.optimizer(self.parameters())
         if self.scheduler is None:
             return optimizer
-        needs_total = "total_steps" in inspect.signature(self.scheduler).parameters
+        # OneCycleLR and its kind need the run's length, which only the trainer knows.
+        needs_total = getattr(self.scheduler, "keywords", {}).get("total_steps", 0) is None
         kwargs = {"total_steps": int(self.trainer.estimated_stepping_batches)} if needs_total else {}
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer, **kwargs)}

@@ -28,7 +28,7 @@ def pickled_mnist(seed=0) -> tuple[bytes, dict]:
     expected = {"train-images-idx3-ubyte": idx_bytes(np.concatenate([tr_x, va_x])),
                 "train-labels-idx1-ubyte": idx_bytes(np.concatenate([tr_y, va_y])),
                 "t10k-images-idx3-ubyte": idx_bytes(te_x), "t10k-labels-idx1-ubyte": idx_bytes(te_y)}
-    return pickle.dumps(tuple(as_rows), protocol=2), expected
+    return pickle.dumps(tuple(as_rows), protocol=3), expected  # bytes stored natively, as Python 2 stored str
 
 
 @pytest.fixture
