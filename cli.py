@@ -6,14 +6,20 @@ import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
 from mnist_files import MNISTUnavailable
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
+
+class ShortErrorParser(LightningArgumentParser):
+    """A bad option ends in its one error line and a tip, without the usage wall; --help shows it all."""
+
+    def print_usage(self, file=None) -> None:
+        pass
 
 
 class AdderCLI(LightningCLI):
@@ -40,7 +46,8 @@ class AdderCLI(LightningCLI):
             ("test/digit_acc", "digit accuracy (fixed pairs)"), ("test/sum_acc", "sum accuracy (fixed pairs)"),
             ("test/sum_acc_all_pairs", "sum accuracy (each image with all 10 numbers)")) if key in metrics]
         width = max(len(label) for label, _ in rows)
-        rank_zero_info("\n".join(["", "Official MNIST test set", *(f"  {a:<{width}}  {b}" for a, b in rows)]))
+        if self.trainer.is_global_zero:
+            print("\n".join(["", "Official MNIST test set", *(f"  {a:<{width}}  {b}" for a, b in rows)]))
 
 
 def cli_main(args=None) -> AdderCLI:
@@ -51,7 +58,7 @@ def cli_main(args=None) -> AdderCLI:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args is argv, extended above
     try:
         return AdderCLI(MNISTAdder, MNISTAdderData, args=args, seed_everything_default=0,
-                        auto_configure_optimizers=False)
+                        parser_class=ShortErrorParser, auto_configure_optimizers=False)
     except (ValueError, FloatingPointError, MNISTUnavailable) as err:
         sys.exit(f"error: {err}")
 

@@ -1,0 +1,71 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--data.val_size", "100", "--data.batch_size", "50", "--model.channels", "[8, 16, 16]"]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, synthetic_data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # lightning_logs/ and data/ land in tmp_path
+    return tmp_path
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_fast_dev_run_each_subcommand(in_tmp, subcommand):
+    cli = cli_main([subcommand, "--trainer.fast_dev_run", "2", *SMALL])
+    assert cli.trainer.state.finished
+
+
+def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
+    cli_main(["fit", "--trainer.max_epochs", "2", *SMALL])
+    run = in_tmp / "lightning_logs" / "version_0"
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and any(name.startswith("best-epoch=") for name in checkpoints)
+    assert (run / "config.yaml").is_file()
+    out = capsys.readouterr().out
+    assert "Official MNIST test set" in out and "best-epoch=" in out
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    for stage in ("train", "val", "test"):
+        assert {f"{stage}/digit_acc", f"{stage}/sum_acc", f"{stage}/digit_loss", f"{stage}/sum_loss"} <= tags
+    assert {"val/sum_acc_best", "test/sum_acc_all_pairs", "hp/val_sum_acc_best"} <= tags
+    assert {"val/confusion_matrix", "val/misclassified"} <= set(events.Tags()["images"])
+    assert len(events.Scalars("val/digit_acc")) == 2
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as end:
+        cli_main(["fit", "--config", str(ROOT / "configs" / config), "--print_config"])
+    assert end.value.code in (0, None)
+    assert "sum_loss:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.sum_loss", "l1"], "sum_loss"),
+    (["--data.batch_size", "0"], "batch_size"),
+    (["--no_such_option", "1"], "no_such_option"),
+    (["--trainer.max_epochs", "many"], "max_epochs"),
+])
+def test_bad_config_values_give_a_short_error(in_tmp, capsys, args, message):
+    with pytest.raises(SystemExit) as end:
+        cli_main(["fit", *args])
+    assert end.value.code not in (0, None)
+    err = (str(end.value.code) if isinstance(end.value.code, str) else "") + capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 12  # the error and its details, no usage wall
+
+
+def test_script_entry_point_reports_bad_value_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--data.batch_size", "0"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "batch_size must be >= 1" in done.stderr and "Traceback" not in done.stderr

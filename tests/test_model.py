@@ -1,0 +1,99 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning import Trainer
+from torch.utils.data import DataLoader
+
+from conftest import synthetic_digits
+from datamodule import MNISTAdderData
+from lightning_module import MNISTAdder
+
+
+def fixed_batches(count=2, size=32):
+    images, digits = synthetic_digits(count * size, seed=5)
+    numbers = torch.arange(count * size) % 10
+    images = torch.from_numpy(images).float().div(255).unsqueeze(1)
+    digits = torch.from_numpy(digits).long()
+    return [{"image": images[k::count], "number": numbers[k::count], "digit": digits[k::count],
+             "sum": digits[k::count] + numbers[k::count]} for k in range(count)]
+
+
+def quiet_trainer(tmp_path, **kwargs):
+    return Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def test_forward_contract():
+    model = MNISTAdder().eval()
+    logits = model(torch.rand(5, 1, 28, 28), torch.arange(5))
+    assert logits.shape == (5, 29) and logits.dtype == torch.float32
+
+
+class Recording(MNISTAdder):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.backward_calls, self.optimizer_steps = [], 0
+
+    def manual_backward(self, loss, *args, **kwargs):
+        self.backward_calls.append((self.global_step, kwargs.get("retain_graph", False)))
+        super().manual_backward(loss, *args, **kwargs)
+
+    def on_train_batch_end(self, *args):
+        self.optimizer_steps = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total.completed
+
+
+def test_manual_optimization_two_backwards_one_step_per_batch(tmp_path, synthetic_data_dir):
+    model = Recording()
+    dm = MNISTAdderData(data_dir=str(synthetic_data_dir), batch_size=50, val_size=100)  # 500 train: 10 batches
+    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
+    trainer.fit(model, dm)
+    batches = 2 * (500 // 50)
+    assert trainer.global_step == batches == model.optimizer_steps
+    assert model.backward_calls == [(step, retain) for step in range(batches) for retain in (True, False)]
+
+
+@pytest.mark.parametrize("sum_loss", ["cross_entropy", "mse"])
+def test_overfits_a_few_fixed_batches(tmp_path, sum_loss):
+    torch.manual_seed(0)
+    model = MNISTAdder(sum_loss=sum_loss, channels=(8, 16, 16), optimizer=lambda p: torch.optim.Adam(p, 3e-3))
+    batches = fixed_batches()
+    quiet_trainer(tmp_path, max_epochs=60).fit(model, DataLoader(batches, batch_size=None))
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(batch["image"], batch["number"])
+            assert torch.equal(logits[:, :10].argmax(1), batch["digit"])
+            assert torch.equal(logits[:, 10:].argmax(1), batch["sum"])
+
+
+def test_mse_is_the_brier_score_summed_over_classes():
+    model = MNISTAdder(sum_loss="mse")
+    logits, sums = torch.randn(4, 29), torch.tensor([0, 5, 18, 9])
+    _, sum_loss = model.losses(logits, torch.zeros(4, dtype=torch.long), sums)
+    expected = ((logits[:, 10:].softmax(1) - F.one_hot(sums, 19)) ** 2).sum(1).mean()
+    assert torch.allclose(sum_loss, expected)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32)
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, DataLoader(fixed_batches(), batch_size=None))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = MNISTAdder.load_from_checkpoint(tmp_path / "m.ckpt").eval()
+    model.eval()
+    images, numbers = torch.rand(6, 1, 28, 28), torch.arange(6)
+    assert torch.equal(model(images, numbers), loaded(images, numbers))
+
+
+def test_all_pairs_test_step_matches_forward_on_every_pair():
+    model = MNISTAdder(channels=(8, 16, 16)).eval()
+    images, digits = torch.rand(3, 1, 28, 28), torch.tensor([1, 7, 9])
+    shared = model.net.logits(model.net.image_features(images).repeat_interleave(10, 0), torch.arange(10).repeat(3))
+    direct = model(images.repeat_interleave(10, 0), torch.arange(10).repeat(3))
+    assert torch.allclose(shared, direct, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{"sum_loss": "l1"}, {"hidden": 0}, {"gradient_clip_val": -1.0}])
+def test_bad_model_arguments(kwargs):
+    with pytest.raises(ValueError):
+        MNISTAdder(**kwargs)
