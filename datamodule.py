@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mnist_files import OFFICIAL_MD5, ensure_mnist, read_idx
@@ -113,7 +114,7 @@ class MNISTAdderData(L.LightningDataModule):
             _check_writable(Path(data_dir))
 
     def prepare_data(self) -> None:
-        ensure_mnist(self.raw_dir)
+        rank_zero_info(f"MNIST in {self.raw_dir}: {ensure_mnist(self.raw_dir)}")
 
     def setup(self, stage: str) -> None:
         if hasattr(self, "test_set"):

@@ -71,18 +71,22 @@ class MNISTAdder(L.LightningModule):
         scheduler: any LR scheduler; an unset ``total_steps`` (OneCycleLR) is filled in from the trainer.
         scheduler_interval: step the scheduler after every ``step`` or every ``epoch``.
         gradient_clip_val: clip the gradient norm to this (0 turns it off).
+        sum_loss_weight: the sum loss is multiplied by this before its backward pass (the Brier
+            score's gradients are smaller than cross-entropy's; see the README's results).
     """
 
     def __init__(self, sum_loss: SumLoss = "cross_entropy", channels: tuple[int, int, int] = (16, 32, 64),
                  number_features: int = 128, hidden: int = 512,
                  optimizer: OptimizerCallable = torch.optim.AdamW,
                  scheduler: LRSchedulerCallable | None = None,
-                 scheduler_interval: Literal["step", "epoch"] = "step", gradient_clip_val: float = 0.0):
+                 scheduler_interval: Literal["step", "epoch"] = "step", gradient_clip_val: float = 0.0,
+                 sum_loss_weight: float = 1.0):
         super().__init__()
         if sum_loss not in ("cross_entropy", "mse"):
             raise ValueError(f"sum_loss must be 'cross_entropy' or 'mse', got {sum_loss!r}")
-        if min(*channels, number_features, hidden) < 1 or gradient_clip_val < 0:
-            raise ValueError("channels, number_features and hidden must be >= 1 and gradient_clip_val >= 0")
+        if min(*channels, number_features, hidden) < 1 or gradient_clip_val < 0 or sum_loss_weight <= 0:
+            raise ValueError("channels, number_features and hidden must be >= 1, gradient_clip_val >= 0 "
+                             "and sum_loss_weight > 0")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.automatic_optimization = False
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -127,7 +131,7 @@ class MNISTAdder(L.LightningModule):
                 "training stopped; lower the learning rate or set model.gradient_clip_val")
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(digit_loss, retain_graph=True)
-        self.manual_backward(sum_loss)
+        self.manual_backward(sum_loss * self.hparams.sum_loss_weight)
         if self.hparams.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val,
                                 gradient_clip_algorithm="norm")
