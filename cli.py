@@ -8,6 +8,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from checkpoints import SaveOnInterrupt, check_checkpoint, read_checkpoint
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
 from mnist_files import MNISTUnavailable
@@ -30,8 +31,16 @@ class AdderCLI(LightningCLI):
         # One seed decides the initial weights, the augmentation, the split and every pairing.
         parser.link_arguments("seed_everything", "data.seed")
 
+    def _check_ckpt_path(self) -> None:
+        path = self.config[self.subcommand].get("ckpt_path")
+        if path:
+            check_checkpoint(str(path), self.model)
+
     def before_fit(self) -> None:
+        self._check_ckpt_path()
         self._fit_start = time.perf_counter()
+
+    before_validate = before_test = before_predict = _check_ckpt_path
 
     def after_fit(self) -> None:
         """Test the best checkpoint (chosen on validation) on the official test set and print a summary."""
@@ -57,8 +66,12 @@ def cli_main(args=None) -> AdderCLI:
         args = [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args is argv, extended above
     try:
+        for option, value in zip(args, args[1:] + [""]):  # read before LightningCLI takes hyperparameters from it
+            if option.startswith("--ckpt_path"):
+                read_checkpoint(option.partition("=")[2] or value)
         return AdderCLI(MNISTAdder, MNISTAdderData, args=args, seed_everything_default=0,
-                        parser_class=ShortErrorParser, auto_configure_optimizers=False)
+                        parser_class=ShortErrorParser, auto_configure_optimizers=False,
+                        trainer_defaults={"callbacks": [SaveOnInterrupt()]})
     except (ValueError, FloatingPointError, MNISTUnavailable) as err:
         sys.exit(f"error: {err}")
 

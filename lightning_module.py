@@ -17,8 +17,10 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def _conv(cin: int, cout: int, kernel: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+    # Pooling straight after the conv: BatchNorm and ReLU then run on a quarter of the pixels
+    # (a measurably faster training step on CPU than conv-BN-ReLU-pool).
+    return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.MaxPool2d(2),
+            nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 class DualInputNet(nn.Module):

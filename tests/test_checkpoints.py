@@ -1,0 +1,68 @@
+import pytest
+import torch
+from lightning import Callback
+
+from cli import cli_main
+from test_cli import SMALL
+
+
+@pytest.fixture
+def trained(tmp_path, synthetic_data_dir, monkeypatch):
+    """A one-epoch run in tmp_path; returns its last.ckpt."""
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", *SMALL])
+    return tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def fails_with(args, capsys) -> str:
+    with pytest.raises(SystemExit) as end:
+        cli_main(args)
+    assert end.value.code not in (0, None)
+    message = (end.value.code if isinstance(end.value.code, str) else "") + capsys.readouterr().err
+    assert "Traceback" not in message
+    return message
+
+
+class CtrlC(Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 3:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_fit_saves_last_then_resume_finishes(tmp_path, synthetic_data_dir, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    run = ["fit", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", *SMALL]
+    with pytest.raises(SystemExit):
+        cli_main([*run, "--trainer.callbacks+=test_checkpoints.CtrlC"])
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert f"--ckpt_path {last.relative_to(tmp_path)}" in caplog.text
+    cli = cli_main([*run, "--ckpt_path", str(last)])
+    assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 2 * 500 // 50
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("missing", "no such file"),
+    ("truncated", "not a readable checkpoint"),
+    ("text", "not a readable checkpoint"),
+    ("other_model", "another model"),
+])
+def test_bad_checkpoints_give_one_clear_error(trained, capsys, damage, expected):
+    bad = trained.with_name("bad.ckpt")
+    if damage == "truncated":
+        bad.write_bytes(trained.read_bytes()[: trained.stat().st_size // 2])
+    elif damage == "text":
+        bad.write_text("not a checkpoint\n")
+    elif damage == "other_model":
+        torch.save({"state_dict": {"layer.weight": torch.zeros(2, 2)}}, bad)
+    for subcommand in ("fit", "test"):
+        assert expected in fails_with([subcommand, "--ckpt_path", str(bad), *SMALL], capsys)
+
+
+def test_checkpoint_of_other_settings_is_named(trained, capsys):
+    stripped = trained.with_name("no_hparams.ckpt")  # with its hyperparameters the CLI would adopt them
+    checkpoint = torch.load(trained, weights_only=True)
+    del checkpoint["hyper_parameters"]
+    torch.save(checkpoint, stripped)
+    message = fails_with(["validate", "--ckpt_path", str(stripped), *SMALL[:-1], "[8, 16, 32]"], capsys)
+    assert "other model settings" in message
