@@ -37,6 +37,9 @@ class AdderCLI(LightningCLI):
             check_checkpoint(str(path), self.model)
 
     def before_fit(self) -> None:
+        if self.trainer.max_epochs == 0:
+            raise ValueError("trainer.max_epochs must be >= 1 (or -1 for no limit)")
+        self.model.optimizer(self.model.parameters())  # a bad optimizer setting fails here, before any work
         self._check_ckpt_path()
         self._fit_start = time.perf_counter()
 

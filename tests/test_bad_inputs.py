@@ -1,0 +1,64 @@
+"""A sweep of bad inputs: each ends in a short clear message, a non-zero exit, and nothing written."""
+
+import pytest
+import torch
+
+from cli import cli_main
+from test_cli import SMALL
+
+BAD_FIT_OPTIONS = [
+    (["--no_such_option", "1"], "no_such_option"),
+    (["--trainer.max_epochs", "many"], "max_epochs"),
+    (["--trainer.max_epochs", "0"], "max_epochs must be >= 1"),
+    (["--model.sum_loss", "l1"], "sum_loss"),
+    (["--model.hidden", "0"], "hidden must be >= 1"),
+    (["--model.optimizer.lr", "-0.1"], "Invalid learning rate"),
+    (["--data.batch_size", "0"], "batch_size must be >= 1"),
+    (["--data.val_size", "0"], "val_size must be within"),
+    (["--data.test_pairs", "some"], "test_pairs"),
+    (["--data.rotate", "-5"], "rotate, translate and scale must be >= 0"),
+    (["--ckpt_path", "missing.ckpt"], "no such file"),
+]
+
+
+def ends_in_clear_error(args, capsys) -> str:
+    with pytest.raises(SystemExit) as end:
+        cli_main(args)
+    assert end.value.code not in (0, None)
+    message = (end.value.code if isinstance(end.value.code, str) else "") + capsys.readouterr().err
+    assert "Traceback" not in message
+    assert len(message.strip().splitlines()) <= 12  # the error and its details, no usage wall
+    return message
+
+
+@pytest.mark.parametrize("args, expected", BAD_FIT_OPTIONS)
+def test_bad_fit_option(tmp_path, synthetic_data_dir, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    assert expected in ends_in_clear_error(["fit", *SMALL, *args], capsys)
+    assert not (tmp_path / "lightning_logs").exists() or not list((tmp_path / "lightning_logs").rglob("*.ckpt"))
+
+
+def test_unwritable_data_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    message = ends_in_clear_error(["fit", "--data.data_dir", "blocker/data"], capsys)
+    assert "cannot be written" in message
+
+
+def test_corrupted_idx_file_offline(tmp_path, synthetic_data_dir, no_sources, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    labels = synthetic_data_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-7])
+    message = ends_in_clear_error(["fit", *SMALL], capsys)
+    assert "could not obtain MNIST" in message and "t10k-labels-idx1-ubyte" in message
+    assert not labels.exists()  # the damaged file is gone, never trained on
+
+
+def test_diverging_run_stops_with_a_clear_message(tmp_path, synthetic_data_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    message = ends_in_clear_error(["fit", *SMALL, "--model.optimizer.lr", "1e30", "--model.scheduler", "null",
+                                   "--trainer.max_epochs", "5"], capsys)
+    assert "non-finite loss" in message
+    for checkpoint in (tmp_path / "lightning_logs").rglob("*.ckpt"):  # whatever was kept is finite
+        state = torch.load(checkpoint, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
