@@ -53,3 +53,22 @@ def test_script_entry_point_reports_bad_value_without_traceback(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode != 0
     assert "batch_size must be >= 1" in done.stderr and "Traceback" not in done.stderr
+
+
+def val_curve(run_dir):
+    events = EventAccumulator(str(run_dir)).Reload()
+    return {tag: [s.value for s in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("val/")}
+
+
+def test_same_seed_gives_identical_validation_every_epoch(tmp_path, synthetic_data_dir, monkeypatch):
+    curves = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        seed = "1" if name == "c" else "0"
+        cli_main(["fit", "--trainer.max_epochs", "3", "--trainer.deterministic", "true", "--seed_everything", seed,
+                  "--data.data_dir", str(synthetic_data_dir), "--trainer.enable_progress_bar", "false", *SMALL])
+        curves.append(val_curve(tmp_path / name / "lightning_logs" / "version_0"))
+    assert len(curves[0]["val/sum_loss"]) == 3
+    assert curves[0] == curves[1]
+    assert curves[0]["val/sum_loss"] != curves[2]["val/sum_loss"]  # the seed matters
