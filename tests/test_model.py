@@ -93,7 +93,7 @@ def test_shared_image_features_match_forward_on_every_pair():
     assert torch.allclose(shared, direct, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [{"sum_loss": "l1"}, {"hidden": 0}, {"gradient_clip_val": -1.0},
+@pytest.mark.parametrize("kwargs", [{"sum_loss": "l1"}, {"hidden": 0}, {"gradient_clip_val": -1.0}, {"label_smoothing": 1.0},
                                     {"sum_loss_weight": 0.0}])
 def test_bad_model_arguments(kwargs):
     with pytest.raises(ValueError):

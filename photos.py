@@ -1,0 +1,117 @@
+"""A person's own digit pictures made MNIST-like, and the manifest (CSV of file,number) that lists them.
+
+MNIST was made by cropping to the ink, scaling into a 20x20 box and centring by the centre of mass
+in 28x28, white ink on black. `to_mnist` does the same to any picture PIL reads.
+"""
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+MIN_CONTRAST = 0.1  # ink must differ from the background by this much (0..1 scale)
+
+
+class PhotoError(ValueError):
+    """A picture or manifest row that cannot be predicted; the message says why."""
+
+
+def load_gray(path: Path) -> np.ndarray:
+    """The picture (first frame) as float32 gray levels in [0, 1]; where it has transparency, the opacity."""
+    try:
+        with Image.open(path) as image:
+            image.seek(0)
+            image.load()
+            frame = image.convert("RGBA") if "A" in image.getbands() or "transparency" in image.info else image
+            if frame.mode == "RGBA" and np.asarray(frame.getchannel("A")).min() < 255:
+                return np.asarray(frame.getchannel("A"), dtype=np.float32) / 255  # opaque strokes are the ink
+            return np.asarray(frame.convert("L"), dtype=np.float32) / 255
+    except FileNotFoundError:
+        raise PhotoError(f"no such file: {path}") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise PhotoError(f"not a readable image: {path} ({type(err).__name__})") from None
+
+
+def to_mnist(gray: np.ndarray) -> torch.Tensor:
+    """Bright ink on black, cropped to the ink, longer side 20 px, centred by mass in 28x28: float [1, 28, 28]."""
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    if background > 0.5:  # dark ink on light paper
+        gray, background = 1 - gray, 1 - background
+    if gray.shape == (28, 28) and background == 0:  # already MNIST-like: leave it exactly as it is
+        return torch.from_numpy(gray.copy()).unsqueeze(0)
+    contrast = float(gray.max()) - background
+    if contrast < MIN_CONTRAST:
+        raise PhotoError("no ink found (the picture is blank or has too little contrast)")
+    ink = np.clip((gray - background) / contrast, 0, 1)
+    rows, cols = np.nonzero(ink > 0.25)
+    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    height, width = ink.shape
+    scale = 20 / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    ink = np.asarray(Image.fromarray(ink).resize(size, Image.Resampling.LANCZOS), dtype=np.float32).clip(0, 1)
+    weights = ink / ink.sum()
+    centre_y = (weights.sum(1) * np.arange(ink.shape[0])).sum()
+    centre_x = (weights.sum(0) * np.arange(ink.shape[1])).sum()
+    top = int(np.clip(round(13.5 - centre_y), 0, 28 - ink.shape[0]))
+    left = int(np.clip(round(13.5 - centre_x), 0, 28 - ink.shape[1]))
+    canvas = np.zeros((28, 28), dtype=np.float32)
+    canvas[top:top + ink.shape[0], left:left + ink.shape[1]] = ink
+    return torch.from_numpy(canvas).unsqueeze(0)
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """Rows of a CSV with the columns file,number: {"file", "number" (int or None), "image", "error"}."""
+    if not path.is_file():
+        raise PhotoError(f"predict_manifest {str(path)!r}: no such file")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"file", "number"} - set(reader.fieldnames or [])
+        if missing:
+            raise PhotoError(f"predict_manifest {str(path)!r} lacks the column(s) {', '.join(sorted(missing))} "
+                             "(it needs a header line: file,number)")
+        rows = [{"file": (row["file"] or "").strip(), "number": (row["number"] or "").strip()} for row in reader]
+    for row in rows:
+        row["image"], row["error"] = None, ""
+        try:
+            if not row["number"].isdigit() or not 0 <= int(row["number"]) <= 9:
+                raise PhotoError(f"number must be an integer 0..9, got {row['number']!r}")
+            row["number"] = int(row["number"])
+            row["image"] = to_mnist(load_gray(path.parent / row["file"]))
+        except PhotoError as err:
+            row["error"] = str(err)
+    return rows
+
+
+COLUMNS = ["file", "number", "digit", "digit_prob", "sum", "sum_prob", "error"]
+
+
+def fill_predictions(rows: list[dict], batches: list[dict]) -> None:
+    """Write each batch's predictions into the manifest rows they belong to."""
+    for batch in batches:
+        for k, row in enumerate(batch["row"].tolist()):
+            rows[row].update({key: batch[key][k].item() for key in ("digit", "digit_prob", "sum", "sum_prob")})
+
+
+def predictions_csv(rows: list[dict]) -> bytes:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, **{p: f"{row[p]:.4f}" for p in ("digit_prob", "sum_prob") if p in row}})
+    return out.getvalue().encode()
+
+
+def predictions_table(rows: list[dict]) -> str:
+    width = max([4] + [len(row["file"]) for row in rows])
+    lines = [f"{'file':<{width}}  number  digit  prob   sum  prob   error"]
+    for row in rows:
+        if row["error"]:
+            lines.append(f"{row['file']:<{width}}  {str(row['number']):>6}  {'':33}{row['error']}")
+        else:
+            lines.append(f"{row['file']:<{width}}  {row['number']:>6}  {row['digit']:>5}  {row['digit_prob']:.2f}"
+                         f"  {row['sum']:>4}  {row['sum_prob']:.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import synthetic_digits
+from photos import PhotoError, load_gray, read_manifest, to_mnist
+from printed import printed_digit
+
+MNIST_LIKE = torch.from_numpy(synthetic_digits(1, 3)[0][0])
+MNIST_LIKE[MNIST_LIKE < 100] = 0  # white ink on pure black, 28x28
+
+
+@pytest.mark.parametrize("suffix, mode", [(".png", "L"), (".png", "RGB"), (".png", "LA"), (".jpg", "RGB"),
+                                          (".bmp", "RGB"), (".tiff", "L"), (".gif", "P")])
+def test_each_format_and_mode_reads(tmp_path, suffix, mode):
+    picture = printed_digit(4, 0, np.random.default_rng(0))
+    if mode == "LA":  # ink as opacity on a transparent background
+        picture = Image.merge("LA", [Image.new("L", picture.size, 0), Image.eval(picture.convert("L"), lambda v: 255 - v)])
+    picture.convert(mode).save(tmp_path / f"digit{suffix}")
+    image = to_mnist(load_gray(tmp_path / f"digit{suffix}"))
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert image.max() > 0.9 and image[0, 0].abs().sum() == 0  # bright ink, black border
+
+
+def test_first_frame_of_an_animated_gif(tmp_path):
+    frames = [printed_digit(7, 0, np.random.default_rng(1)), Image.new("RGB", (50, 50), "white")]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    assert to_mnist(load_gray(tmp_path / "a.gif")).max() > 0.9
+
+
+def test_polarity_both_ways_gives_the_same_picture():
+    rng = np.random.default_rng(2)
+    dark_on_light = np.asarray(printed_digit(3, 1, rng).convert("L"), dtype=np.float32) / 255
+    assert torch.allclose(to_mnist(dark_on_light), to_mnist(1 - dark_on_light), atol=1e-5)
+
+
+def test_ink_is_cropped_scaled_to_20_and_centred_by_mass():
+    image = to_mnist(np.asarray(printed_digit(8, 2, np.random.default_rng(3)).convert("L"), np.float32) / 255)[0]
+    rows, cols = torch.nonzero(image > 0.25, as_tuple=True)
+    assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 in (19, 20, 21)
+    mass = image / image.sum()
+    assert abs((mass.sum(1) * torch.arange(28)).sum() - 13.5) < 1
+    assert abs((mass.sum(0) * torch.arange(28)).sum() - 13.5) < 1
+
+
+def test_mnist_like_28x28_passes_through_unharmed(tmp_path):
+    Image.fromarray(MNIST_LIKE.numpy()).save(tmp_path / "m.png")
+    assert torch.equal(to_mnist(load_gray(tmp_path / "m.png"))[0], MNIST_LIKE.float() / 255)
+
+
+def test_blank_picture_has_no_ink():
+    with pytest.raises(PhotoError, match="no ink"):
+        to_mnist(np.full((40, 40), 0.8, dtype=np.float32))
+
+
+def test_manifest_rows_each_get_their_own_error(tmp_path):
+    printed_digit(5, 0, np.random.default_rng(4)).save(tmp_path / "five.png")
+    Image.new("RGB", (30, 30), "white").save(tmp_path / "blank.png")
+    (tmp_path / "notes.png").write_text("not a picture")
+    (tmp_path / "inputs.csv").write_text("file,number\nfive.png,3\nmissing.png,1\nnotes.png,2\nblank.png,4\n"
+                                         "five.png,12\nfive.png,x\n")
+    rows = read_manifest(tmp_path / "inputs.csv")
+    assert [bool(r["error"]) for r in rows] == [False, True, True, True, True, True]
+    assert rows[0]["number"] == 3 and rows[0]["image"].shape == (1, 28, 28)
+    for row, expected in zip(rows[1:], ["no such file", "not a readable image", "no ink", "0..9", "0..9"]):
+        assert expected in row["error"]
+
+
+def test_manifest_without_columns_or_file_stops_before_any_work(tmp_path):
+    (tmp_path / "bad.csv").write_text("path,value\na.png,1\n")
+    with pytest.raises(PhotoError, match="lacks the column"):
+        read_manifest(tmp_path / "bad.csv")
+    with pytest.raises(PhotoError, match="no such file"):
+        read_manifest(tmp_path / "none.csv")

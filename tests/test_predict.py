@@ -1,0 +1,93 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli import cli_main
+from conftest import synthetic_digits
+from lightning_module import MNISTAdder
+from photos import COLUMNS
+from printed import printed_digit
+from test_cli import ROOT, SMALL
+
+
+@pytest.fixture
+def checkpoint(tmp_path, synthetic_data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", *SMALL])
+    return tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def predict(checkpoint, manifest, *extra):
+    return cli_main(["predict", "--ckpt_path", str(checkpoint), "--data.predict_manifest", str(manifest),
+                     "--trainer.enable_progress_bar", "false", *extra])
+
+
+def test_png_round_trip_matches_forward_on_tensors(checkpoint, tmp_path, capsys):
+    images, _ = synthetic_digits(12, seed=9)
+    images[images < 100] = 0  # MNIST-like: white ink on pure black
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    lines = ["file,number"]
+    for k, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{k}.png")
+        lines.append(f"{k}.png,{k % 10}")
+    (folder / "inputs.csv").write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out" / "predictions.csv"
+    predict(checkpoint, folder / "inputs.csv", "--data.predict_output", str(output))
+    rows = list(csv.DictReader(output.open()))
+    assert list(rows[0]) == COLUMNS and len(rows) == 12
+    model = MNISTAdder.load_from_checkpoint(checkpoint).eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images).float().div(255).unsqueeze(1), torch.arange(12) % 10)
+    assert [int(r["digit"]) for r in rows] == logits[:, :10].argmax(1).tolist()
+    assert [int(r["sum"]) for r in rows] == logits[:, 10:].argmax(1).tolist()
+    out = capsys.readouterr().out
+    assert f"predictions written to {output}" in out and "0.png" in out
+
+
+def test_bad_rows_are_reported_and_the_rest_predicted(checkpoint, tmp_path, capsys):
+    printed_digit(2, 0, np.random.default_rng(0)).save(tmp_path / "two.jpg")
+    (tmp_path / "inputs.csv").write_text("file,number\ntwo.jpg,3\nnone.png,1\ntwo.jpg,11\n")
+    with pytest.raises(SystemExit) as end:
+        predict(checkpoint, tmp_path / "inputs.csv")
+    assert "2 of 3 rows could not be predicted" in str(end.value.code)
+    written = sorted((tmp_path / "lightning_logs").rglob("predictions.csv"))
+    rows = list(csv.DictReader(written[-1].open()))
+    assert rows[0]["digit"] != "" and rows[0]["error"] == ""
+    assert "no such file" in rows[1]["error"] and "0..9" in rows[2]["error"]
+    assert "no such file" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("manifest, expected", [("none.csv", "no such file"), ("bad.csv", "lacks the column")])
+def test_bad_manifest_stops_before_any_work(checkpoint, tmp_path, manifest, expected):
+    (tmp_path / "bad.csv").write_text("path\nx.png\n")
+    with pytest.raises(SystemExit) as end:
+        predict(checkpoint, tmp_path / manifest)
+    assert expected in str(end.value.code)
+    assert not list((tmp_path / "lightning_logs").rglob("predictions.csv"))
+
+
+@pytest.mark.slow
+def test_printed_digits_floor_with_a_model_trained_on_real_mnist(tmp_path, monkeypatch, capsys):
+    """Real MNIST (through the package index if need be), a short run, then 200 printed-digit photos."""
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", "--config", str(ROOT / "configs" / "fast.yaml"), "--data.rotate", "10",
+              "--data.translate", "0.1", "--data.scale", "0.1", "--trainer.enable_progress_bar", "false"])
+    rng = np.random.default_rng(0)
+    lines, truth = ["file,number"], []
+    for k in range(200):
+        digit, number = k % 10, int(rng.integers(0, 10))
+        printed_digit(digit, k, rng).save(tmp_path / f"{k}.png")
+        lines.append(f"{k}.png,{number}")
+        truth.append((digit, digit + number))
+    (tmp_path / "inputs.csv").write_text("\n".join(lines) + "\n")
+    checkpoint = next((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    predict(checkpoint, tmp_path / "inputs.csv", "--data.predict_output", str(tmp_path / "p.csv"))
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    digit_acc = np.mean([int(r["digit"]) == d for r, (d, _) in zip(rows, truth)])
+    sum_acc = np.mean([int(r["sum"]) == s for r, (_, s) in zip(rows, truth)])
+    print(f"printed digits: digit accuracy {digit_acc:.3f}, sum accuracy {sum_acc:.3f}")
+    assert digit_acc >= 0.95 and sum_acc >= 0.95
