@@ -43,3 +43,13 @@ def no_sources(monkeypatch):
     def offline(raw_dir):
         raise ConnectionError("no network in tests")
     monkeypatch.setattr(mnist_files, "SOURCES", {"offline stand-in": offline})
+
+
+@pytest.fixture(scope="session")
+def real_data_dir(tmp_path_factory):
+    """The official MNIST, obtained once per session the way a user gets it (a download if need be)."""
+    from datamodule import MNISTAdderData
+
+    data_dir = tmp_path_factory.mktemp("real") / "data"
+    MNISTAdderData(data_dir=str(data_dir)).prepare_data()
+    return data_dir
