@@ -117,7 +117,7 @@ class MNISTAdderData(L.LightningDataModule):
     """
 
     def __init__(self, data_dir: str = "data", batch_size: int = 128, seed: int = 0, val_size: int = 5000,
-                 test_pairs: TestPairs = "both", rotate: float = 10.0, translate: float = 0.1,
+                 test_pairs: TestPairs = "both", rotate: float = 10.0, translate: float = 0.05,
                  scale: float = 0.1, on_device: bool = False, predict_manifest: str | None = None,
                  predict_output: str | None = None):
         super().__init__()
