@@ -10,7 +10,7 @@ from conftest import synthetic_digits
 from lightning_module import MNISTAdder
 from photos import COLUMNS
 from printed import printed_digit
-from test_cli import ROOT, SMALL
+from test_cli import SMALL
 
 
 @pytest.fixture
@@ -71,11 +71,10 @@ def test_bad_manifest_stops_before_any_work(checkpoint, tmp_path, manifest, expe
 
 
 @pytest.mark.slow
-def test_printed_digits_floor_with_a_model_trained_on_real_mnist(tmp_path, monkeypatch, capsys):
-    """Real MNIST (through the package index if need be), a short run, then 200 printed-digit photos."""
+def test_printed_digits_floor_with_a_default_run(tmp_path, real_data_dir, monkeypatch):
+    """A default-config run on real MNIST (minutes), then 200 photos of printed digits."""
     monkeypatch.chdir(tmp_path)
-    cli_main(["fit", "--config", str(ROOT / "configs" / "fast.yaml"), "--data.rotate", "10",
-              "--data.translate", "0.1", "--data.scale", "0.1", "--trainer.enable_progress_bar", "false"])
+    cli_main(["fit", "--data.data_dir", str(real_data_dir), "--trainer.enable_progress_bar", "false"])
     rng = np.random.default_rng(0)
     lines, truth = ["file,number"], []
     for k in range(200):
