@@ -3,6 +3,7 @@ import torch
 from lightning import Callback
 
 from cli import cli_main
+from test_bad_inputs import ends_in_clear_error
 from test_cli import SMALL
 
 
@@ -12,15 +13,6 @@ def trained(tmp_path, synthetic_data_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli_main(["fit", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", *SMALL])
     return tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-
-
-def fails_with(args, capsys) -> str:
-    with pytest.raises(SystemExit) as end:
-        cli_main(args)
-    assert end.value.code not in (0, None)
-    message = (end.value.code if isinstance(end.value.code, str) else "") + capsys.readouterr().err
-    assert "Traceback" not in message
-    return message
 
 
 class CtrlC(Callback):
@@ -56,7 +48,7 @@ def test_bad_checkpoints_give_one_clear_error(trained, capsys, damage, expected)
     elif damage == "other_model":
         torch.save({"state_dict": {"layer.weight": torch.zeros(2, 2)}}, bad)
     for subcommand in ("fit", "test"):
-        assert expected in fails_with([subcommand, "--ckpt_path", str(bad), *SMALL], capsys)
+        assert expected in ends_in_clear_error([subcommand, "--ckpt_path", str(bad), *SMALL], capsys)
 
 
 def test_checkpoint_of_other_settings_is_named(trained, capsys):
@@ -64,5 +56,5 @@ def test_checkpoint_of_other_settings_is_named(trained, capsys):
     checkpoint = torch.load(trained, weights_only=True)
     del checkpoint["hyper_parameters"]
     torch.save(checkpoint, stripped)
-    message = fails_with(["validate", "--ckpt_path", str(stripped), *SMALL[:-1], "[8, 16, 32]"], capsys)
+    message = ends_in_clear_error(["validate", "--ckpt_path", str(stripped), *SMALL[:-1], "[8, 16, 32]"], capsys)
     assert "other model settings" in message
