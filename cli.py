@@ -78,17 +78,19 @@ class AdderCLI(LightningCLI):
             sys.exit(f"error: {failed} of {len(rows)} rows could not be predicted (see the error column)")
 
 
-def cli_main(args=None) -> AdderCLI:
+def cli_main(args=None, run: bool = True) -> AdderCLI:
+    """``run=False`` only builds the model, data module and trainer from the configs (no subcommand)."""
     args = sys.argv[1:] if args is None else list(args)
-    if args and args[0] in ("fit", "validate", "test", "predict"):
+    if not run or (args and args[0] in ("fit", "validate", "test", "predict")):
         # configs/default.yaml is the base of every run; a --config given after it overrides it.
-        args = [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
+        at = int(run)
+        args = [*args[:at], "--config", str(DEFAULT_CONFIG), *args[at:]]
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args is argv, extended above
     try:
         for option, value in zip(args, args[1:] + [""]):  # read before LightningCLI takes hyperparameters from it
             if option.startswith("--ckpt_path"):
                 read_checkpoint(option.partition("=")[2] or value)
-        return AdderCLI(MNISTAdder, MNISTAdderData, args=args, seed_everything_default=0,
+        return AdderCLI(MNISTAdder, MNISTAdderData, args=args, run=run, seed_everything_default=0,
                         parser_class=ShortErrorParser, auto_configure_optimizers=False,
                         trainer_defaults={"callbacks": [SaveOnInterrupt()]})
     except (ValueError, FloatingPointError, MNISTUnavailable) as err:
