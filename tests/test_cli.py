@@ -72,3 +72,15 @@ def test_same_seed_gives_identical_validation_every_epoch(tmp_path, synthetic_da
     assert len(curves[0]["val/sum_loss"]) == 3
     assert curves[0] == curves[1]
     assert curves[0]["val/sum_loss"] != curves[2]["val/sum_loss"]  # the seed matters
+
+
+def test_on_device_data_gives_the_same_run(tmp_path, synthetic_data_dir, monkeypatch):
+    """data.on_device keeps the sets on the accelerator (here the CPU) and must not change a run."""
+    curves = []
+    for on_device in ("false", "true"):
+        (tmp_path / on_device).mkdir()
+        monkeypatch.chdir(tmp_path / on_device)
+        cli_main(["fit", "--trainer.max_epochs", "2", "--trainer.deterministic", "true", "--data.on_device", on_device,
+                  "--data.data_dir", str(synthetic_data_dir), "--trainer.enable_progress_bar", "false", *SMALL])
+        curves.append(val_curve(tmp_path / on_device / "lightning_logs" / "version_0"))
+    assert len(curves[0]["val/sum_loss"]) == 2 and curves[0] == curves[1]
