@@ -13,6 +13,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from visuals import confusion_image, sample_grid
 
 SumLoss = Literal["cross_entropy", "mse"]
+# The Brier score's gradients are smaller than cross-entropy's: weighted 1 it reaches 98.5 % on all
+# pairs in the default run, weighted 4 it reaches 99.5 % (README, results).
+DEFAULT_SUM_LOSS_WEIGHT = {"cross_entropy": 1.0, "mse": 4.0}
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
@@ -73,8 +76,8 @@ class MNISTAdder(L.LightningModule):
         scheduler: any LR scheduler; an unset ``total_steps`` (OneCycleLR) is filled in from the trainer.
         scheduler_interval: step the scheduler after every ``step`` or every ``epoch``.
         gradient_clip_val: clip the gradient norm to this (0 turns it off).
-        sum_loss_weight: the sum loss is multiplied by this before its backward pass (the Brier
-            score's gradients are smaller than cross-entropy's; see the README's results).
+        sum_loss_weight: the sum loss is multiplied by this before its backward pass; unset: 1 for
+            ``cross_entropy``, 4 for ``mse`` (whose gradients are smaller; see the README's results).
         label_smoothing: for every cross-entropy loss (the digit's, and the sum's unless ``mse``).
     """
 
@@ -83,11 +86,12 @@ class MNISTAdder(L.LightningModule):
                  optimizer: OptimizerCallable = torch.optim.AdamW,
                  scheduler: LRSchedulerCallable | None = None,
                  scheduler_interval: Literal["step", "epoch"] = "step", gradient_clip_val: float = 0.0,
-                 sum_loss_weight: float = 1.0, label_smoothing: float = 0.0):
+                 sum_loss_weight: float | None = None, label_smoothing: float = 0.0):
         super().__init__()
         if sum_loss not in ("cross_entropy", "mse"):
             raise ValueError(f"sum_loss must be 'cross_entropy' or 'mse', got {sum_loss!r}")
-        if min(*channels, number_features, hidden) < 1 or gradient_clip_val < 0 or sum_loss_weight <= 0:
+        self.sum_loss_weight = DEFAULT_SUM_LOSS_WEIGHT[sum_loss] if sum_loss_weight is None else sum_loss_weight
+        if min(*channels, number_features, hidden) < 1 or gradient_clip_val < 0 or self.sum_loss_weight <= 0:
             raise ValueError("channels, number_features and hidden must be >= 1, gradient_clip_val >= 0 "
                              "and sum_loss_weight > 0")
         if not 0 <= label_smoothing < 1:
@@ -137,7 +141,7 @@ class MNISTAdder(L.LightningModule):
                 "training stopped; lower the learning rate or set model.gradient_clip_val")
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(digit_loss, retain_graph=True)
-        self.manual_backward(sum_loss * self.hparams.sum_loss_weight)
+        self.manual_backward(sum_loss * self.sum_loss_weight)
         if self.hparams.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val,
                                 gradient_clip_algorithm="norm")

@@ -67,7 +67,7 @@ def lightning_seconds(model, data, warmup: int, steps: int, log_dir: str) -> flo
 def torch_seconds(model, data, warmup: int, steps: int, epoch: int) -> float:
     """The same step as `MNISTAdder.training_step` (two backward passes, one optimizer step, the
     scheduler stepped per batch) in a plain loop over the same loader, without metrics or logging."""
-    net, hp = model.net, model.hparams
+    net = model.net
     optimizer = model.optimizer(net.parameters())
     scheduler = model.scheduler(optimizer, total_steps=warmup + steps)
     loader = data.train_dataloader()
@@ -80,7 +80,7 @@ def torch_seconds(model, data, warmup: int, steps: int, epoch: int) -> float:
         digit_loss, sum_loss = model.losses(net(images, batch["number"]), batch["digit"], batch["sum"])
         optimizer.zero_grad(set_to_none=True)
         digit_loss.backward(retain_graph=True)
-        (sum_loss * hp.sum_loss_weight).backward()
+        (sum_loss * model.sum_loss_weight).backward()
         optimizer.step()
         scheduler.step()
     return time.perf_counter() - start

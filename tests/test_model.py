@@ -32,10 +32,11 @@ def test_forward_contract():
 class Recording(MNISTAdder):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.backward_calls, self.optimizer_steps = [], 0
+        self.backward_calls, self.backward_losses, self.optimizer_steps = [], [], 0
 
     def manual_backward(self, loss, *args, **kwargs):
         self.backward_calls.append((self.global_step, kwargs.get("retain_graph", False)))
+        self.backward_losses.append(loss.detach().clone())
         super().manual_backward(loss, *args, **kwargs)
 
     def on_train_batch_end(self, *args):
@@ -50,6 +51,17 @@ def test_manual_optimization_two_backwards_one_step_per_batch(tmp_path, syntheti
     batches = 2 * (500 // 50)
     assert trainer.global_step == batches == model.optimizer_steps
     assert model.backward_calls == [(step, retain) for step in range(batches) for retain in (True, False)]
+
+
+@pytest.mark.parametrize("sum_loss, weight, used", [("cross_entropy", None, 1.0), ("mse", None, 4.0), ("mse", 2.5, 2.5)])
+def test_sum_loss_weight_scales_the_second_backward(tmp_path, sum_loss, weight, used):
+    torch.manual_seed(0)
+    model = Recording(sum_loss=sum_loss, sum_loss_weight=weight, channels=(8, 16, 16))
+    batch = fixed_batches(count=1)[0]
+    with torch.no_grad():
+        digit_loss, sum_loss_value = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["sum"])
+    quiet_trainer(tmp_path, max_steps=1).fit(model, DataLoader([batch], batch_size=None))
+    assert torch.allclose(torch.stack(model.backward_losses), torch.stack([digit_loss, used * sum_loss_value]))
 
 
 @pytest.mark.parametrize("sum_loss", ["cross_entropy", "mse"])
