@@ -119,22 +119,26 @@ class MNISTAdder(L.LightningModule):
             sum_loss = F.cross_entropy(logits[:, 10:], sums, label_smoothing=smoothing)
         return digit_loss, sum_loss
 
-    def _evaluate(self, batch: dict, metrics: nn.ModuleDict, stage: str) -> torch.Tensor:
+    def _evaluate(self, batch: dict, metrics: nn.ModuleDict) -> tuple[torch.Tensor, ...]:
         logits = self(batch["image"], batch["number"])
         digit_loss, sum_loss = self.losses(logits, batch["digit"], batch["sum"])
         n = len(logits)
-        metrics["digit_acc"](logits[:, :10], batch["digit"])
-        metrics["sum_acc"](logits[:, 10:], batch["sum"])
-        metrics["digit_loss"](digit_loss, n)
-        metrics["sum_loss"](sum_loss, n)
-        for name, metric in metrics.items():
-            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=n,
-                     add_dataloader_idx=False, prog_bar=stage == "val" and name.endswith("acc"))
+        metrics["digit_acc"].update(logits[:, :10], batch["digit"])
+        metrics["sum_acc"].update(logits[:, 10:], batch["sum"])
+        metrics["digit_loss"].update(digit_loss, n)
+        metrics["sum_loss"].update(sum_loss, n)
         return logits, digit_loss, sum_loss
+
+    def _log_epoch(self, stage: str, metrics: nn.ModuleDict, suffix: str = "") -> None:
+        # Logged once per epoch, not per step: each self.log of a metric object costs about as much
+        # as the metric's update (measured with benchmarks/bench.py).
+        for name, metric in metrics.items():
+            if metric.update_called:
+                self.log(f"{stage}/{name}{suffix}", metric, prog_bar=stage == "val" and name.endswith("acc"))
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         optimizer = self.optimizers()
-        logits, digit_loss, sum_loss = self._evaluate(batch, self.train_metrics, "train")
+        logits, digit_loss, sum_loss = self._evaluate(batch, self.train_metrics)
         if not torch.isfinite(digit_loss + sum_loss):
             raise FloatingPointError(
                 f"non-finite loss at step {self.global_step} (digit {digit_loss.item()}, sum {sum_loss.item()}): "
@@ -151,6 +155,7 @@ class MNISTAdder(L.LightningModule):
         self.log("loss", digit_loss + sum_loss, prog_bar=True, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self) -> None:
+        self._log_epoch("train", self.train_metrics)
         if self.hparams.scheduler_interval == "epoch":
             self._step_scheduler()
 
@@ -160,7 +165,7 @@ class MNISTAdder(L.LightningModule):
             scheduler.step()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits, _, _ = self._evaluate(batch, self.val_metrics, "val")
+        logits, _, _ = self._evaluate(batch, self.val_metrics)
         digit_pred, sum_pred = logits[:, :10].argmax(1), logits[:, 10:].argmax(1)
         self.val_confusion.update(digit_pred, batch["digit"])
         wrong = (digit_pred != batch["digit"]) | (sum_pred != batch["sum"])
@@ -174,7 +179,10 @@ class MNISTAdder(L.LightningModule):
         self.val_confusion.reset()
         misclassified, self._misclassified = self._misclassified, []
         if self.trainer.sanity_checking:
+            for metric in self.val_metrics.values():
+                metric.reset()
             return
+        self._log_epoch("val", self.val_metrics)
         self.val_sum_acc_best(self.val_metrics["sum_acc"].compute())
         # The value, not the object: Lightning resets a logged metric object every epoch.
         self.log("val/sum_acc_best", self.val_sum_acc_best.compute())
@@ -187,17 +195,18 @@ class MNISTAdder(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch["number"].ndim == 1:
-            self._evaluate(batch, self.test_metrics, "test")
+            self._evaluate(batch, self.test_metrics)
             return
         # Each image with all ten numbers: the conv features are computed once and shared by its ten pairs.
         features = self.net.image_features(batch["image"])
         pairs = batch["number"].shape[1]
         logits = self.net.logits(features.repeat_interleave(pairs, dim=0), batch["number"].flatten())
-        self.test_all_pairs["digit_acc"](logits[:, :10], batch["digit"].repeat_interleave(pairs))
-        self.test_all_pairs["sum_acc"](logits[:, 10:], batch["sum"].flatten())
-        for name, metric in self.test_all_pairs.items():
-            self.log(f"test/{name}_all_pairs", metric, on_epoch=True, batch_size=len(logits),
-                     add_dataloader_idx=False)
+        self.test_all_pairs["digit_acc"].update(logits[:, :10], batch["digit"].repeat_interleave(pairs))
+        self.test_all_pairs["sum_acc"].update(logits[:, 10:], batch["sum"].flatten())
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test", self.test_metrics)
+        self._log_epoch("test", self.test_all_pairs, suffix="_all_pairs")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         logits = self(batch["image"], batch["number"])

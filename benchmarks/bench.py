@@ -226,8 +226,6 @@ def write_report(report: Path, text: str) -> None:
 
 
 def main(argv=None) -> dict:
-    for name in ("lightning.pytorch", "lightning.fabric"):  # only this script's progress lines and warnings
-        logging.getLogger(name).setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (about 2 minutes)")
     parser.add_argument("--rounds", type=int, help="alternating throughput rounds (default 6; quick 2)")
@@ -261,4 +259,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    for name in ("lightning.pytorch", "lightning.fabric"):  # only this script's progress lines and warnings
+        logging.getLogger(name).setLevel(logging.WARNING)
     main()
