@@ -1,5 +1,5 @@
-"""Benchmarks on this machine's CPU: `python benchmarks/bench.py` (about 6 minutes on two cores;
-`--quick` for a short look). Prints a table, rewrites the table in BENCHMARKS.md and writes
+"""Benchmarks on this machine's CPU: `python benchmarks/bench.py` (about 3 minutes on two cores;
+`--quick` for a shorter, rougher look). Prints a table, rewrites the table in BENCHMARKS.md and writes
 benchmarks/results.json. Options not listed in `--help` (e.g. `--data.val_size 100`) are passed
 to every run's configuration, as on `cli.py`'s command line.
 """
@@ -227,7 +227,7 @@ def write_report(report: Path, text: str) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 30 steps instead of 6 of 100")
     parser.add_argument("--rounds", type=int, help="alternating throughput rounds (default 6; quick 2)")
     parser.add_argument("--steps", type=int, help="timed steps per round (default 100; quick 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each round")
