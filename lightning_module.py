@@ -79,6 +79,8 @@ class MNISTAdder(L.LightningModule):
         sum_loss_weight: the sum loss is multiplied by this before its backward pass; unset: 1 for
             ``cross_entropy``, 4 for ``mse`` (whose gradients are smaller; see the README's results).
         label_smoothing: for every cross-entropy loss (the digit's, and the sum's unless ``mse``).
+        compile: ``torch.compile`` the net's forward (and so its backward) when a run starts. On
+            two CPU cores the compiled step is slower than the eager one (BENCHMARKS.md).
     """
 
     def __init__(self, sum_loss: SumLoss = "cross_entropy", channels: tuple[int, int, int] = (16, 32, 64),
@@ -86,7 +88,7 @@ class MNISTAdder(L.LightningModule):
                  optimizer: OptimizerCallable = torch.optim.AdamW,
                  scheduler: LRSchedulerCallable | None = None,
                  scheduler_interval: Literal["step", "epoch"] = "step", gradient_clip_val: float = 0.0,
-                 sum_loss_weight: float | None = None, label_smoothing: float = 0.0):
+                 sum_loss_weight: float | None = None, label_smoothing: float = 0.0, compile: bool = False):
         super().__init__()
         if sum_loss not in ("cross_entropy", "mse"):
             raise ValueError(f"sum_loss must be 'cross_entropy' or 'mse', got {sum_loss!r}")
@@ -220,6 +222,10 @@ class MNISTAdder(L.LightningModule):
         if self.logger is not None and self.val_sum_acc_best.update_called:
             # TensorBoard's HPARAMS tab: the hyperparameters beside the best validation sum accuracy.
             self.logger.log_hyperparams(self.hparams, {"hp/val_sum_acc_best": self.val_sum_acc_best.compute().item()})
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            self.net.compile()  # in place: the checkpoint's keys stay those of the eager net
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
