@@ -40,6 +40,14 @@ def build(extra: list[str], *configs: str):
     return cli_main([arg for config in configs for arg in ("--config", str(ROOT / config))] + extra, run=False)
 
 
+def prepared(extra: list[str]):
+    """The default config's objects, with the training data set up."""
+    cli = build(extra)
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("fit")
+    return cli
+
+
 class StepClock(Callback):
     """Times the training steps `first`..end of a Lightning fit, batch fetching included."""
 
@@ -90,10 +98,7 @@ def torch_seconds(model, data, warmup: int, steps: int, epoch: int) -> float:
 def throughput_ratio(extra: list[str], rounds: int, warmup: int, steps: int) -> dict:
     """Lightning fit and the plain loop, each on its own copy of the default model, measured in turn
     (L T T L L T ...) so that drift in the machine's speed falls on both alike."""
-    lit, plain = build(extra), build(extra)
-    for cli in (lit, plain):
-        cli.datamodule.prepare_data()
-        cli.datamodule.setup("fit")
+    lit, plain = prepared(extra), prepared(extra)
     if warmup + steps > len(plain.datamodule.train_dataloader()):
         sys.exit(f"error: --warmup + --steps ({warmup + steps}) exceeds the batches in one epoch")
     times = {"lightning": [], "torch": []}
@@ -115,10 +120,7 @@ def throughput_ratio(extra: list[str], rounds: int, warmup: int, steps: int) -> 
 
 def compile_speedup(extra: list[str], rounds: int, warmup: int, steps: int) -> dict:
     """The plain loop with the net eager and with it compiled (`model.compile: true`), in turn."""
-    eager, compiled = build(extra), build(extra)
-    for cli in (eager, compiled):
-        cli.datamodule.prepare_data()
-        cli.datamodule.setup("fit")
+    eager, compiled = prepared(extra), prepared(extra)
     compiled.model.net.compile()
     start = time.perf_counter()
     first = torch_seconds(compiled.model, compiled.datamodule, warmup, steps, 0)  # compiles in its warmup
@@ -133,7 +135,7 @@ def compile_speedup(extra: list[str], rounds: int, warmup: int, steps: int) -> d
 
 
 @torch.no_grad()
-def test_accuracy(model, data) -> tuple[float, float]:
+def accuracy_all_pairs(model, data) -> tuple[float, float]:
     """Both heads' accuracy over all (official test image, number) pairs."""
     was_training = model.training
     model.eval()
@@ -162,7 +164,7 @@ class TimeTo99(Callback):
 
     def _check(self, trainer, pl_module):
         elapsed = time.perf_counter() - self.start - self.paused
-        digit, sum_ = test_accuracy(pl_module, trainer.datamodule)
+        digit, sum_ = accuracy_all_pairs(pl_module, trainer.datamodule)
         self.paused = time.perf_counter() - self.start - elapsed
         self.history.append({"step": trainer.global_step, "seconds": round(elapsed, 2),
                              "digit_acc": digit, "sum_acc_all_pairs": sum_})

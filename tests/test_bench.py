@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from benchmarks import bench
 
 TINY = ["--quick", "--steps", "12", "--warmup", "2", "--check-every", "10", "--data.val_size", "100",
@@ -23,3 +25,13 @@ def test_bench_writes_results_and_rewrites_only_its_table(synthetic_data_dir, tm
     text = report.read_text()
     assert text.startswith("# Benchmarks\n\nintro\n") and text.endswith("\n\nnotes\n") and "old table" not in text
     assert "| `cpu_seconds_to_99` |" in text
+
+
+@pytest.mark.slow
+def test_bench_compile_figures(synthetic_data_dir, tmp_path):
+    results_path = tmp_path / "results.json"
+    bench.main([*TINY, "--compile", "--data.data_dir", str(synthetic_data_dir), "--results", str(results_path),
+                "--report", str(tmp_path / "BENCHMARKS.md")])
+    results = json.loads(results_path.read_text())
+    assert results["compile_step_speedup"] > 0 and len(results["compile_seconds_per_round"]["compiled"]) == 2
+    assert "| `compile_step_speedup` |" in (tmp_path / "BENCHMARKS.md").read_text()
