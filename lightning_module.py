@@ -4,6 +4,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
@@ -225,6 +226,8 @@ class MNISTAdder(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.compile:
+            # The first backward pass keeps the graph (retain_graph=True), which donated buffers forbid.
+            functorch_config.donated_buffer = False
             self.net.compile()  # in place: the checkpoint's keys stay those of the eager net
 
     def configure_optimizers(self):

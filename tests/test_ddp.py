@@ -75,7 +75,10 @@ def test_ddp_weights_and_metrics_match_one_process(tmp_path, real_data_dir):
     ddp_results = ddp.test(model, data, verbose=False)
     single = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     single_results = single.test(model, new_data(real_data_dir, 25), verbose=False)
-    assert ddp_results == single_results
+    accuracies = [{k: v for k, v in r.items() if "acc" in k} for r in ddp_results]
+    assert accuracies == [{k: v for k, v in r.items() if "acc" in k} for r in single_results]  # exactly
+    for ddp_result, single_result in zip(ddp_results, single_results):  # mean losses: summed in another order
+        assert ddp_result == pytest.approx(single_result, rel=1e-6)
 
 
 def test_cli_fit_then_test_under_ddp(tmp_path, real_data_dir):
