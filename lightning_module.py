@@ -15,7 +15,7 @@ from visuals import confusion_image, sample_grid
 
 SumLoss = Literal["cross_entropy", "mse"]
 # The Brier score's gradients are smaller than cross-entropy's: weighted 1 it reaches 98.5 % on all
-# pairs in the default run, weighted 4 it reaches 99.5 % (README, results).
+# pairs in 9 epochs of the default run, weighted 4 it reaches 99.5 % (README, results).
 DEFAULT_SUM_LOSS_WEIGHT = {"cross_entropy": 1.0, "mse": 4.0}
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -49,6 +49,12 @@ class DualInputNet(nn.Module):
 
     def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         return self.logits(self.image_features(images), numbers)
+
+    def paired_logits(self, images: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        """Logits [B*K, 29] of each of B images with each of its K numbers ([B, K]), image-major;
+        the conv features are computed once per image and shared by its K pairs."""
+        features = self.image_features(images)
+        return self.logits(features.repeat_interleave(numbers.shape[1], dim=0), numbers.flatten())
 
 
 def _accuracy(classes: int) -> MulticlassAccuracy:
@@ -133,8 +139,8 @@ class MNISTAdder(L.LightningModule):
         return logits, digit_loss, sum_loss
 
     def _log_epoch(self, stage: str, metrics: nn.ModuleDict, suffix: str = "") -> None:
-        # Logged once per epoch, not per step: each self.log of a metric object costs about as much
-        # as the metric's update (measured with benchmarks/bench.py).
+        # Logged once per epoch, not per step: Lightning moves a logged metric's state to the device
+        # on every self.log call, which cost most of its overhead per step (BENCHMARKS.md).
         for name, metric in metrics.items():
             if metric.update_called:
                 self.log(f"{stage}/{name}{suffix}", metric, prog_bar=stage == "val" and name.endswith("acc"))
@@ -181,11 +187,9 @@ class MNISTAdder(L.LightningModule):
         confusion = self.val_confusion.compute()
         self.val_confusion.reset()
         misclassified, self._misclassified = self._misclassified, []
+        self._log_epoch("val", self.val_metrics)  # in the sanity check too: Lightning then resets them
         if self.trainer.sanity_checking:
-            for metric in self.val_metrics.values():
-                metric.reset()
             return
-        self._log_epoch("val", self.val_metrics)
         self.val_sum_acc_best(self.val_metrics["sum_acc"].compute())
         # The value, not the object: Lightning resets a logged metric object every epoch.
         self.log("val/sum_acc_best", self.val_sum_acc_best.compute())
@@ -200,11 +204,8 @@ class MNISTAdder(L.LightningModule):
         if batch["number"].ndim == 1:
             self._evaluate(batch, self.test_metrics)
             return
-        # Each image with all ten numbers: the conv features are computed once and shared by its ten pairs.
-        features = self.net.image_features(batch["image"])
-        pairs = batch["number"].shape[1]
-        logits = self.net.logits(features.repeat_interleave(pairs, dim=0), batch["number"].flatten())
-        self.test_all_pairs["digit_acc"].update(logits[:, :10], batch["digit"].repeat_interleave(pairs))
+        logits = self.net.paired_logits(batch["image"], batch["number"])  # each image with all ten numbers
+        self.test_all_pairs["digit_acc"].update(logits[:, :10], batch["digit"].repeat_interleave(batch["number"].shape[1]))
         self.test_all_pairs["sum_acc"].update(logits[:, 10:], batch["sum"].flatten())
 
     def on_test_epoch_end(self) -> None:

@@ -143,9 +143,7 @@ def accuracy_all_pairs(model, data) -> tuple[float, float]:
     test = data.all_pairs_set
     for i in range(0, len(test), 1000):
         batch = test.__getitems__(list(range(i, min(i + 1000, len(test)))))
-        features = model.net.image_features(batch["image"].to(model.device))
-        logits = model.net.logits(features[:, None].expand(-1, 10, -1).flatten(0, 1),
-                                  batch["number"].flatten().to(model.device))
+        logits = model.net.paired_logits(batch["image"].to(model.device), batch["number"].to(model.device))
         digit_right += (logits[:, :10].argmax(1).cpu() == batch["digit"].repeat_interleave(10)).sum().item()
         sum_right += (logits[:, 10:].argmax(1).cpu() == batch["sum"].flatten()).sum().item()
     model.train(was_training)
@@ -208,7 +206,8 @@ def prepare_seconds(extra: list[str], repeats: int) -> dict:
 @torch.inference_mode()
 def predict_throughput(model, data, repeats: int) -> dict:
     model.eval()
-    images, numbers = data.test_set.images.unsqueeze(1).float().div(255), data.test_set.numbers
+    batch = data.test_set.__getitems__(list(range(len(data.test_set))))
+    images, numbers = batch["image"], batch["number"]
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

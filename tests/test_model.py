@@ -100,7 +100,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
 def test_shared_image_features_match_forward_on_every_pair():
     model = MNISTAdder(channels=(8, 16, 16)).eval()
     images = torch.rand(3, 1, 28, 28)
-    shared = model.net.logits(model.net.image_features(images).repeat_interleave(10, 0), torch.arange(10).repeat(3))
+    shared = model.net.paired_logits(images, torch.arange(10).repeat(3, 1))
     direct = model(images.repeat_interleave(10, 0), torch.arange(10).repeat(3))
     assert torch.allclose(shared, direct, atol=1e-5)
 
