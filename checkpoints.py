@@ -1,4 +1,5 @@
-"""Checkpoints: a clear word on a bad one before any work, and a last.ckpt when Ctrl-C stops a fit."""
+"""Checkpoints: a clear word on a bad one or a resume that cannot be exact, before any work; where they
+are; and a last.ckpt when Ctrl-C or SIGTERM stops a fit."""
 
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 LIGHTNING_NAMES = ("last", "best", "hpc", "registry")  # resolved by the Trainer itself
 
@@ -42,15 +44,46 @@ def check_checkpoint(path: str, model: L.LightningModule) -> None:
                          f"{', '.join(differing[:3])}")
 
 
+# The data module's settings that decide the split and every pairing: a resume must keep them.
+SPLIT_SETTINGS = ("seed", "val_size")
+
+
+def check_resume(path: str, data_hparams) -> None:
+    """Raise ValueError unless resuming from `path` keeps the split and pairings the run was trained on."""
+    checkpoint = read_checkpoint(path)
+    saved = (checkpoint or {}).get("datamodule_hyper_parameters", {})
+    changed = [f"{key} {saved[key]} -> {data_hparams[key]}" for key in SPLIT_SETTINGS
+               if key in saved and saved[key] != data_hparams[key]]
+    if changed:
+        raise ValueError(f"ckpt_path {path!r} was trained on another split ({', '.join(changed)}): resume with "
+                         f"the run's own " + " and ".join(f"--{'seed_everything' if k == 'seed' else 'data.' + k} "
+                                                          f"{saved[k]}" for k in SPLIT_SETTINGS if k in saved))
+
+
+def run_folder(checkpoint: Path) -> Path | None:
+    """The run folder (…/lightning_logs/version_N) that holds this checkpoint, if it lies in one."""
+    folder = checkpoint.resolve().parent.parent
+    if checkpoint.resolve().parent.name == "checkpoints" and folder.name.startswith("version_"):
+        return folder
+    return None
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    candidates = list((root / "lightning_logs").glob("version_*/checkpoints/*.ckpt"))
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
 class SaveOnInterrupt(Callback):
-    """Ctrl-C during fit: write last.ckpt beside the other checkpoints and say how to resume."""
+    """Ctrl-C or SIGTERM (a scheduler's pre-emption) during fit: write last.ckpt beside the other checkpoints
+    and say how to resume."""
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         ckpt = trainer.checkpoint_callback
-        if not isinstance(exception, KeyboardInterrupt) or trainer.sanity_checking or ckpt is None \
-                or ckpt.dirpath is None or trainer.state.fn != "fit" or trainer.fast_dev_run:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.sanity_checking \
+                or ckpt is None or ckpt.dirpath is None or trainer.state.fn != "fit" or trainer.fast_dev_run:
             return
         path = Path(ckpt.dirpath) / "last.ckpt"
         trainer.save_checkpoint(path)
-        rank_zero_info(f"Stopped by Ctrl-C: saved {path}\n"
+        cause = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
+        rank_zero_info(f"Stopped by {cause}: saved {path}\n"
                        f"Resume with the same options plus: --ckpt_path {path}")

@@ -1,20 +1,41 @@
 """Command line: `python cli.py fit|validate|test|predict [--config FILE] [--key value ...]`."""
 
+import json
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from checkpoints import SaveOnInterrupt, check_checkpoint, read_checkpoint
+from checkpoints import SaveOnInterrupt, check_checkpoint, check_resume, newest_checkpoint, read_checkpoint, run_folder
+from dashboard import Dashboard, run_hparams, write_hparams
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
 from mnist_files import MNISTUnavailable, write_atomic
-from photos import fill_predictions, predictions_csv, predictions_table
+from predictions import (fill_predictions, gather_shards, predictions_csv, predictions_table,
+                         test_set_predictions)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DESCRIPTION = """mnist-adder: a network reads an MNIST digit and a number 0-9 and predicts the digit and their sum.
+
+  fit       train (configs/default.yaml unless --config says more), then test the best checkpoint
+  validate  the validation split, with --ckpt_path
+  test      the official test set, fixed pairs and all 100,000 pairs, with --ckpt_path
+  predict   your own pictures (--data.predict_manifest CSV) or the test set, with --ckpt_path
+
+`python cli.py fit --help` lists every option with the value a plain `python cli.py fit` uses."""
+
+
+# Raised inside Lightning and torch, about their own internals: nothing a user of this project can change.
+UNACTIONABLE_WARNINGS = ["LightningCLI's args parameter", r"`isinstance\(treespec, LeafSpec\)` is deprecated"]
 
 
 class ShortErrorParser(LightningArgumentParser):
@@ -29,8 +50,44 @@ class AdderCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/sum_acc", "checkpoint.mode": "max",
                              "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch:02d}"})
-        # One seed decides the initial weights, the augmentation, the split and every pairing.
-        parser.link_arguments("seed_everything", "data.seed")
+
+    def before_instantiate_classes(self) -> None:
+        """Settings that Lightning would take badly, turned into what the user meant or one clear error."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        # One seed decides the initial weights, the augmentation, the split and every pairing
+        # (`--seed_everything true` has been turned into the seed it drew by now).
+        if not isinstance(config.seed_everything, bool):
+            config.data.seed = config.seed_everything
+        if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise ValueError("trainer.accelerator is 'gpu' (configs/gpu.yaml) but this machine has no usable GPU: "
+                             "run `python cli.py fit` (any machine) or add --trainer.accelerator cpu")
+        if trainer.gradient_clip_val:  # the manual-optimization step clips; Lightning's own clipping cannot
+            config.model.gradient_clip_val = float(trainer.gradient_clip_val)
+            trainer.gradient_clip_val = None
+            rank_zero_info(f"gradient clipping: model.gradient_clip_val = {config.model.gradient_clip_val}")
+        if trainer.accumulate_grad_batches not in (None, 1):
+            raise ValueError("trainer.accumulate_grad_batches does not apply to this model's manual-optimization "
+                             "step; for larger effective batches raise --data.batch_size")
+        ckpt_path = config.get("ckpt_path")
+        if self.subcommand in ("validate", "test", "predict") and not ckpt_path and not trainer.fast_dev_run:
+            newest = newest_checkpoint(Path(trainer.default_root_dir or "."))
+            raise ValueError(f"{self.subcommand} needs trained weights: add --ckpt_path CHECKPOINT" + (
+                f" (the newest here: --ckpt_path {newest})" if newest else
+                " (none found under lightning_logs/: train with `python cli.py fit` first)"))
+        self._place_logs(config, ckpt_path)
+
+    def _place_logs(self, config, ckpt_path) -> None:
+        """TensorBoard logs and checkpoints go to DEFAULT_ROOT_DIR/lightning_logs/version_N, as absolute paths;
+        a resumed fit writes on into the folder of the run it resumes."""
+        logger = config.trainer.logger
+        if not (hasattr(logger, "class_path") and logger.class_path.endswith("TensorBoardLogger")):
+            return
+        root = Path(config.trainer.default_root_dir or ".").resolve()
+        logger.init_args.save_dir, logger.init_args.name = str(root), "lightning_logs"
+        if self.subcommand == "fit" and ckpt_path and (folder := run_folder(Path(ckpt_path))):
+            logger.init_args.save_dir, logger.init_args.name = str(folder.parent.parent), folder.parent.name
+            logger.init_args.version = folder.name
 
     def _check_ckpt_path(self) -> None:
         path = self.config[self.subcommand].get("ckpt_path")
@@ -38,39 +95,59 @@ class AdderCLI(LightningCLI):
             check_checkpoint(str(path), self.model)
 
     def before_fit(self) -> None:
-        if self.trainer.max_epochs == 0:
-            raise ValueError("trainer.max_epochs must be >= 1 (or -1 for no limit)")
+        if self.trainer.max_epochs == 0 or (self.trainer.max_epochs or 0) < -1:
+            raise ValueError(f"trainer.max_epochs must be >= 1 (or -1 for no limit), got {self.trainer.max_epochs}")
         self.model.optimizer(self.model.parameters())  # a bad optimizer setting fails here, before any work
         self._check_ckpt_path()
+        path = self.config.fit.get("ckpt_path")
+        if path:
+            check_resume(str(path), self.datamodule.hparams)
         self._fit_start = time.perf_counter()
 
     before_validate = before_test = before_predict = _check_ckpt_path
 
     def after_fit(self) -> None:
-        """Test the best checkpoint (chosen on validation) on the official test set and print a summary."""
+        """Test the best checkpoint (chosen on validation) on the official test set; print a summary and
+        write it as results.json in the run's folder."""
         fit_seconds = time.perf_counter() - self._fit_start
         if self.trainer.interrupted:
             return
-        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        callback = self.trainer.checkpoint_callback
+        best = callback.best_model_path if callback else ""
         results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
         metrics = {k: v for result in results for k, v in result.items()}
+        summary = {"checkpoint": best or None, "fit_seconds": round(fit_seconds, 1),
+                   "val_sum_acc": float(callback.best_model_score) if callback and best else None,
+                   "seed": self.datamodule.hparams.seed, **metrics}
         rows = [("checkpoint", best or "(weights at the end of fit)"), ("fit time", f"{fit_seconds:.1f} s")]
         rows += [(label, f"{100 * metrics[key]:.2f} %") for key, label in (
             ("test/digit_acc", "digit accuracy (fixed pairs)"), ("test/sum_acc", "sum accuracy (fixed pairs)"),
-            ("test/sum_acc_all_pairs", "sum accuracy (each image with all 10 numbers)")) if key in metrics]
+            ("test/sum_acc_all_pairs", "sum accuracy (each image with all 10 numbers)"),
+            ("test/sum_consistency_all_pairs", "sum = predicted digit + number (all pairs)")) if key in metrics]
         width = max(len(label) for label, _ in rows)
         if self.trainer.is_global_zero:
             print("\n".join(["", "Official MNIST test set", *(f"  {a:<{width}}  {b}" for a, b in rows)]))
-
+            if isinstance(self.trainer.logger, TensorBoardLogger) and summary["val_sum_acc"] is not None:
+                write_hparams(self.trainer.logger.experiment, run_hparams(self.config.fit, self.model.sum_loss_weight),
+                              summary["val_sum_acc"], self.trainer.global_step)
+            if self.trainer.log_dir:
+                write_atomic(Path(self.trainer.log_dir) / "results.json", json.dumps(summary, indent=2).encode())
 
     def after_predict(self) -> None:
-        """For a manifest of pictures: write the predictions CSV (atomically), print it, fail if a row failed."""
+        """Write the predictions CSV (atomically, once, from rank 0), print it or its accuracy, and fail if a
+        picture could not be predicted."""
+        batches = gather_shards(self.trainer.predict_loop.predictions)
+        if not self.trainer.is_global_zero:
+            return
+        output = Path(self.datamodule.hparams.predict_output or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.csv")
+        output.parent.mkdir(parents=True, exist_ok=True)
         rows = getattr(self.datamodule, "manifest_rows", None)
         if rows is None:
+            text, summary = test_set_predictions(batches)
+            write_atomic(output, text)
+            print(f"{summary}\npredictions written to {output}")
             return
-        fill_predictions(rows, self.trainer.predict_loop.predictions)
-        output = Path(self.datamodule.hparams.predict_output or Path(self.trainer.log_dir) / "predictions.csv")
-        output.parent.mkdir(parents=True, exist_ok=True)
+        fill_predictions(rows, batches)
         write_atomic(output, predictions_csv(rows))
         print(f"{predictions_table(rows)}\n\npredictions written to {output}")
         failed = sum(bool(row["error"]) for row in rows)
@@ -81,20 +158,25 @@ class AdderCLI(LightningCLI):
 def cli_main(args=None, run: bool = True) -> AdderCLI:
     """``run=False`` only builds the model, data module and trainer from the configs (no subcommand)."""
     args = sys.argv[1:] if args is None else list(args)
-    if not run or (args and args[0] in ("fit", "validate", "test", "predict")):
-        # configs/default.yaml is the base of every run; a --config given after it overrides it.
-        at = int(run)
-        args = [*args[:at], "--config", str(DEFAULT_CONFIG), *args[at:]]
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args is argv, extended above
+    defaults = {"default_config_files": [str(DEFAULT_CONFIG)]}  # the base of every run; --config overrides it
+    parser_kwargs = {"description": DESCRIPTION, **{name: defaults for name in SUBCOMMANDS}} if run else defaults
+    for message in UNACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     try:
         for option, value in zip(args, args[1:] + [""]):  # read before LightningCLI takes hyperparameters from it
             if option.startswith("--ckpt_path"):
                 read_checkpoint(option.partition("=")[2] or value)
         return AdderCLI(MNISTAdder, MNISTAdderData, args=args, run=run, seed_everything_default=0,
-                        parser_class=ShortErrorParser, auto_configure_optimizers=False,
-                        trainer_defaults={"callbacks": [SaveOnInterrupt()]})
+                        parser_class=ShortErrorParser, parser_kwargs=parser_kwargs, auto_configure_optimizers=False,
+                        save_config_kwargs={"overwrite": True},  # a resumed run writes on into its own folder
+                        trainer_defaults={"callbacks": [SaveOnInterrupt(), LearningRateMonitor("step"), Dashboard()]})
+    except SIGTERMException:
+        print("error: stopped by SIGTERM", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except (ValueError, FloatingPointError, MNISTUnavailable) as err:
         sys.exit(f"error: {err}")
+    except MisconfigurationException as err:  # Lightning's word on a Trainer setting: its first line says it
+        sys.exit(f"error: {str(err).strip().splitlines()[0]}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def draw_numbers(count: int, *keys) -> torch.Tensor:
 class Pairs(Dataset):
     """Images with one number each; `__getitems__` cuts a whole batch with one index.
 
-    A batch is a dict: image float [B,1,28,28] in [0,1], number, digit and sum int64 [B].
+    A batch is a dict: image float [B,1,28,28] in [0,1], number, digit, sum and index (of the image
+    in this set) int64 [B].
     """
 
     def __init__(self, images: torch.Tensor, digits: torch.Tensor, numbers: torch.Tensor):
@@ -44,7 +45,7 @@ class Pairs(Dataset):
         idx = torch.as_tensor(indices, device=self.images.device)
         number, digit = self.numbers[idx], self.digits[idx]
         return {"image": self.images[idx].unsqueeze(1).float().div_(255), "number": number, "digit": digit,
-                "sum": digit.view(-1, *[1] * (number.dim() - 1)) + number}
+                "sum": digit.view(-1, *[1] * (number.dim() - 1)) + number, "index": idx}
 
     def to(self, device: torch.device) -> "Pairs":
         self.images, self.digits, self.numbers = (t.to(device) for t in (self.images, self.digits, self.numbers))
@@ -52,14 +53,17 @@ class Pairs(Dataset):
 
 
 class TrainPairs(Pairs):
-    """Fresh numbers every epoch, drawn from (seed, epoch) alone."""
+    """Fresh numbers every epoch, drawn from (seed, epoch) alone, and the augmentation's random stream,
+    from (seed, epoch, rank): a run resumed at an epoch's start sees what the uninterrupted run saw."""
 
     def __init__(self, images: torch.Tensor, digits: torch.Tensor, seed: int):
         self.seed = seed
         super().__init__(images, digits, draw_numbers(len(digits), "train", seed, 0))
+        self.augment_generator = _seeded("augment", seed, 0, 0)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, rank: int = 0) -> None:
         self.numbers = draw_numbers(len(self.digits), "train", self.seed, epoch).to(self.images.device)
+        self.augment_generator = _seeded("augment", self.seed, epoch, rank)
 
 
 class AllPairs(Pairs):
@@ -90,7 +94,7 @@ class EpochSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        self.dataset.set_epoch(epoch)
+        self.dataset.set_epoch(epoch, self.rank)
 
 
 def _whole_batch(batch):
@@ -168,7 +172,12 @@ class MNISTAdderData(L.LightningDataModule):
 
     def _loader(self, dataset: Pairs, batch_size: int, sampler, drop_last: bool = False) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_whole_batch, drop_last=drop_last,
-                          pin_memory=not self.hparams.on_device and torch.cuda.is_available())
+                          pin_memory=self._pin_memory())
+
+    def _pin_memory(self) -> bool:
+        """Page-locked host batches speed up copies to a GPU: only when this run trains on one, from the host."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        return device.type == "cuda" and not self.hparams.on_device
 
     def _eval_loader(self, dataset: Pairs, batch_size: int = 1000) -> DataLoader:
         # No padding under DDP: every sample is counted exactly once.
@@ -193,18 +202,19 @@ class MNISTAdderData(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is not None and self.trainer.training:
-            batch["image"] = self.augment(batch["image"])
+            batch["image"] = self.augment(batch["image"], self.train_set.augment_generator)
         return batch
 
-    def augment(self, images: torch.Tensor) -> torch.Tensor:
-        """A random rotation, zoom and shift for each image, done for the whole batch at once."""
+    def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A random rotation, zoom and shift for each image, done for the whole batch at once; the
+        parameters come from `generator` (on the CPU: the same stream on every device)."""
         hp = self.hparams
         if hp.rotate == hp.translate == hp.scale == 0:
             return images
-        n, dev = len(images), images.device
+        n = len(images)
 
         def uniform(*shape):
-            return torch.rand(*shape, device=dev) * 2 - 1
+            return (torch.rand(*shape, generator=generator) * 2 - 1).to(images.device, non_blocking=True)
 
         angle = uniform(n) * math.radians(hp.rotate)
         zoom = 1 + uniform(n) * hp.scale

@@ -2,6 +2,8 @@
 
 from typing import Literal
 
+from contextlib import nullcontext
+
 import lightning as L
 import torch
 import torch._functorch.config as functorch_config
@@ -18,6 +20,9 @@ SumLoss = Literal["cross_entropy", "mse"]
 # pairs in 9 epochs of the default run, weighted 4 it reaches 99.5 % (README, results).
 DEFAULT_SUM_LOSS_WEIGHT = {"cross_entropy": 1.0, "mse": 4.0}
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# How often the training step looks at whether its losses stayed finite: each look waits for the
+# device (and, under DDP, asks every process), so not every step; a checkpoint is never written without one.
+FINITE_CHECK_EVERY = 50
 
 
 def _conv(cin: int, cout: int, kernel: int) -> list[nn.Module]:
@@ -67,6 +72,11 @@ def _stage_metrics() -> nn.ModuleDict:
                           "sum_loss": MeanMetric(nan_strategy="disable")})
 
 
+def sum_consistency(logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+    """Per pair: does the predicted sum equal the predicted digit plus the number (does the sum head add)?"""
+    return logits[:, 10:].argmax(1) == logits[:, :10].argmax(1) + numbers
+
+
 class MNISTAdder(L.LightningModule):
     """Predicts the digit in an MNIST image and its sum with a given number 0-9.
 
@@ -92,7 +102,7 @@ class MNISTAdder(L.LightningModule):
 
     def __init__(self, sum_loss: SumLoss = "cross_entropy", channels: tuple[int, int, int] = (16, 32, 64),
                  number_features: int = 128, hidden: int = 512,
-                 optimizer: OptimizerCallable = torch.optim.AdamW,
+                 optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
                  scheduler: LRSchedulerCallable | None = None,
                  scheduler_interval: Literal["step", "epoch"] = "step", gradient_clip_val: float = 0.0,
                  sum_loss_weight: float | None = None, label_smoothing: float = 0.0, compile: bool = False):
@@ -110,8 +120,12 @@ class MNISTAdder(L.LightningModule):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.net = DualInputNet(tuple(channels), number_features, hidden)
         self.train_metrics, self.val_metrics, self.test_metrics = _stage_metrics(), _stage_metrics(), _stage_metrics()
-        self.test_all_pairs = nn.ModuleDict({"digit_acc": _accuracy(10), "sum_acc": _accuracy(19)})
+        self.val_metrics["sum_consistency"] = MeanMetric()
+        self.test_all_pairs = nn.ModuleDict({"digit_acc": _accuracy(10), "sum_acc": _accuracy(19),
+                                             "sum_consistency": MeanMetric()})
         self.val_sum_acc_best = MaxMetric()
+        self.val_sum_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps its best so far
+        self._nonfinite = torch.zeros((), dtype=torch.bool)
         self.val_confusion = MulticlassConfusionMatrix(10)
         self._misclassified: list[dict[str, torch.Tensor]] = []
 
@@ -148,12 +162,14 @@ class MNISTAdder(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         optimizer = self.optimizers()
         logits, digit_loss, sum_loss = self._evaluate(batch, self.train_metrics)
-        if not torch.isfinite(digit_loss + sum_loss):
-            raise FloatingPointError(
-                f"non-finite loss at step {self.global_step} (digit {digit_loss.item()}, sum {sum_loss.item()}): "
-                "training stopped; lower the learning rate or set model.gradient_clip_val")
+        self._nonfinite = self._nonfinite.to(logits.device) | ~torch.isfinite(digit_loss + sum_loss)  # no sync
+        if (self.global_step + 1) % FINITE_CHECK_EVERY == 0 or batch_idx + 1 == self.trainer.num_training_batches:
+            self._stop_if_nonfinite(every_process=True)
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(digit_loss, retain_graph=True)
+        # Under DDP the first backward pass only accumulates: the gradients are all-reduced once, in the second.
+        no_sync = getattr(self.trainer.strategy.model, "no_sync", nullcontext)
+        with no_sync():
+            self.manual_backward(digit_loss, retain_graph=True)
         self.manual_backward(sum_loss * self.sum_loss_weight)
         if self.hparams.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val,
@@ -162,6 +178,17 @@ class MNISTAdder(L.LightningModule):
         if self.hparams.scheduler_interval == "step":
             self._step_scheduler()
         self.log("loss", digit_loss + sum_loss, prog_bar=True, on_step=True, on_epoch=False)
+
+    def _stop_if_nonfinite(self, every_process: bool) -> None:
+        nonfinite = bool(self._nonfinite)
+        if every_process:  # all processes stop together, none is left waiting in an all-reduce
+            nonfinite = self.trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
+        if nonfinite:
+            raise FloatingPointError(f"non-finite loss by step {self.global_step}: training stopped; lower the "
+                                     "learning rate or set model.gradient_clip_val")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._stop_if_nonfinite(every_process=False)  # a checkpoint is never written from diverged weights
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train", self.train_metrics)
@@ -175,6 +202,7 @@ class MNISTAdder(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits, _, _ = self._evaluate(batch, self.val_metrics)
+        self.val_metrics["sum_consistency"].update(sum_consistency(logits, batch["number"]).float())
         digit_pred, sum_pred = logits[:, :10].argmax(1), logits[:, 10:].argmax(1)
         self.val_confusion.update(digit_pred, batch["digit"])
         wrong = (digit_pred != batch["digit"]) | (sum_pred != batch["sum"])
@@ -207,6 +235,7 @@ class MNISTAdder(L.LightningModule):
         logits = self.net.paired_logits(batch["image"], batch["number"])  # each image with all ten numbers
         self.test_all_pairs["digit_acc"].update(logits[:, :10], batch["digit"].repeat_interleave(batch["number"].shape[1]))
         self.test_all_pairs["sum_acc"].update(logits[:, 10:], batch["sum"].flatten())
+        self.test_all_pairs["sum_consistency"].update(sum_consistency(logits, batch["number"].flatten()).float())
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test", self.test_metrics)
@@ -216,14 +245,16 @@ class MNISTAdder(L.LightningModule):
         logits = self(batch["image"], batch["number"])
         digit_prob, digit = logits[:, :10].softmax(1).max(1)
         sum_prob, sum_ = logits[:, 10:].softmax(1).max(1)
-        extra = {"row": batch["row"]} if "row" in batch else {}  # which manifest row, for a person's pictures
+        # which manifest row (a person's pictures), or which test image and its true digit and sum
+        extra = {key: batch[key] for key in ("row", "index") if key in batch}
+        if "digit" in batch:
+            extra.update(true_digit=batch["digit"], true_sum=batch["sum"])
         return {"number": batch["number"], "digit": digit, "digit_prob": digit_prob, "sum": sum_,
                 "sum_prob": sum_prob, **extra}
 
-    def on_fit_end(self) -> None:
-        if self.logger is not None and self.val_sum_acc_best.update_called:
-            # TensorBoard's HPARAMS tab: the hyperparameters beside the best validation sum accuracy.
-            self.logger.log_hyperparams(self.hparams, {"hp/val_sum_acc_best": self.val_sum_acc_best.compute().item()})
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        schedulers = checkpoint.get("lr_schedulers") or [{}]
+        self._resumed_total_steps = schedulers[0].get("total_steps")
 
     def configure_model(self) -> None:
         if self.hparams.compile:
@@ -235,7 +266,27 @@ class MNISTAdder(L.LightningModule):
         optimizer = self.optimizer(self.parameters())
         if self.scheduler is None:
             return optimizer
-        # OneCycleLR and its kind need the run's length, which only the trainer knows.
-        needs_total = getattr(self.scheduler, "keywords", {}).get("total_steps", 0) is None
-        kwargs = {"total_steps": int(self.trainer.estimated_stepping_batches)} if needs_total else {}
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer, **kwargs)}
+        kwargs = {"total_steps": self._total_steps()} if self._needs_total_steps() else {}
+        scheduler = self.scheduler(optimizer, **kwargs)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError("a scheduler that steps on a monitored value (ReduceLROnPlateau) does not fit this "
+                             "model's manual-optimization step: use one that steps by time (OneCycleLR, StepLR, ...)")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
+                                                         "interval": self.hparams.scheduler_interval}}
+
+    def _needs_total_steps(self) -> bool:
+        return getattr(self.scheduler, "keywords", {}).get("total_steps", 0) is None
+
+    def _total_steps(self) -> int:
+        """OneCycleLR and its kind need the run's length in scheduler steps, which only the trainer knows."""
+        trainer = self.trainer
+        total = trainer.max_epochs if self.hparams.scheduler_interval == "epoch" else trainer.estimated_stepping_batches
+        if total in (None, -1) or total == float("inf"):
+            raise ValueError("the scheduler (OneCycleLR) needs the run's length: set trainer.max_epochs (not -1) "
+                             "or trainer.max_steps, or --model.scheduler null")
+        resumed = getattr(self, "_resumed_total_steps", None)
+        if resumed is not None and resumed != int(total):
+            raise ValueError(f"the checkpoint's learning-rate schedule spans {resumed} steps, this run {int(total)}: "
+                             "resume with the run's own trainer.max_epochs, or train longer with a new run "
+                             "(python cli.py fit --trainer.max_epochs N)")
+        return int(total)

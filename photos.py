@@ -5,13 +5,13 @@ in 28x28, white ink on black. `to_mnist` does the same to any picture PIL reads.
 """
 
 import csv
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+NUMBERS = [str(n) for n in range(10)]
 MIN_CONTRAST = 0.1  # ink must differ from the background by this much (0..1 scale)
 
 
@@ -31,7 +31,9 @@ def load_gray(path: Path) -> np.ndarray:
             return np.asarray(frame.convert("L"), dtype=np.float32) / 255
     except FileNotFoundError:
         raise PhotoError(f"no such file: {path}") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except Image.DecompressionBombError:
+        raise PhotoError(f"too many pixels (over {Image.MAX_IMAGE_PIXELS:,}): {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise PhotoError(f"not a readable image: {path} ({type(err).__name__})") from None
 
 
@@ -67,51 +69,23 @@ def read_manifest(path: Path) -> list[dict]:
     """Rows of a CSV with the columns file,number: {"file", "number" (int or None), "image", "error"}."""
     if not path.is_file():
         raise PhotoError(f"predict_manifest {str(path)!r}: no such file")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"file", "number"} - set(reader.fieldnames or [])
-        if missing:
-            raise PhotoError(f"predict_manifest {str(path)!r} lacks the column(s) {', '.join(sorted(missing))} "
-                             "(it needs a header line: file,number)")
-        rows = [{"file": (row["file"] or "").strip(), "number": (row["number"] or "").strip()} for row in reader]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.DictReader(f)
+            missing = {"file", "number"} - {name.strip() for name in reader.fieldnames or []}
+            if missing:
+                raise PhotoError(f"predict_manifest {str(path)!r} lacks the column(s) {', '.join(sorted(missing))} "
+                                 "(it needs a header line: file,number)")
+            rows = [{key.strip(): (value or "").strip() for key, value in row.items() if key} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise PhotoError(f"predict_manifest {str(path)!r} is not a UTF-8 CSV file ({err})") from None
     for row in rows:
         row["image"], row["error"] = None, ""
         try:
-            if not row["number"].isdigit() or not 0 <= int(row["number"]) <= 9:
+            if row["number"] not in NUMBERS:
                 raise PhotoError(f"number must be an integer 0..9, got {row['number']!r}")
             row["number"] = int(row["number"])
             row["image"] = to_mnist(load_gray(path.parent / row["file"]))
-        except PhotoError as err:
-            row["error"] = str(err)
+        except Exception as err:  # whatever a row's picture does wrong, it fails that row alone
+            row["error"] = str(err) if isinstance(err, PhotoError) else f"{type(err).__name__}: {err}"
     return rows
-
-
-COLUMNS = ["file", "number", "digit", "digit_prob", "sum", "sum_prob", "error"]
-
-
-def fill_predictions(rows: list[dict], batches: list[dict]) -> None:
-    """Write each batch's predictions into the manifest rows they belong to."""
-    for batch in batches:
-        for k, row in enumerate(batch["row"].tolist()):
-            rows[row].update({key: batch[key][k].item() for key in ("digit", "digit_prob", "sum", "sum_prob")})
-
-
-def predictions_csv(rows: list[dict]) -> bytes:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({**row, **{p: f"{row[p]:.4f}" for p in ("digit_prob", "sum_prob") if p in row}})
-    return out.getvalue().encode()
-
-
-def predictions_table(rows: list[dict]) -> str:
-    width = max([4] + [len(row["file"]) for row in rows])
-    lines = [f"{'file':<{width}}  number  digit  prob   sum  prob   error"]
-    for row in rows:
-        if row["error"]:
-            lines.append(f"{row['file']:<{width}}  {str(row['number']):>6}  {'':33}{row['error']}")
-        else:
-            lines.append(f"{row['file']:<{width}}  {row['number']:>6}  {row['digit']:>5}  {row['digit_prob']:.2f}"
-                         f"  {row['sum']:>4}  {row['sum_prob']:.2f}")
-    return "\n".join(lines)

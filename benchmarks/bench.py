@@ -85,7 +85,7 @@ def torch_seconds(model, data, warmup: int, steps: int, epoch: int) -> float:
     for i, batch in enumerate(itertools.islice(loader, warmup + steps)):
         if i == warmup:
             start = time.perf_counter()
-        images = data.augment(batch["image"])
+        images = data.augment(batch["image"], data.train_set.augment_generator)
         digit_loss, sum_loss = model.losses(net(images, batch["number"]), batch["digit"], batch["sum"])
         optimizer.zero_grad(set_to_none=True)
         digit_loss.backward(retain_graph=True)

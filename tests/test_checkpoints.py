@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from lightning import Callback
@@ -28,9 +30,11 @@ def test_ctrl_c_in_fit_saves_last_then_resume_finishes(tmp_path, synthetic_data_
         cli_main([*run, "--trainer.callbacks+=test_checkpoints.CtrlC"])
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 3
-    assert f"--ckpt_path {last.relative_to(tmp_path)}" in caplog.text
+    assert f"Stopped by Ctrl-C: saved {last}" in caplog.text and f"--ckpt_path {last}" in caplog.text
     cli = cli_main([*run, "--ckpt_path", str(last)])
     assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 2 * 500 // 50
+    assert Path(cli.trainer.log_dir) == last.parents[1]  # the resumed run writes on into its own folder
+    assert sorted(p.name for p in last.parents[2].iterdir()) == ["version_0"]
 
 
 @pytest.mark.parametrize("damage, expected", [

@@ -159,10 +159,10 @@ def test_augmentation_changes_train_images_only(synthetic_data_dir):
     dm = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100)
     dm.setup("fit")
     images = dm.val_set.__getitems__(list(range(16)))["image"]
-    moved = dm.augment(images)
+    moved = dm.augment(images, torch.Generator().manual_seed(0))
     assert moved.shape == images.shape and not torch.allclose(moved, images)
     assert dm.on_after_batch_transfer({"image": images}, 0)["image"] is images  # no trainer: not training
-    still = MNISTAdderData(data_dir=str(synthetic_data_dir), rotate=0, translate=0, scale=0).augment(images)
+    still = MNISTAdderData(data_dir=str(synthetic_data_dir), rotate=0, translate=0, scale=0).augment(images, None)
     assert torch.equal(still, images)
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 from cli import cli_main
 from conftest import synthetic_digits
 from lightning_module import MNISTAdder
-from photos import COLUMNS
+from predictions import COLUMNS
 from printed import printed_digit
 from test_cli import SMALL
 

@@ -1,0 +1,66 @@
+"""What `predict` writes: the rows of a manifest or of the test set, gathered from every process, as CSV."""
+
+import csv
+import io
+
+import torch
+import torch.distributed as dist
+
+COLUMNS = ["file", "number", "digit", "digit_prob", "sum", "sum_prob", "error"]
+
+
+def gather_shards(batches: list[dict]) -> list[dict]:
+    """Under DDP each process predicted its own shard: every shard's batches, in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return batches
+    shards = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, [{k: v.cpu() for k, v in batch.items()} for batch in batches])
+    return [batch for shard in shards for batch in shard]
+
+
+def fill_predictions(rows: list[dict], batches: list[dict]) -> None:
+    """Write each batch's predictions into the manifest rows they belong to."""
+    for batch in batches:
+        for k, row in enumerate(batch["row"].tolist()):
+            rows[row].update({key: batch[key][k].item() for key in ("digit", "digit_prob", "sum", "sum_prob")})
+
+
+def predictions_csv(rows: list[dict]) -> bytes:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, **{p: f"{row[p]:.4f}" for p in ("digit_prob", "sum_prob") if p in row}})
+    return out.getvalue().encode()
+
+
+def predictions_table(rows: list[dict]) -> str:
+    width = max([4] + [len(row["file"]) for row in rows])
+    lines = [f"{'file':<{width}}  number  digit  prob   sum  prob   error"]
+    for row in rows:
+        if row["error"]:
+            lines.append(f"{row['file']:<{width}}  {str(row['number']):>6}  {'':33}{row['error']}")
+        else:
+            lines.append(f"{row['file']:<{width}}  {row['number']:>6}  {row['digit']:>5}  {row['digit_prob']:.2f}"
+                         f"  {row['sum']:>4}  {row['sum_prob']:.2f}")
+    return "\n".join(lines)
+
+
+TEST_COLUMNS = ["index", "number", "digit", "digit_prob", "sum", "sum_prob", "true_digit", "true_sum"]
+
+
+def test_set_predictions(batches: list[dict]) -> tuple[bytes, str]:
+    """The official test set's predictions as CSV, one row per image in index order, and their accuracy."""
+    columns = {key: torch.cat([batch[key].cpu() for batch in batches]) for key in TEST_COLUMNS}
+    order = columns["index"].argsort()
+    columns = {key: values[order].tolist() for key, values in columns.items()}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(TEST_COLUMNS)
+    for row in zip(*columns.values()):
+        writer.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in row])
+    n = len(columns["index"])
+    digit = sum(map(int.__eq__, columns["digit"], columns["true_digit"])) / max(n, 1)
+    sum_ = sum(map(int.__eq__, columns["sum"], columns["true_sum"])) / max(n, 1)
+    return out.getvalue().encode(), (f"official MNIST test set, {n} images with one number each: "
+                                     f"digit accuracy {100 * digit:.2f} %, sum accuracy {100 * sum_:.2f} %")
