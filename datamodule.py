@@ -147,8 +147,13 @@ class MNISTAdderData(L.LightningDataModule):
         if stage == "predict" and self.hparams.predict_manifest:
             self.manifest_rows = read_manifest(Path(self.hparams.predict_manifest))
             return
-        if hasattr(self, "test_set"):
-            return
+        if not hasattr(self, "test_set"):
+            self._load()
+        if self.hparams.on_device and self.trainer is not None:
+            for dataset in (self.train_set, self.val_set, self.test_set, self.all_pairs_set):
+                dataset.to(self.trainer.strategy.root_device)
+
+    def _load(self) -> None:
         hp = self.hparams
         images = read_idx(self.raw_dir / "train-images-idx3-ubyte")
         digits = read_idx(self.raw_dir / "train-labels-idx1-ubyte").long()
@@ -162,9 +167,6 @@ class MNISTAdderData(L.LightningDataModule):
         self.val_set = Pairs(images[val], digits[val], draw_numbers(len(val), "val", hp.seed))
         self.test_set = Pairs(test_images, test_digits, draw_numbers(len(test_digits), "test", hp.seed))
         self.all_pairs_set = AllPairs(test_images, test_digits)
-        if hp.on_device and self.trainer is not None:
-            for dataset in (self.train_set, self.val_set, self.test_set, self.all_pairs_set):
-                dataset.to(self.trainer.strategy.root_device)
 
     def _shard(self) -> dict:
         trainer = self.trainer

@@ -2,9 +2,10 @@
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-CELL = 24
+CELL = 32
+FONT = ImageFont.load_default(size=14)  # legible at TensorBoard's default image size
 
 
 def confusion_image(matrix: torch.Tensor) -> torch.Tensor:
@@ -15,20 +16,21 @@ def confusion_image(matrix: torch.Tensor) -> torch.Tensor:
     canvas = Image.new("RGB", ((n + 1) * CELL, (n + 1) * CELL), "white")
     draw = ImageDraw.Draw(canvas)
     for i in range(n):
-        draw.text((4, (i + 1) * CELL + 6), str(i), fill="black")  # true digit, left
-        draw.text(((i + 1) * CELL + 8, 4), str(i), fill="black")  # predicted digit, top
+        draw.text((10, (i + 1) * CELL + 8), str(i), fill="black", font=FONT)  # true digit, left
+        draw.text(((i + 1) * CELL + 12, 8), str(i), fill="black", font=FONT)  # predicted digit, top
         for j in range(n):
             shade = int(255 * (1 - rates[i, j].item()) ** 0.3)  # a few errors still show
             box = ((j + 1) * CELL, (i + 1) * CELL, (j + 2) * CELL - 1, (i + 2) * CELL - 1)
             draw.rectangle(box, fill=(shade, shade, 255))
-            draw.text((box[0] + 2, box[1] + 6), str(counts[i, j].item()), fill="black" if shade > 128 else "white")
+            draw.text((box[0] + 3, box[1] + 8), str(counts[i, j].item()), fill="black" if shade > 128 else "white",
+                      font=FONT)
     return _to_tensor(canvas)
 
 
 def sample_grid(image: torch.Tensor, number: torch.Tensor, digit: torch.Tensor, sum: torch.Tensor,
-                digit_pred: torch.Tensor, sum_pred: torch.Tensor, columns: int = 8) -> torch.Tensor:
-    """Each sample drawn 2x with '<true digit>+<number>=<true sum>' and 'pred <digit> <sum>' under it."""
-    size, label = 56, 24
+                digit_pred: torch.Tensor, sum_pred: torch.Tensor, columns: int = 6) -> torch.Tensor:
+    """Each sample drawn 3x with 'true <digit>+<number>=<sum>' and, in red, 'net <digit>, <sum>' under it."""
+    size, label = 84, 40
     rows = max(1, -(-len(image) // columns))
     canvas = Image.new("RGB", (columns * size, rows * (size + label)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -37,8 +39,8 @@ def sample_grid(image: torch.Tensor, number: torch.Tensor, digit: torch.Tensor, 
     for k in range(len(image)):
         x, y = (k % columns) * size, (k // columns) * (size + label)
         canvas.paste(Image.fromarray(pixels[k]).resize((size, size)).convert("RGB"), (x, y))
-        draw.text((x + 2, y + size), f"{digit[k]}+{number[k]}={sum[k]}", fill="black")
-        draw.text((x + 2, y + size + 11), f"pred {digit_pred[k]} {sum_pred[k]}", fill="red")
+        draw.text((x + 4, y + size + 2), f"true {digit[k]}+{number[k]}={sum[k]}", fill="black", font=FONT)
+        draw.text((x + 4, y + size + 20), f"net {digit_pred[k]}, {sum_pred[k]}", fill="red", font=FONT)
     return _to_tensor(canvas)
 
 

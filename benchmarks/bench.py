@@ -26,10 +26,14 @@ sys.path.insert(0, str(ROOT))
 
 from cli import cli_main  # noqa: E402
 from datamodule import MNISTAdderData  # noqa: E402
+from to_99 import run_to_99  # noqa: E402
 
 START, END = "<!-- bench:table:start -->", "<!-- bench:table:end -->"
-FIGURES = {"lightning_vs_torch_throughput_ratio": (">= 0.90", lambda v: v >= 0.90),
-           "cpu_seconds_to_99": ("<= 30", lambda v: v is not None and v <= 30),
+FIGURES = {"lightning_vs_torch_throughput_ratio": (">= 0.95", lambda v: v >= 0.95),
+           "samples_to_99": ("<= 25000", lambda v: v is not None and v <= 25_000),
+           "cpu_seconds_to_99": ("<= 15", lambda v: v is not None and v <= 15),
+           "gpu_seconds_to_99": ("<= 3", lambda v: v is not None and v <= 3),
+           "val_samples_to_99": ("", None),
            "prepare_seconds_cached": ("< 1", lambda v: v < 1),
            "predict_images_per_second": ("", None),
            "compile_step_speedup": ("", None), "compile_seconds": ("", None)}
@@ -40,9 +44,9 @@ def build(extra: list[str], *configs: str):
     return cli_main([arg for config in configs for arg in ("--config", str(ROOT / config))] + extra, run=False)
 
 
-def prepared(extra: list[str]):
-    """The default config's objects, with the training data set up."""
-    cli = build(extra)
+def prepared(extra: list[str], config: str):
+    """The config's objects, with the training data set up."""
+    cli = build(extra, config)
     cli.datamodule.prepare_data()
     cli.datamodule.setup("fit")
     return cli
@@ -63,9 +67,9 @@ class StepClock(Callback):
             self.seconds = time.perf_counter() - self.start
 
 
-def lightning_seconds(model, data, warmup: int, steps: int, log_dir: str) -> float:
+def lightning_seconds(model, data, warmup: int, steps: int, log_dir: str, accelerator: str, precision: str) -> float:
     clock = StepClock(warmup)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=warmup + steps,
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, max_epochs=1, limit_train_batches=warmup + steps,
                         limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=50,
                         logger=TensorBoardLogger(log_dir), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
@@ -73,10 +77,15 @@ def lightning_seconds(model, data, warmup: int, steps: int, log_dir: str) -> flo
     return clock.seconds
 
 
-def torch_seconds(model, data, warmup: int, steps: int, epoch: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def torch_seconds(model, data, warmup: int, steps: int, epoch: int, device: torch.device) -> float:
     """The same step as `MNISTAdder.training_step` (two backward passes, one optimizer step, the
     scheduler stepped per batch) in a plain loop over the same loader, without metrics or logging."""
-    net = model.net
+    net = model.net.to(device)
     optimizer = model.optimizer(net.parameters())
     scheduler = model.scheduler(optimizer, total_steps=warmup + steps)
     loader = data.train_dataloader()
@@ -84,7 +93,9 @@ def torch_seconds(model, data, warmup: int, steps: int, epoch: int) -> float:
     net.train()
     for i, batch in enumerate(itertools.islice(loader, warmup + steps)):
         if i == warmup:
+            synchronize(device)
             start = time.perf_counter()
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         images = data.augment(batch["image"], data.train_set.augment_generator)
         digit_loss, sum_loss = model.losses(net(images, batch["number"]), batch["digit"], batch["sum"])
         optimizer.zero_grad(set_to_none=True)
@@ -92,21 +103,24 @@ def torch_seconds(model, data, warmup: int, steps: int, epoch: int) -> float:
         (sum_loss * model.sum_loss_weight).backward()
         optimizer.step()
         scheduler.step()
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def throughput_ratio(extra: list[str], rounds: int, warmup: int, steps: int) -> dict:
+def throughput_ratio(extra: list[str], config: str, rounds: int, warmup: int, steps: int, accelerator: str) -> dict:
     """Lightning fit and the plain loop, each on its own copy of the default model, measured in turn
     (L T T L L T ...) so that drift in the machine's speed falls on both alike."""
-    lit, plain = prepared(extra), prepared(extra)
+    lit, plain = prepared(extra, config), prepared(extra, config)
     if warmup + steps > len(plain.datamodule.train_dataloader()):
         sys.exit(f"error: --warmup + --steps ({warmup + steps}) exceeds the batches in one epoch")
     times = {"lightning": [], "torch": []}
     with tempfile.TemporaryDirectory() as log_dir:
         for r in range(rounds):
             for kind in ("lightning", "torch") if r % 2 == 0 else ("torch", "lightning"):
-                seconds = (lightning_seconds(lit.model, lit.datamodule, warmup, steps, log_dir) if kind == "lightning"
-                           else torch_seconds(plain.model, plain.datamodule, warmup, steps, r))
+                seconds = (lightning_seconds(lit.model, lit.datamodule, warmup, steps, log_dir, accelerator,
+                                             lit.trainer.precision)
+                           if kind == "lightning" else
+                           torch_seconds(plain.model, plain.datamodule, warmup, steps, r, device_of(accelerator)))
                 times[kind].append(seconds)
                 print(f"  round {r + 1}/{rounds} {kind:9s} {steps * plain.datamodule.hparams.batch_size / seconds:7.0f} "
                       "samples/s", flush=True)
@@ -118,77 +132,39 @@ def throughput_ratio(extra: list[str], rounds: int, warmup: int, steps: int) -> 
                                  "batch_size": plain.datamodule.hparams.batch_size}}
 
 
-def compile_speedup(extra: list[str], rounds: int, warmup: int, steps: int) -> dict:
+def compile_speedup(extra: list[str], config: str, rounds: int, warmup: int, steps: int, accelerator: str) -> dict:
     """The plain loop with the net eager and with it compiled (`model.compile: true`), in turn."""
-    eager, compiled = prepared(extra), prepared(extra)
+    eager, compiled = prepared(extra, config), prepared(extra, config)
     compiled.model.net.compile()
+    device = device_of(accelerator)
     start = time.perf_counter()
-    first = torch_seconds(compiled.model, compiled.datamodule, warmup, steps, 0)  # compiles in its warmup
+    first = torch_seconds(compiled.model, compiled.datamodule, warmup, steps, 0, device)  # compiles in its warmup
     compile_seconds = time.perf_counter() - start - first * (warmup + steps) / steps
     times = {"eager": [], "compiled": []}
     for r in range(rounds):
         for kind, cli in (("eager", eager), ("compiled", compiled))[::1 if r % 2 == 0 else -1]:
-            times[kind].append(torch_seconds(cli.model, cli.datamodule, warmup, steps, r))
+            times[kind].append(torch_seconds(cli.model, cli.datamodule, warmup, steps, r, device))
             print(f"  round {r + 1}/{rounds} {kind:9s} {steps / times[kind][-1]:5.1f} steps/s", flush=True)
     return {"compile_step_speedup": round(sum(times["eager"]) / sum(times["compiled"]), 3),
             "compile_seconds": round(compile_seconds, 1), "compile_seconds_per_round": times}
 
 
-@torch.no_grad()
-def accuracy_all_pairs(model, data) -> tuple[float, float]:
-    """Both heads' accuracy over all (official test image, number) pairs."""
-    was_training = model.training
-    model.eval()
-    digit_right = sum_right = 0
-    test = data.all_pairs_set
-    for i in range(0, len(test), 1000):
-        batch = test.__getitems__(list(range(i, min(i + 1000, len(test)))))
-        logits = model.net.paired_logits(batch["image"].to(model.device), batch["number"].to(model.device))
-        digit_right += (logits[:, :10].argmax(1).cpu() == batch["digit"].repeat_interleave(10)).sum().item()
-        sum_right += (logits[:, 10:].argmax(1).cpu() == batch["sum"].flatten()).sum().item()
-    model.train(was_training)
-    return digit_right / (10 * len(test)), sum_right / (10 * len(test))
+def to_99_over_seeds(extra: list[str], config: str, every: int, seeds: list[int], accelerator: str) -> tuple[dict, object]:
+    """`to_99.run_to_99` for each seed; the per-seed figures, and the worst, which the targets are about."""
+    runs = {}
+    for seed in seeds:
+        print(f"  seed {seed}", flush=True)
+        with tempfile.TemporaryDirectory() as root:
+            cli = build([f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+                         "--trainer.enable_model_summary=false", f"--trainer.accelerator={accelerator}",
+                         f"--seed_everything={seed}", *extra], config)
+            runs[str(seed)] = run_to_99(cli, every)
 
-
-class TimeTo99(Callback):
-    """Every `every` steps and at the end of each epoch, pauses the clock and tests the model; stops
-    the run once both heads reach 99 %."""
-
-    def __init__(self, every: int):
-        self.every, self.history, self.seconds = every, [], None
-
-    def on_train_start(self, trainer, pl_module):
-        self.start, self.paused = time.perf_counter(), 0.0
-
-    def _check(self, trainer, pl_module):
-        elapsed = time.perf_counter() - self.start - self.paused
-        digit, sum_ = accuracy_all_pairs(pl_module, trainer.datamodule)
-        self.paused = time.perf_counter() - self.start - elapsed
-        self.history.append({"step": trainer.global_step, "seconds": round(elapsed, 2),
-                             "digit_acc": digit, "sum_acc_all_pairs": sum_})
-        print(f"  step {trainer.global_step:4d}  {elapsed:6.1f} s  digit {100 * digit:.2f} %  "
-              f"sum (all pairs) {100 * sum_:.2f} %", flush=True)
-        if self.seconds is None and min(digit, sum_) >= 0.99:
-            self.seconds = round(elapsed, 2)
-            trainer.should_stop = True
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.every == 0 and batch_idx + 1 < trainer.num_training_batches:
-            self._check(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if self.seconds is None:
-            self._check(trainer, pl_module)
-
-
-def seconds_to_99(extra: list[str], config: str, every: int) -> tuple[dict, object]:
-    with tempfile.TemporaryDirectory() as log_dir:
-        cli = build([f"--trainer.logger.init_args.save_dir={log_dir}", "--trainer.enable_progress_bar=false",
-                     "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu", *extra], config)
-        clock = TimeTo99(every)
-        cli.trainer.callbacks.append(clock)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return {"cpu_seconds_to_99": clock.seconds, "to_99_config": config, "to_99_checks": clock.history}, cli
+    def worst(key):
+        values = [run[key] for run in runs.values()]
+        return None if None in values else max(values)
+    return {"samples_to_99": worst("samples_to_99"), "seconds_to_99": worst("seconds_to_99"),
+            "val_samples_to_99": worst("val_samples_to_99"), "to_99_config": config, "to_99_runs": runs}, cli
 
 
 def prepare_seconds(extra: list[str], repeats: int) -> dict:
@@ -207,23 +183,29 @@ def prepare_seconds(extra: list[str], repeats: int) -> dict:
 def predict_throughput(model, data, repeats: int) -> dict:
     model.eval()
     batch = data.test_set.__getitems__(list(range(len(data.test_set))))
-    images, numbers = batch["image"], batch["number"]
+    images, numbers = batch["image"].to(model.device), batch["number"].to(model.device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for i in range(0, len(images), 1000):
             model(images[i:i + 1000], numbers[i:i + 1000])
+        synchronize(model.device)
         times.append(time.perf_counter() - start)
     return {"predict_images_per_second": round(len(images) / statistics.median(times)), "predict_batch_size": 1000}
 
 
-def machine() -> dict:
+def device_of(accelerator: str) -> torch.device:
+    return torch.device("cuda" if accelerator in ("gpu", "cuda") else "cpu")
+
+
+def machine(accelerator: str = "cpu") -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
         else platform.processor()
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "lightning": L.__version__,
-            "python": platform.python_version(), "device": "cpu"}
+            "python": platform.python_version(),
+            "device": torch.cuda.get_device_name() if device_of(accelerator).type == "cuda" else "cpu"}
 
 
 def table(results: dict) -> str:
@@ -240,12 +222,13 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: Path, text: str) -> None:
-    old = report.read_text() if report.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
-    if START not in old or END not in old:
-        sys.exit(f"error: {report} lacks the markers {START} and {END} around its table")
-    head, rest = old.split(START, 1)
-    report.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
+def write_report(report: Path, text: str, start: str = START, end: str = END) -> None:
+    """Replace what stands between the markers `start` and `end` in `report` with `text`."""
+    old = report.read_text() if report.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    if start not in old or end not in old:
+        sys.exit(f"error: {report} lacks the markers {start} and {end} around its table")
+    head, rest = old.split(start, 1)
+    report.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def main(argv=None) -> dict:
@@ -254,8 +237,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, help="alternating throughput rounds (default 6; quick 2)")
     parser.add_argument("--steps", type=int, help="timed steps per round (default 100; quick 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each round")
-    parser.add_argument("--check-every", type=int, default=25, help="steps between the time-to-99 test checks")
+    parser.add_argument("--check-every", type=int, default=10, help="steps between the time-to-99 test checks")
     parser.add_argument("--config", default="configs/fast.yaml", help="the time-to-99 run's config")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the time-to-99 runs' seeds")
+    parser.add_argument("--throughput-config", default="configs/default.yaml", help="the throughput runs' config")
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"], help="where every figure is measured")
+    parser.add_argument("--only", choices=["throughput", "to_99"], help="measure only this")
     parser.add_argument("--compile", action="store_true",
                         help="also time the plain loop with the net torch.compiled against eager")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results.json")
@@ -264,19 +251,24 @@ def main(argv=None) -> dict:
     rounds = args.rounds or (2 if args.quick else 6)
     steps = args.steps or (30 if args.quick else 100)
     results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python benchmarks/bench.py", *(argv or sys.argv[1:])]),
-               "machine": machine()}
-    print("Data preparation with the files in place", flush=True)
-    results.update(prepare_seconds(extra, 3 if args.quick else 5))
-    print(f"Lightning fit against a plain PyTorch loop, {rounds} rounds of {steps} steps", flush=True)
-    results.update(throughput_ratio(extra, rounds, args.warmup, steps))
-    print(f"Time to 99 % on both heads with {args.config}", flush=True)
-    to_99, cli = seconds_to_99(extra, args.config, args.check_every)
-    results.update(to_99)
+               "machine": machine(args.accelerator)}
+    if args.only is None:
+        print("Data preparation with the files in place", flush=True)
+        results.update(prepare_seconds(extra, 3 if args.quick else 5))
+    if args.only in (None, "throughput"):
+        print(f"Lightning fit against a plain PyTorch loop, {rounds} rounds of {steps} steps", flush=True)
+        results.update(throughput_ratio(extra, args.throughput_config, rounds, args.warmup, steps, args.accelerator))
+    if args.only in (None, "to_99"):
+        print(f"Samples and time to 99 % on both heads with {args.config}", flush=True)
+        to_99, cli = to_99_over_seeds(extra, args.config, args.check_every, args.seeds, args.accelerator)
+        results.update(to_99)
+        results[f"{device_of(args.accelerator).type.replace('cuda', 'gpu')}_seconds_to_99"] = results.pop("seconds_to_99")
     if args.compile:
         print(f"torch.compile against eager, {rounds} rounds of {steps} steps", flush=True)
-        results.update(compile_speedup(extra, rounds, args.warmup, steps))
-    print("Batched inference", flush=True)
-    results.update(predict_throughput(cli.model, cli.datamodule, 3))
+        results.update(compile_speedup(extra, args.throughput_config, rounds, args.warmup, steps, args.accelerator))
+    if args.only is None:
+        print("Batched inference", flush=True)
+        results.update(predict_throughput(cli.model, cli.datamodule, 3))
     text = table(results)
     print("\n" + text)
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cli import cli_main
-from test_cli import SMALL
+from test_cli import ROOT, SMALL
 
 BAD_FIT_OPTIONS = [
     (["--no_such_option", "1"], "no_such_option"),
@@ -18,6 +18,14 @@ BAD_FIT_OPTIONS = [
     (["--data.test_pairs", "some"], "test_pairs"),
     (["--data.rotate", "-5"], "rotate, translate and scale must be >= 0"),
     (["--ckpt_path", "missing.ckpt"], "no such file"),
+    pytest.param(["--config", str(ROOT / "configs" / "gpu.yaml")], "no usable GPU: run `python cli.py fit`",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    (["--trainer.devices", "0"], "devices"),
+    (["--trainer.max_epochs", "-5"], "max_epochs"),
+    (["--trainer.max_epochs", "-1"], "needs the run's length"),
+    (["--trainer.accumulate_grad_batches", "2"], "raise --data.batch_size"),
+    (["--trainer.strategy", "nonsense"], "invalid strategy"),
+    (["--model.scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"], "ReduceLROnPlateau"),
 ]
 
 

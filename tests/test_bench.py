@@ -4,7 +4,7 @@ import pytest
 
 from benchmarks import bench
 
-TINY = ["--quick", "--steps", "12", "--warmup", "2", "--check-every", "10", "--data.val_size", "100",
+TINY = ["--quick", "--steps", "12", "--warmup", "2", "--check-every", "10", "--seeds", "0", "1", "--data.val_size", "100",
         "--data.batch_size", "16", "--model.channels", "[8, 16, 16]"]
 
 
@@ -15,16 +15,24 @@ def test_bench_writes_results_and_rewrites_only_its_table(synthetic_data_dir, tm
     bench.main([*TINY, "--data.data_dir", str(synthetic_data_dir), "--results", str(results_path),
                 "--report", str(report)])
     results = json.loads(results_path.read_text())
-    assert {"lightning_vs_torch_throughput_ratio", "cpu_seconds_to_99", "prepare_seconds_cached",
-            "predict_images_per_second"} <= set(results)
-    assert {"cpu", "cores", "torch", "device"} <= set(results["machine"])
+    assert {"lightning_vs_torch_throughput_ratio", "samples_to_99", "cpu_seconds_to_99", "val_samples_to_99",
+            "prepare_seconds_cached", "predict_images_per_second"} <= set(results)
+    assert {"cpu", "cores", "torch"} <= set(results["machine"]) and results["machine"]["device"] == "cpu"
     assert results["lightning_vs_torch_throughput_ratio"] > 0 and results["predict_images_per_second"] > 0
-    checks = results["to_99_checks"]
-    assert [c["step"] for c in checks] == [10, 20, 30, 31]  # every 10 steps, then the epoch's end
-    assert all(0 <= c["digit_acc"] <= 1 and 0 <= c["sum_acc_all_pairs"] <= 1 for c in checks)
+    assert set(results["to_99_runs"]) == {"0", "1"}
+    for run in results["to_99_runs"].values():
+        checks = run["checks"]
+        assert [c["step"] for c in checks] == [10, 20, 30, 31][:len(checks)]  # every 10 steps, then the epoch's end
+        assert [c["samples"] for c in checks] == [16 * c["step"] for c in checks]
+        assert all(0 <= c[key] <= 1 for c in checks for key in ("val_digit_acc", "val_sum_acc", "test_digit_acc",
+                                                                  "test_sum_acc"))
+        first = next((c for c in checks if min(c["test_digit_acc"], c["test_sum_acc"]) >= 0.99), None)
+        assert run["samples_to_99"] == (first and first["samples"])
+    worst = [run["samples_to_99"] for run in results["to_99_runs"].values()]
+    assert results["samples_to_99"] == (None if None in worst else max(worst))
     text = report.read_text()
     assert text.startswith("# Benchmarks\n\nintro\n") and text.endswith("\n\nnotes\n") and "old table" not in text
-    assert "| `cpu_seconds_to_99` |" in text
+    assert "| `samples_to_99` |" in text and "| `cpu_seconds_to_99` |" in text
 
 
 @pytest.mark.slow

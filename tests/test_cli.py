@@ -1,9 +1,12 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from cli import cli_main
 
@@ -24,20 +27,37 @@ def test_fast_dev_run_each_subcommand(in_tmp, subcommand):
 
 
 def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
-    cli_main(["fit", "--trainer.max_epochs", "2", *SMALL])
+    cli_main(["fit", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "5", *SMALL])
     run = in_tmp / "lightning_logs" / "version_0"
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(name.startswith("best-epoch=") for name in checkpoints)
     assert (run / "config.yaml").is_file()
     out = capsys.readouterr().out
     assert "Official MNIST test set" in out and "best-epoch=" in out
-    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0}).Reload()
     tags = set(events.Tags()["scalars"])
     for stage in ("train", "val", "test"):
         assert {f"{stage}/digit_acc", f"{stage}/sum_acc", f"{stage}/digit_loss", f"{stage}/sum_loss"} <= tags
     assert {"val/sum_acc_best", "test/sum_acc_all_pairs", "hp/val_sum_acc_best"} <= tags
     assert {"val/confusion_matrix", "val/misclassified"} <= set(events.Tags()["images"])
     assert len(events.Scalars("val/digit_acc")) == 2
+    assert {"lr-SGD", "val/sum_consistency", "test/sum_consistency_all_pairs"} <= tags
+    lrs = [s.value for s in events.Scalars("lr-SGD")]
+    assert len(set(lrs)) > 1  # the OneCycle schedule, as stepped by the manual step
+    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert list(charts)[:4] == ["digit accuracy", "sum accuracy", "losses", "learning rate"]
+    assert charts["digit accuracy"] == ["^train/digit_acc$", "^val/digit_acc$"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        events.SummaryMetadata("_hparams_/experiment").plugin_data.content).experiment
+    names = {info.name for info in experiment.hparam_infos}
+    assert {"optimizer", "optimizer.lr", "scheduler.max_lr", "batch_size", "max_epochs", "seed", "rotate",
+            "sum_loss", "sum_loss_weight"} <= names and not any(name.startswith("_") for name in names)
+    assert [m.name.tag for m in experiment.metric_infos] == ["hp/val_sum_acc_best", "test/digit_acc",
+                                                             "test/sum_acc_all_pairs"]
+    session = plugin_data_pb2.HParamsPluginData.FromString(
+        events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
+    assert session.hparams["batch_size"].number_value == 50 and session.hparams["max_epochs"].number_value == 2
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
@@ -46,6 +66,19 @@ def test_every_config_parses(config, capsys):
         cli_main(["fit", "--config", str(ROOT / "configs" / config), "--print_config"])
     assert end.value.code in (0, None)
     assert "sum_loss:" in capsys.readouterr().out
+
+
+def test_help_shows_the_values_a_plain_fit_uses(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"--trainer.max_epochs MAX_EPOCHS Stop training.*?\(type: Optional\[int\], default: 8\)", help_text)
+    assert re.search(r"--model.label_smoothing LABEL_SMOOTHING .*?\(type: float, default: 0.1\)", help_text)
+    assert re.search(r"--model.optimizer OPTIMIZER .*?'class_path': 'torch.optim.SGD'", help_text)
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    top = capsys.readouterr().out
+    assert "mnist-adder" in top and all(name in top for name in ("fit", "validate", "test", "predict"))
 
 
 def test_script_entry_point_reports_bad_value_without_traceback(tmp_path):

@@ -1,5 +1,8 @@
-"""DDP on CPU (gloo, two processes): the same weights as one process, every sample counted once."""
+"""DDP on CPU (gloo, two processes): the same weights as one process with one all-reduce per step,
+every sample counted once, a divergence on one process stops them all, predict writes one CSV."""
 
+import csv
+import os
 import subprocess
 import sys
 from functools import partial
@@ -7,6 +10,8 @@ from functools import partial
 import pytest
 import torch
 from lightning import Callback, Trainer
+from lightning.pytorch.strategies import DDPStrategy
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import BatchSampler
 
 from datamodule import EpochSampler, MNISTAdderData
@@ -16,12 +21,27 @@ from test_cli import ROOT
 pytestmark = pytest.mark.slow
 
 
+ALL_REDUCES = []  # in each spawned process: one entry per gradient bucket all-reduced
+
+
+def counting_allreduce(state, bucket):
+    ALL_REDUCES.append(bucket.index())
+    return default_hooks.allreduce_hook(None, bucket)
+
+
 class SaveWeights(Callback):
+    """Each process's weights at the end, and how many all-reduces each training step made."""
+
     def __init__(self, folder):
-        self.folder = folder
+        self.folder, self.per_step = folder, []
+
+    def on_train_batch_end(self, trainer, *args):
+        self.per_step.append(len(ALL_REDUCES))
+        ALL_REDUCES.clear()
 
     def on_train_end(self, trainer, pl_module):
-        torch.save(pl_module.state_dict(), self.folder / f"rank{trainer.global_rank}.pt")
+        torch.save({"state": pl_module.state_dict(), "all_reduces_per_step": self.per_step},
+                   self.folder / f"rank{trainer.global_rank}.pt")
 
 
 def new_model():
@@ -30,7 +50,7 @@ def new_model():
 
 
 def new_data(data_dir, batch_size):
-    return MNISTAdderData(data_dir=str(data_dir), batch_size=batch_size, val_size=100, rotate=0, translate=0, scale=0)
+    return MNISTAdderData(data_dir=str(data_dir), batch_size=batch_size, val_size=101, rotate=0, translate=0, scale=0)
 
 
 def one_process_over_the_same_global_batches(data_dir, epochs, steps_per_epoch):
@@ -58,36 +78,75 @@ def one_process_over_the_same_global_batches(data_dir, epochs, steps_per_epoch):
 
 
 def test_ddp_weights_and_metrics_match_one_process(tmp_path, real_data_dir):
-    """On real MNIST: spawned processes re-import the modules, so a test's monkeypatching would not reach them."""
+    """On real MNIST: spawned processes re-import the modules, so a test's monkeypatching would not reach them.
+    The data module holds 101 validation images, which two processes cannot split evenly: a sampler that
+    pads the shorter shard would count one image twice and change the validation accuracy."""
     model, data = new_model(), new_data(real_data_dir, 25)
-    ddp = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2,
+    strategy = DDPStrategy(start_method="spawn", ddp_comm_hook=counting_allreduce)
+    ddp = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy=strategy, max_epochs=2,
                   limit_train_batches=3, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   callbacks=[SaveWeights(tmp_path)])
     ddp.fit(model, data)
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    saved0, saved1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    rank0, rank1 = saved0["state"], saved1["state"]
+    # the two backward passes reduce the gradients once (the first runs under no_sync); one bucket here
+    assert saved0["all_reduces_per_step"] == saved1["all_reduces_per_step"] == [1] * 6
     alone = one_process_over_the_same_global_batches(real_data_dir, epochs=2, steps_per_epoch=3)
     for name, _ in model.named_parameters():
         assert torch.equal(rank0[name], rank1[name]), name
         # Few steps: float rounding grows fast through small BatchNorm batches (measured: 1e-5 after 6
         # steps, 1e-3 after 10), while a wrongly reduced gradient would be off by ~1e-2 at once.
         assert torch.allclose(rank0[name], alone[name], atol=1e-4, rtol=1e-3), name
-    # every test image and every (image, number) pair counted exactly once under DDP
-    ddp_results = ddp.test(model, data, verbose=False)
+    # every validation and test image and every (image, number) pair counted exactly once under DDP
+    ddp_results = ddp.validate(model, data, verbose=False) + ddp.test(model, data, verbose=False)
     single = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    single_results = single.test(model, new_data(real_data_dir, 25), verbose=False)
+    single_results = (single.validate(model, new_data(real_data_dir, 25), verbose=False)
+                      + single.test(model, new_data(real_data_dir, 25), verbose=False))
     accuracies = [{k: v for k, v in r.items() if "acc" in k} for r in ddp_results]
     assert accuracies == [{k: v for k, v in r.items() if "acc" in k} for r in single_results]  # exactly
     for ddp_result, single_result in zip(ddp_results, single_results):  # mean losses: summed in another order
         assert ddp_result == pytest.approx(single_result, rel=1e-6)
 
 
-def test_cli_fit_then_test_under_ddp(tmp_path, real_data_dir):
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), "fit", "--trainer.strategy", "ddp", "--trainer.devices", "2",
-         "--trainer.accelerator", "cpu", "--data.data_dir", str(real_data_dir), "--trainer.max_epochs", "1",
-         "--trainer.limit_train_batches", "20", "--trainer.limit_val_batches", "2",
-         "--trainer.enable_progress_bar", "false"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+def cli_under_ddp(tmp_path, *args, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args, "--trainer.strategy", "ddp", "--trainer.devices",
+                           "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"})
+
+
+class NaNOnRankOne(Callback):
+    """The images of rank 1's third batch turn NaN: only that process sees a non-finite loss."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and batch_idx == 2:
+            batch["image"].fill_(float("nan"))
+
+
+def test_a_divergence_on_one_process_stops_every_process(tmp_path, real_data_dir):
+    done = cli_under_ddp(tmp_path, "fit", "--data.data_dir", str(real_data_dir), "--trainer.max_epochs", "1",
+                         "--trainer.limit_train_batches", "10", "--trainer.callbacks+=test_ddp.NaNOnRankOne",
+                         timeout=300)  # a process left waiting in an all-reduce would hang until this timeout
+    assert done.returncode != 0 and "non-finite loss" in done.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_predict_under_ddp_writes_one_complete_csv(tmp_path, real_data_dir):
+    trained = cli_under_ddp(tmp_path, "fit", "--data.data_dir", str(real_data_dir), "--trainer.max_epochs", "1",
+                            "--trainer.limit_train_batches", "5", "--trainer.limit_val_batches", "1")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.stdout.count("sum accuracy (each image with all 10 numbers)") == 1
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    done = cli_under_ddp(tmp_path, "predict", "--ckpt_path", str(last), "--data.data_dir", str(real_data_dir),
+                         "--data.predict_output", str(tmp_path / "test.csv"))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "sum accuracy (each image with all 10 numbers)" in done.stdout
-    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    rows = list(csv.DictReader((tmp_path / "test.csv").open()))
+    assert [int(r["index"]) for r in rows] == list(range(10_000))
+    assert done.stdout.count("predictions written to") == 1
+    done = cli_under_ddp(tmp_path, "predict", "--ckpt_path", str(last), "--data.data_dir", str(real_data_dir),
+                         "--data.predict_manifest", str(ROOT / "examples" / "pictures" / "inputs.csv"),
+                         "--data.predict_output", str(tmp_path / "pictures.csv"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "pictures.csv").open()))
+    expected = list(csv.DictReader((ROOT / "examples" / "pictures" / "inputs.csv").open()))
+    assert [r["file"] for r in rows] == [r["file"] for r in expected] and all(r["digit"] for r in rows)

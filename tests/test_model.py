@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 from conftest import synthetic_digits
 from datamodule import MNISTAdderData
-from lightning_module import MNISTAdder
+from lightning_module import MNISTAdder, sum_consistency
 
 
 def fixed_batches(count=2, size=32):
@@ -110,3 +110,12 @@ def test_shared_image_features_match_forward_on_every_pair():
 def test_bad_model_arguments(kwargs):
     with pytest.raises(ValueError):
         MNISTAdder(**kwargs)
+
+
+def test_sum_consistency_is_a_hand_count():
+    logits = torch.full((4, 29), -5.0)
+    digits, sums, numbers = [3, 0, 9, 5], [7, 2, 18, 5], torch.tensor([4, 1, 9, 0])
+    for k, (d, s) in enumerate(zip(digits, sums)):
+        logits[k, d], logits[k, 10 + s] = 5.0, 5.0
+    # 3+4=7 agrees, 0+1=1 is not 2, 9+9=18 agrees, 5+0=5 agrees
+    assert sum_consistency(logits, numbers).tolist() == [True, False, True, True]

@@ -73,3 +73,27 @@ def test_manifest_without_columns_or_file_stops_before_any_work(tmp_path):
         read_manifest(tmp_path / "bad.csv")
     with pytest.raises(PhotoError, match="no such file"):
         read_manifest(tmp_path / "none.csv")
+
+
+def test_manifest_from_a_spreadsheet_and_odd_rows(tmp_path, monkeypatch):
+    """A byte-order mark (Excel's UTF-8 CSV), a number that is a digit to Python but not 0..9, a picture over
+    Pillow's decompression-bomb limit, a picture that breaks inside the decoder: each fails its own row."""
+    printed_digit(5, 0, np.random.default_rng(4)).save(tmp_path / "five.png")
+    Image.new("L", (1500, 1500), 255).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # 1500x1500 is over twice the limit
+    (tmp_path / "inputs.csv").write_bytes("\ufefffile,number\nfive.png,2\nfive.png,²\nhuge.png,1\n".encode())
+    rows = read_manifest(tmp_path / "inputs.csv")
+    assert rows[0]["error"] == "" and rows[0]["number"] == 2
+    assert "0..9" in rows[1]["error"] and "too many pixels" in rows[2]["error"]
+
+    def broken_decoder(path):
+        raise ZeroDivisionError("inside the decoder")
+    monkeypatch.setattr("photos.load_gray", broken_decoder)
+    rows = read_manifest(tmp_path / "inputs.csv")
+    assert rows[0]["error"] == "ZeroDivisionError: inside the decoder" and rows[0]["image"] is None
+
+
+def test_manifest_that_is_not_utf8_gets_one_clear_line(tmp_path):
+    (tmp_path / "latin1.csv").write_bytes("file,number\nchiffre_cinq_\xe9.png,5\n".encode("latin-1"))
+    with pytest.raises(PhotoError, match="not a UTF-8 CSV file"):
+        read_manifest(tmp_path / "latin1.csv")

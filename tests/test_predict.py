@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from cli import cli_main
-from conftest import synthetic_digits
+from conftest import SYNTHETIC_SIZES, synthetic_digits
 from lightning_module import MNISTAdder
 from predictions import COLUMNS
 from printed import printed_digit
@@ -90,3 +90,17 @@ def test_printed_digits_floor_with_a_default_run(tmp_path, real_data_dir, monkey
     sum_acc = np.mean([int(r["sum"]) == s for r, (_, s) in zip(rows, truth)])
     print(f"printed digits: digit accuracy {digit_acc:.3f}, sum accuracy {sum_acc:.3f}")
     assert digit_acc >= 0.95 and sum_acc >= 0.95
+
+
+def test_predict_without_a_manifest_writes_the_test_set_with_its_accuracy(checkpoint, tmp_path, capsys):
+    output = tmp_path / "test_predictions.csv"
+    cli_main(["predict", "--ckpt_path", str(checkpoint), "--data.predict_output", str(output),
+              "--trainer.enable_progress_bar", "false", *SMALL])
+    rows = list(csv.DictReader(output.open()))
+    assert list(rows[0]) == ["index", "number", "digit", "digit_prob", "sum", "sum_prob", "true_digit", "true_sum"]
+    assert [int(r["index"]) for r in rows] == list(range(SYNTHETIC_SIZES["t10k"]))
+    images, labels = synthetic_digits(SYNTHETIC_SIZES["t10k"], seed=len("t10k"))  # as conftest writes them
+    assert [int(r["true_digit"]) for r in rows] == labels.tolist()
+    assert all(int(r["true_sum"]) == int(r["true_digit"]) + int(r["number"]) for r in rows)
+    digit_acc = np.mean([r["digit"] == r["true_digit"] for r in rows])
+    assert f"digit accuracy {100 * digit_acc:.2f} %" in capsys.readouterr().out

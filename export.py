@@ -1,0 +1,49 @@
+"""A trained checkpoint as ONNX, to run without torch or Lightning:
+`python export.py --ckpt_path CKPT --output model.onnx` (needs `pip install -e '.[export]'`).
+
+The file keeps `forward`'s contract: inputs `images` float32 [B,1,28,28] in [0,1] (white digit on
+black, as `photos.to_mnist` makes them) and `numbers` int64 [B] in 0..9; output `logits` float32
+[B,29] (10 for the digit, then 19 for the sum 0..18); B is free.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from checkpoints import read_checkpoint
+from lightning_module import MNISTAdder
+from mnist_files import write_atomic
+
+OPSET = 18
+
+
+def export(ckpt_path: str, output: Path) -> Path:
+    """Write the checkpoint's net to `output` as ONNX (atomically); ValueError for a bad checkpoint."""
+    read_checkpoint(ckpt_path)  # one clear line for a missing, truncated or foreign file
+    model = MNISTAdder.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    net = model.net.to(memory_format=torch.contiguous_format)
+    example = (torch.rand(2, 1, 28, 28), torch.tensor([3, 7]))
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(net, example, input_names=["images", "numbers"], output_names=["logits"],
+                                dynamic_shapes={"images": {0: batch}, "numbers": {0: batch}}, opset_version=OPSET,
+                                dynamo=True, verbose=False)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(output, program.model_proto.SerializeToString())
+    return output
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `python cli.py fit`")
+    parser.add_argument("--output", type=Path, default=Path("model.onnx"))
+    args = parser.parse_args(argv)
+    try:
+        print(f"written: {export(args.ckpt_path, args.output)}")
+    except (ValueError, ImportError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Bugs that leave a run working but wrong: labels paired with the wrong image, numbers that stay put,
+all-pairs labels in the wrong order, a number that never reaches the net, a step that does not learn
+what it should. Synthetic images carry their digit in their pixels, so every label can be read back."""
+
+import copy
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from lightning import Callback
+
+from conftest import SYNTHETIC_SIZES
+from datamodule import MNISTAdderData
+from lightning_module import DualInputNet, MNISTAdder
+from test_model import fixed_batches, quiet_trainer
+
+
+def digit_in_pixels(images: torch.Tensor) -> torch.Tensor:
+    """The digit a synthetic image shows: d lights rows 2+2d and 3+2d (conftest.synthetic_digits)."""
+    rows = images.reshape(len(images), 28, 28)[:, :, 4:24].float().mean(2)
+    return (rows.argmax(1) - 2) // 2
+
+
+def plain_data(data_dir, **kwargs) -> MNISTAdderData:
+    data = MNISTAdderData(data_dir=str(data_dir), val_size=100, batch_size=50, rotate=0, translate=0, scale=0,
+                          **kwargs)
+    data.setup("fit")
+    data.setup("test")
+    return data
+
+
+def test_every_loader_pairs_each_image_with_its_own_label(synthetic_data_dir):
+    data = plain_data(synthetic_data_dir)
+    loaders = {"train": data.train_dataloader(), "val": data.val_dataloader(), "test": data.test_dataloader()[0],
+               "all pairs": data.test_dataloader()[1]}
+    for name, loader in loaders.items():
+        seen = 0
+        for batch in loader:
+            assert torch.equal(batch["digit"], digit_in_pixels(batch["image"])), name
+            digits = batch["digit"].view(-1, *[1] * (batch["number"].dim() - 1))
+            assert torch.equal(batch["sum"], digits + batch["number"]), name
+            seen += len(batch["digit"])
+        assert seen == {"train": 500 // 50 * 50, "val": 100}.get(name, SYNTHETIC_SIZES["t10k"]), name
+
+
+def test_split_is_a_partition_that_depends_on_the_seed(synthetic_data_dir):
+    def images(data):
+        return [{bytes(x.numpy()) for x in s.images} for s in (data.train_set, data.val_set)]
+    train, val = images(plain_data(synthetic_data_dir))
+    assert len(train) + len(val) == SYNTHETIC_SIZES["train"] and not train & val
+    assert images(plain_data(synthetic_data_dir, seed=1))[1] != val
+
+
+def test_val_and_test_numbers_are_the_same_in_every_run_and_uniform(synthetic_data_dir):
+    a, b = plain_data(synthetic_data_dir), plain_data(synthetic_data_dir)
+    for name in ("val_set", "test_set"):
+        assert torch.equal(getattr(a, name).numbers, getattr(b, name).numbers)
+        assert set(getattr(a, name).numbers.tolist()) == set(range(10))
+
+
+class RecordPairs(Callback):
+    """The number each training image (by its index in the train set) was paired with, per epoch."""
+
+    def __init__(self):
+        self.numbers = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        epoch = self.numbers.setdefault(trainer.current_epoch, {})
+        epoch.update(zip(batch["index"].tolist(), batch["number"].tolist()))
+        assert torch.equal(batch["digit"], digit_in_pixels(trainer.datamodule.train_set.images[batch["index"]]))
+
+
+def test_training_through_the_loader_redraws_numbers_every_epoch(tmp_path, synthetic_data_dir):
+    data = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, batch_size=50)
+    record = RecordPairs()
+    quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[record]).fit(
+        MNISTAdder(channels=(8, 16, 16), hidden=32), data)
+    first, second = record.numbers[0], record.numbers[1]
+    assert len(first) == len(second) == 500  # every training image, once an epoch
+    changed = sum(first[i] != second[i] for i in first) / len(first)
+    assert changed > 0.8  # ~0.9 expected of fresh draws
+
+
+class OracleNet(DualInputNet):
+    """Reads the digit from the pixels and adds the number: exact logits, through the real net's
+    forward and paired_logits."""
+
+    def image_features(self, images):
+        return F.one_hot(digit_in_pixels(images), 10).float()
+
+    def logits(self, image_features, numbers):
+        digits = image_features.argmax(1)
+        return torch.cat([F.one_hot(digits, 10), F.one_hot(digits + numbers, 19)], 1).float() * 10
+
+
+def test_evaluation_counts_a_perfect_net_as_perfect(tmp_path, synthetic_data_dir):
+    """Any label misaligned in validation, the fixed test pairs or the 100,000-pair expansion, or a metric
+    fed the wrong head, shows as less than 100 %."""
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32)
+    model.net = OracleNet((8, 16, 16), 32, 32)
+    data = plain_data(synthetic_data_dir)
+    val = quiet_trainer(tmp_path).validate(model, data, verbose=False)[0]
+    assert val["val/digit_acc"] == val["val/sum_acc"] == val["val/sum_consistency"] == 1.0
+    test = {k: v for r in quiet_trainer(tmp_path).test(model, data, verbose=False) for k, v in r.items()}
+    for key in ("test/digit_acc", "test/sum_acc", "test/digit_acc_all_pairs", "test/sum_acc_all_pairs",
+                "test/sum_consistency_all_pairs"):
+        assert test[key] == 1.0, key
+
+
+def test_the_number_reaches_the_sum_logits():
+    torch.manual_seed(0)
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32).eval()
+    images = torch.rand(4, 1, 28, 28)
+    a, b = model(images, torch.zeros(4, dtype=torch.long)), model(images, torch.full((4,), 7))
+    assert (a[:, 10:] - b[:, 10:]).abs().min() > 1e-4
+
+
+def test_two_steps_match_plain_pytorch_sgd(tmp_path):
+    """The manual step equals, to float rounding, plain PyTorch doing what the design says: the digit loss
+    backward, then the weighted sum loss, one SGD step, the gradients cleared between steps."""
+    torch.manual_seed(0)
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32, sum_loss_weight=2.0, label_smoothing=0.1,
+                       optimizer=partial(torch.optim.SGD, lr=0.5))
+    reference, initial = copy.deepcopy(model.net), copy.deepcopy(model.net)
+    batches = fixed_batches(count=2)
+    quiet_trainer(tmp_path, max_epochs=1).fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    for batch in batches:
+        logits = reference(batch["image"], batch["number"])
+        optimizer.zero_grad()
+        F.cross_entropy(logits[:, :10], batch["digit"], label_smoothing=0.1).backward(retain_graph=True)
+        (2.0 * F.cross_entropy(logits[:, 10:], batch["sum"], label_smoothing=0.1)).backward()
+        optimizer.step()
+    for (name, trained), expected in zip(model.net.named_parameters(), reference.parameters()):
+        assert torch.allclose(trained, expected, atol=1e-6), name
+    assert all(not torch.equal(a, b) for a, b in zip(model.net.parameters(), initial.parameters()))
+
+
+def test_the_scheduler_steps_every_batch_and_every_epoch(tmp_path, synthetic_data_dir):
+    for interval, expected in (("step", 20), ("epoch", 2)):
+        model = MNISTAdder(channels=(8, 16, 16), hidden=32, scheduler_interval=interval,
+                           scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1, total_steps=None))
+        data = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, batch_size=50)
+        trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
+        trainer.fit(model, data)
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        assert scheduler.last_epoch == scheduler.total_steps == expected, interval
+        assert abs(trainer.optimizers[0].param_groups[0]["lr"] - 0.1 / 25) > 1e-4  # moved from where it starts
+
+
+def test_mse_sum_loss_is_the_brier_score():
+    model = MNISTAdder(sum_loss="mse")
+    digits, sums = torch.zeros(3, dtype=torch.long), torch.tensor([0, 9, 18])
+    confident = torch.full((3, 29), -1e4)
+    confident[torch.arange(3), 10 + sums] = 1e4
+    assert model.losses(confident, digits, sums)[1].item() < 1e-6  # right and sure: 0
+    wrong = torch.full((3, 29), -1e4)
+    wrong[torch.arange(3), 10 + (sums + 1) % 19] = 1e4
+    assert abs(model.losses(wrong, digits, sums)[1].item() - 2.0) < 1e-6  # sure and wrong: 1 + 1
+    uniform = torch.zeros(3, 29)
+    assert abs(model.losses(uniform, digits, sums)[1].item() - 18 / 19) < 1e-6  # (18/19)^2 + 18/19^2
+
+
+def test_on_device_sets_keep_every_tensor_on_the_device(synthetic_data_dir):
+    """On the `meta` device, which any CPU has: a tensor left behind, or indexed from the host, fails."""
+    data = plain_data(synthetic_data_dir)
+    for dataset in (data.train_set, data.val_set, data.test_set, data.all_pairs_set):
+        dataset.to(torch.device("meta"))
+        batch = dataset.__getitems__([0, 3, 5])
+        assert all(t.is_meta for t in batch.values())
+    data.train_set.set_epoch(1)
+    assert data.train_set.numbers.is_meta
+

@@ -1,0 +1,45 @@
+"""export.py: the ONNX file gives forward's logits, for any batch size, without torch."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from export import main as export_main
+from lightning_module import MNISTAdder
+from test_model import fixed_batches, quiet_trainer
+
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32)
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, DataLoader(fixed_batches(), batch_size=None))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    return tmp_path / "m.ckpt"
+
+
+def test_onnx_matches_forward_for_any_batch_size(checkpoint, tmp_path):
+    export_main(["--ckpt_path", str(checkpoint), "--output", str(tmp_path / "out" / "model.onnx")])
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images", "numbers"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    model = MNISTAdder.load_from_checkpoint(checkpoint).eval()
+    rng = np.random.default_rng(0)
+    for size in (1, 7, 256):
+        images = rng.random((size, 1, 28, 28), dtype=np.float32)
+        numbers = rng.integers(0, 10, size).astype(np.int64)
+        (logits,) = session.run(None, {"images": images, "numbers": numbers})
+        with torch.no_grad():
+            expected = model(torch.from_numpy(images), torch.from_numpy(numbers)).numpy()
+        assert logits.shape == (size, 29)
+        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_bad_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "bad.ckpt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as end:
+        export_main(["--ckpt_path", str(tmp_path / "bad.ckpt"), "--output", str(tmp_path / "m.onnx")])
+    assert "not a readable checkpoint" in str(end.value.code) and not (tmp_path / "m.onnx").exists()

@@ -1,0 +1,115 @@
+"""Runs as people run them: output where they say, resumed from anywhere, guarded against a resume that
+could not be exact, extended, or evaluated without weights."""
+
+import json
+
+import pytest
+import torch
+from lightning import Callback
+
+from cli import cli_main
+from test_bad_inputs import ends_in_clear_error
+from test_cli import SMALL, val_curve
+
+QUIET = ["--trainer.enable_progress_bar", "false", *SMALL]
+
+
+@pytest.fixture
+def run_in_runs(tmp_path, synthetic_data_dir, monkeypatch):
+    """A one-epoch fit with --trainer.default_root_dir runs, started in tmp_path/start; returns the run folder."""
+    (tmp_path / "start").mkdir()
+    monkeypatch.chdir(tmp_path / "start")
+    cli_main(["fit", "--trainer.max_epochs", "1", "--trainer.default_root_dir", "runs",
+              "--data.data_dir", str(synthetic_data_dir), *QUIET])
+    return tmp_path / "start" / "runs" / "lightning_logs" / "version_0"
+
+
+def test_default_root_dir_holds_everything_a_run_writes(run_in_runs, tmp_path):
+    assert not (tmp_path / "start" / "lightning_logs").exists()
+    names = {p.name for p in run_in_runs.iterdir()}
+    assert {"config.yaml", "results.json", "checkpoints"} <= names and any(n.startswith("events.") for n in names)
+    results = json.loads((run_in_runs / "results.json").read_text())
+    assert results["checkpoint"].startswith(str(run_in_runs)) and 0 <= results["test/sum_acc_all_pairs"] <= 1
+
+
+def test_resume_from_another_folder_writes_on_into_the_run(run_in_runs, tmp_path, synthetic_data_dir, monkeypatch,
+                                                          capsys):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    last = run_in_runs / "checkpoints" / "last.ckpt"
+    cli = cli_main(["fit", "--ckpt_path", str(last), "--trainer.max_epochs", "1", "--data.data_dir",
+                    str(synthetic_data_dir), *QUIET])
+    assert cli.trainer.log_dir == str(run_in_runs)
+    assert "Official MNIST test set" in capsys.readouterr().out  # the stored best path still resolves
+    assert not (tmp_path / "elsewhere" / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize("change, expected", [(["--seed_everything", "1"], "seed 0 -> 1"),
+                                              (["--data.val_size", "50"], "val_size 100 -> 50")])
+def test_resume_with_another_split_is_refused(run_in_runs, synthetic_data_dir, capsys, change, expected):
+    last = run_in_runs / "checkpoints" / "last.ckpt"
+    message = ends_in_clear_error(["fit", "--ckpt_path", str(last), "--trainer.max_epochs", "1",
+                                   "--data.data_dir", str(synthetic_data_dir), *QUIET, *change], capsys)
+    assert expected in message and "another split" in message
+
+
+def test_extending_a_finished_run_stops_before_training_with_a_command(run_in_runs, synthetic_data_dir, capsys):
+    last = run_in_runs / "checkpoints" / "last.ckpt"
+    before = last.stat().st_mtime_ns
+    message = ends_in_clear_error(["fit", "--ckpt_path", str(last), "--trainer.max_epochs", "3",
+                                   "--data.data_dir", str(synthetic_data_dir), *QUIET], capsys)
+    assert "spans 10 steps, this run 30" in message and "python cli.py fit --trainer.max_epochs N" in message
+    assert last.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluating_without_weights_names_the_newest_checkpoint(run_in_runs, tmp_path, capsys, subcommand):
+    message = ends_in_clear_error([subcommand, "--trainer.default_root_dir", "runs", *QUIET], capsys)
+    assert "needs trained weights" in message and "--ckpt_path runs/lightning_logs/version_0/checkpoints/" in message
+    message = ends_in_clear_error([subcommand, "--trainer.default_root_dir", str(tmp_path / "empty"), *QUIET], capsys)
+    assert "none found" in message
+
+
+def test_gradient_clip_val_goes_to_the_manual_step(tmp_path, synthetic_data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--trainer.fast_dev_run", "1", "--trainer.gradient_clip_val", "0.5", *QUIET])
+    assert cli.model.hparams.gradient_clip_val == 0.5 and not cli.trainer.gradient_clip_val
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_seed_everything_true_and_false(tmp_path, synthetic_data_dir, monkeypatch, value):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--trainer.fast_dev_run", "1", "--seed_everything", value, *QUIET])
+    seed = cli.config.fit.seed_everything
+    assert cli.datamodule.hparams.seed == (seed if value == "true" else 0)
+    assert isinstance(seed, int) if value == "true" else seed is False
+
+
+def test_resumed_run_logs_what_the_uninterrupted_run_logged(tmp_path, synthetic_data_dir, monkeypatch):
+    """With augmentation on and deterministic: crash after epoch 1 of 3, resume, and every later
+    validation figure equals the uninterrupted run's."""
+    run = ["fit", "--trainer.max_epochs", "3", "--trainer.deterministic", "true", "--data.data_dir",
+           str(synthetic_data_dir), *QUIET]
+    (tmp_path / "whole").mkdir()
+    monkeypatch.chdir(tmp_path / "whole")
+    cli_main(run)
+    (tmp_path / "stopped").mkdir()
+    monkeypatch.chdir(tmp_path / "stopped")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli_main([*run, "--trainer.callbacks+=test_runs.CrashAtSecondEpoch"])
+    last = tmp_path / "stopped" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    cli_main([*run, "--ckpt_path", str(last)])
+    whole = val_curve(tmp_path / "whole" / "lightning_logs" / "version_0")
+    resumed = val_curve(tmp_path / "stopped" / "lightning_logs" / "version_0")
+    assert len(whole["val/sum_loss"]) == 3 and whole.keys() == resumed.keys()
+    for tag in whole:
+        assert resumed[tag] == pytest.approx(whole[tag], abs=1e-6), tag
+
+
+class CrashAtSecondEpoch(Callback):
+    """Dies like a killed process would, once epoch 0's checkpoints are written (no last.ckpt of its own)."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
