@@ -68,7 +68,8 @@ def _accuracy(classes: int) -> MulticlassAccuracy:
 
 def _stage_metrics() -> nn.ModuleDict:
     return nn.ModuleDict({"digit_acc": _accuracy(10), "sum_acc": _accuracy(19),
-                          "digit_loss": MeanMetric(nan_strategy="disable"),  # the training step checks
+                          # no NaN check here (it waits for the device): the training step checks
+                          "digit_loss": MeanMetric(nan_strategy="disable"),
                           "sum_loss": MeanMetric(nan_strategy="disable")})
 
 
@@ -148,8 +149,10 @@ class MNISTAdder(L.LightningModule):
         n = len(logits)
         metrics["digit_acc"].update(logits[:, :10], batch["digit"])
         metrics["sum_acc"].update(logits[:, 10:], batch["sum"])
-        metrics["digit_loss"].update(digit_loss, n)
-        metrics["sum_loss"].update(sum_loss, n)
+        # One value per sample: with nan_strategy "disable" a MeanMetric ignores its `weight` argument, which
+        # made a small last batch (or a DDP shard one sample short) count as much as a full one.
+        metrics["digit_loss"].update(digit_loss.detach().expand(n))
+        metrics["sum_loss"].update(sum_loss.detach().expand(n))
         return logits, digit_loss, sum_loss
 
     def _log_epoch(self, stage: str, metrics: nn.ModuleDict, suffix: str = "") -> None:

@@ -1,6 +1,7 @@
 """DDP on CPU (gloo, two processes): the same weights as one process with one all-reduce per step,
 every sample counted once, a divergence on one process stops them all, predict writes one CSV."""
 
+import copy
 import csv
 import os
 import subprocess
@@ -10,11 +11,10 @@ from functools import partial
 import pytest
 import torch
 from lightning import Callback, Trainer
-from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import BatchSampler
 
-from datamodule import EpochSampler, MNISTAdderData
+from datamodule import AllPairs, EpochSampler, MNISTAdderData
 from lightning_module import MNISTAdder
 from test_cli import ROOT
 
@@ -35,6 +35,9 @@ class SaveWeights(Callback):
     def __init__(self, folder):
         self.folder, self.per_step = folder, []
 
+    def on_train_start(self, trainer, pl_module):
+        trainer.strategy.model.register_comm_hook(None, counting_allreduce)  # Lightning registers hooks on CUDA only
+
     def on_train_batch_end(self, trainer, *args):
         self.per_step.append(len(ALL_REDUCES))
         ALL_REDUCES.clear()
@@ -50,7 +53,19 @@ def new_model():
 
 
 def new_data(data_dir, batch_size):
-    return MNISTAdderData(data_dir=str(data_dir), batch_size=batch_size, val_size=101, rotate=0, translate=0, scale=0)
+    return MNISTAdderData(data_dir=str(data_dir), batch_size=batch_size, val_size=100, rotate=0, translate=0, scale=0)
+
+
+class OddTestSet(MNISTAdderData):
+    """The 101 validation images as the test set, alone and with all ten numbers (1,010 pairs)."""
+
+    def __init__(self, data_dir):
+        super().__init__(data_dir=str(data_dir), val_size=101)
+
+    def setup(self, stage):
+        super().setup(stage)
+        self.test_set = self.val_set
+        self.all_pairs_set = AllPairs(self.val_set.images, self.val_set.digits)
 
 
 def one_process_over_the_same_global_batches(data_dir, epochs, steps_per_epoch):
@@ -79,29 +94,30 @@ def one_process_over_the_same_global_batches(data_dir, epochs, steps_per_epoch):
 
 def test_ddp_weights_and_metrics_match_one_process(tmp_path, real_data_dir):
     """On real MNIST: spawned processes re-import the modules, so a test's monkeypatching would not reach them.
-    The data module holds 101 validation images, which two processes cannot split evenly: a sampler that
-    pads the shorter shard would count one image twice and change the validation accuracy."""
+    The second test set holds 101 images, which two processes cannot split evenly: a sampler that pads the
+    shorter shard would count one image twice and change the accuracies."""
     model, data = new_model(), new_data(real_data_dir, 25)
-    strategy = DDPStrategy(start_method="spawn", ddp_comm_hook=counting_allreduce)
-    ddp = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy=strategy, max_epochs=2,
-                  limit_train_batches=3, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    ddp = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2,
+                  limit_train_batches=2, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   callbacks=[SaveWeights(tmp_path)])
     ddp.fit(model, data)
     saved0, saved1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     rank0, rank1 = saved0["state"], saved1["state"]
     # the two backward passes reduce the gradients once (the first runs under no_sync); one bucket here
-    assert saved0["all_reduces_per_step"] == saved1["all_reduces_per_step"] == [1] * 6
-    alone = one_process_over_the_same_global_batches(real_data_dir, epochs=2, steps_per_epoch=3)
+    assert saved0["all_reduces_per_step"] == saved1["all_reduces_per_step"] == [1] * 4
+    alone = one_process_over_the_same_global_batches(real_data_dir, epochs=2, steps_per_epoch=2)
     for name, _ in model.named_parameters():
         assert torch.equal(rank0[name], rank1[name]), name
-        # Few steps: float rounding grows fast through small BatchNorm batches (measured: 1e-5 after 6
-        # steps, 1e-3 after 10), while a wrongly reduced gradient would be off by ~1e-2 at once.
+        # Few steps: float rounding grows fast through small BatchNorm batches (measured: 6e-5 on the
+        # first conv after 4 steps, with one all-reduce per step or two), while a wrongly reduced gradient
+        # would be off by ~1e-2 at once.
         assert torch.allclose(rank0[name], alone[name], atol=1e-4, rtol=1e-3), name
     # every validation and test image and every (image, number) pair counted exactly once under DDP
-    ddp_results = ddp.validate(model, data, verbose=False) + ddp.test(model, data, verbose=False)
     single = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    single_results = (single.validate(model, new_data(real_data_dir, 25), verbose=False)
-                      + single.test(model, new_data(real_data_dir, 25), verbose=False))
+    single_results = (single.test(copy.deepcopy(model), new_data(real_data_dir, 25), verbose=False)
+                      + single.test(copy.deepcopy(model), OddTestSet(real_data_dir), verbose=False))
+    ddp_results = (ddp.test(copy.deepcopy(model), data, verbose=False)
+                   + ddp.test(copy.deepcopy(model), OddTestSet(real_data_dir), verbose=False))
     accuracies = [{k: v for k, v in r.items() if "acc" in k} for r in ddp_results]
     assert accuracies == [{k: v for k, v in r.items() if "acc" in k} for r in single_results]  # exactly
     for ddp_result, single_result in zip(ddp_results, single_results):  # mean losses: summed in another order

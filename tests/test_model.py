@@ -119,3 +119,15 @@ def test_sum_consistency_is_a_hand_count():
         logits[k, d], logits[k, 10 + s] = 5.0, 5.0
     # 3+4=7 agrees, 0+1=1 is not 2, 9+9=18 agrees, 5+0=5 agrees
     assert sum_consistency(logits, numbers).tolist() == [True, False, True, True]
+
+
+def test_epoch_losses_weigh_every_sample_once(tmp_path):
+    """Batches of 30 and 2 samples: the logged mean loss is over the 32 samples, not the mean of two means."""
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32).eval()
+    batch = fixed_batches(count=1)[0]
+    small = {k: v[:2] for k, v in batch.items()}
+    large = {k: v[2:] for k, v in batch.items()}
+    result = quiet_trainer(tmp_path).validate(model, DataLoader([large, small], batch_size=None), verbose=False)[0]
+    with torch.no_grad():
+        expected, _ = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["sum"])
+    assert result["val/digit_loss"] == pytest.approx(expected.item(), rel=1e-5)
