@@ -125,21 +125,24 @@ class AdderCLI(LightningCLI):
             ("test/sum_acc_all_pairs", "sum accuracy (each image with all 10 numbers)"),
             ("test/sum_consistency_all_pairs", "sum = predicted digit + number (all pairs)")) if key in metrics]
         width = max(len(label) for label, _ in rows)
+        log_dir = self.trainer.log_dir  # a collective under DDP: every process asks
         if self.trainer.is_global_zero:
             print("\n".join(["", "Official MNIST test set", *(f"  {a:<{width}}  {b}" for a, b in rows)]))
             if isinstance(self.trainer.logger, TensorBoardLogger) and summary["val_sum_acc"] is not None:
                 write_hparams(self.trainer.logger.experiment, run_hparams(self.config.fit, self.model.sum_loss_weight),
                               summary["val_sum_acc"], self.trainer.global_step)
-            if self.trainer.log_dir:
-                write_atomic(Path(self.trainer.log_dir) / "results.json", json.dumps(summary, indent=2).encode())
+            if log_dir:
+                write_atomic(Path(log_dir) / "results.json", json.dumps(summary, indent=2).encode())
 
     def after_predict(self) -> None:
         """Write the predictions CSV (atomically, once, from rank 0), print it or its accuracy, and fail if a
         picture could not be predicted."""
         batches = gather_shards(self.trainer.predict_loop.predictions)
+        log_dir = self.trainer.log_dir  # a collective under DDP: every process asks
         if not self.trainer.is_global_zero:
             return
-        output = Path(self.datamodule.hparams.predict_output or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.csv")
+        output = Path(self.datamodule.hparams.predict_output
+                      or Path(log_dir or self.trainer.default_root_dir) / "predictions.csv")
         output.parent.mkdir(parents=True, exist_ok=True)
         rows = getattr(self.datamodule, "manifest_rows", None)
         if rows is None:

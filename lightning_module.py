@@ -270,7 +270,11 @@ class MNISTAdder(L.LightningModule):
         if self.scheduler is None:
             return optimizer
         kwargs = {"total_steps": self._total_steps()} if self._needs_total_steps() else {}
-        scheduler = self.scheduler(optimizer, **kwargs)
+        try:
+            scheduler = self.scheduler(optimizer, **kwargs)
+        except ZeroDivisionError:  # OneCycleLR's warm-up phase rounds to no step at all
+            raise ValueError(f"the scheduler cannot span a run this short ({kwargs.get('total_steps')} steps): "
+                             "train longer, or --model.scheduler null") from None
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise ValueError("a scheduler that steps on a monitored value (ReduceLROnPlateau) does not fit this "
                              "model's manual-optimization step: use one that steps by time (OneCycleLR, StepLR, ...)")

@@ -149,7 +149,7 @@ def test_a_divergence_on_one_process_stops_every_process(tmp_path, real_data_dir
 
 def test_predict_under_ddp_writes_one_complete_csv(tmp_path, real_data_dir):
     trained = cli_under_ddp(tmp_path, "fit", "--data.data_dir", str(real_data_dir), "--trainer.max_epochs", "1",
-                            "--trainer.limit_train_batches", "5", "--trainer.limit_val_batches", "1")
+                            "--trainer.limit_train_batches", "20", "--trainer.limit_val_batches", "1")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert trained.stdout.count("sum accuracy (each image with all 10 numbers)") == 1
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
