@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFilter, UnidentifiedImageError
 
 NUMBERS = [str(n) for n in range(10)]
 MIN_CONTRAST = 0.1  # ink must differ from the background by this much (0..1 scale)
@@ -19,16 +19,21 @@ class PhotoError(ValueError):
     """A picture or manifest row that cannot be predicted; the message says why."""
 
 
+def gray_levels(image: Image.Image) -> np.ndarray:
+    """A picture (its first frame) as float32 gray levels in [0, 1]; where it has transparency, the opacity."""
+    image.seek(0)
+    frame = image.convert("RGBA") if "A" in image.getbands() or "transparency" in image.info else image
+    if frame.mode == "RGBA" and np.asarray(frame.getchannel("A")).min() < 255:
+        return np.asarray(frame.getchannel("A"), dtype=np.float32) / 255  # opaque strokes are the ink
+    return np.asarray(frame.convert("L"), dtype=np.float32) / 255
+
+
 def load_gray(path: Path) -> np.ndarray:
-    """The picture (first frame) as float32 gray levels in [0, 1]; where it has transparency, the opacity."""
+    """The picture file's `gray_levels`; PhotoError, in one line, if it cannot be read."""
     try:
         with Image.open(path) as image:
-            image.seek(0)
             image.load()
-            frame = image.convert("RGBA") if "A" in image.getbands() or "transparency" in image.info else image
-            if frame.mode == "RGBA" and np.asarray(frame.getchannel("A")).min() < 255:
-                return np.asarray(frame.getchannel("A"), dtype=np.float32) / 255  # opaque strokes are the ink
-            return np.asarray(frame.convert("L"), dtype=np.float32) / 255
+            return gray_levels(image)
     except FileNotFoundError:
         raise PhotoError(f"no such file: {path}") from None
     except Image.DecompressionBombError:
@@ -38,19 +43,23 @@ def load_gray(path: Path) -> np.ndarray:
 
 
 def to_mnist(gray: np.ndarray) -> torch.Tensor:
-    """Bright ink on black, cropped to the ink, longer side 20 px, centred by mass in 28x28: float [1, 28, 28]."""
+    """Bright ink on black, cropped to the ink, longer side 20 px, centred by mass in 28x28: float [1, 28, 28].
+
+    The paper's brightness is estimated around each pixel, not once for the whole picture, so a lighting
+    gradient, a shadow or tinted, grainy paper leaves no grey slab beside the digit."""
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = float(np.median(border))
-    if background > 0.5:  # dark ink on light paper
-        gray, background = 1 - gray, 1 - background
-    if gray.shape == (28, 28) and background == 0:  # already MNIST-like: leave it exactly as it is
+    if np.median(border) > 0.5:  # dark ink on light paper
+        gray = 1 - gray
+    if gray.shape == (28, 28) and np.median(border) in (0, 1):  # already MNIST-like: leave it exactly as it is
         return torch.from_numpy(gray.copy()).unsqueeze(0)
-    contrast = float(gray.max()) - background
-    if contrast < MIN_CONTRAST:
+    ink = _ink(gray)
+    if ink.max() < MIN_CONTRAST:
         raise PhotoError("no ink found (the picture is blank or has too little contrast)")
-    ink = np.clip((gray - background) / contrast, 0, 1)
-    rows, cols = np.nonzero(ink > 0.25)
-    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    level = _otsu(ink)  # between the paper's residue and the strokes: half of it is taken as black
+    ink = np.clip((ink - level / 2) / (np.percentile(ink[ink >= level], 90) - level / 2), 0, 1)
+    top, bottom = _span(ink.sum(1))
+    left, right = _span(ink.sum(0))
+    ink = ink[top:bottom + 1, left:right + 1]
     height, width = ink.shape
     scale = 20 / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -63,6 +72,41 @@ def to_mnist(gray: np.ndarray) -> torch.Tensor:
     canvas = np.zeros((28, 28), dtype=np.float32)
     canvas[top:top + ink.shape[0], left:left + ink.shape[1]] = ink
     return torch.from_numpy(canvas).unsqueeze(0)
+
+
+WORK_SIZE = 128  # the background is estimated on a copy this large (longer side): fast, and smooth anyway
+
+
+def _ink(gray: np.ndarray) -> np.ndarray:
+    """Bright ink above the local background: the paper's level under each pixel is a grey-level opening
+    (a minimum then a maximum filter wider than a stroke, which removes the strokes), smoothed."""
+    height, width = gray.shape
+    picture = Image.fromarray((gray * 255).round().astype(np.uint8))  # Pillow's filters work on 8-bit grey
+    factor = WORK_SIZE / max(height, width)
+    small = picture.resize((max(1, round(width * factor)), max(1, round(height * factor))), Image.Resampling.BOX)
+    window = 2 * (WORK_SIZE // 12) + 1  # wider than a stroke of a digit that fills the picture
+    paper = small.filter(ImageFilter.MinFilter(window)).filter(ImageFilter.MaxFilter(window))
+    paper = paper.filter(ImageFilter.GaussianBlur(window / 2)).resize((width, height), Image.Resampling.BILINEAR)
+    denoised = picture.filter(ImageFilter.GaussianBlur(max(height, width) / 300))  # grain, JPEG blocks
+    return np.clip(np.asarray(denoised, np.float32) - np.asarray(paper, np.float32), 0, None) / 255
+
+
+def _otsu(values: np.ndarray) -> float:
+    """The level that best splits `values` into two classes (Otsu's method, on a 256-bin histogram)."""
+    counts, edges = np.histogram(values, bins=256)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight = np.cumsum(counts)
+    mean = np.cumsum(counts * centres)
+    below, above = weight[:-1], weight[-1] - weight[:-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = below * above * (mean[:-1] / below - (mean[-1] - mean[:-1]) / above) ** 2
+    return float(centres[np.nanargmax(between) + 1]) if np.isfinite(between).any() else float(values.max())
+
+
+def _span(mass: np.ndarray, trim: float = 0.005) -> tuple[int, int]:
+    """First and last index inside the central mass: specks of grain far from the digit fall outside."""
+    cumulative = np.cumsum(mass) / mass.sum()
+    return int(np.searchsorted(cumulative, trim)), int(np.searchsorted(cumulative, 1 - trim))
 
 
 def read_manifest(path: Path) -> list[dict]:

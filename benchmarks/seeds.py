@@ -51,7 +51,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def table(configs: dict) -> str:
     lines = ["| name | command | seeds | val sum | test digit | test sum, all pairs | sum = digit + number "
-             "| fit |", "|---|---|---|---|---|---|---|---|"]
+             "| fit | load |", "|---|---|---|---|---|---|---|---|---|"]
     for name, entry in configs.items():
         s = entry["summary"]
 
@@ -59,11 +59,14 @@ def table(configs: dict) -> str:
             return f"{s[key]['mean']:.2f} ± {s[key]['std']:.2f} (min {s[key]['min']:.2f})"
         lines.append(f"| {name} | `{entry['command']}` | {', '.join(map(str, entry['seeds']))} | "
                      f"{cell('val_sum_acc')} | {cell('test_digit_acc')} | {cell('test_sum_acc_all_pairs')} | "
-                     f"{cell('test_sum_consistency_all_pairs')} | {s['fit_seconds']['mean']:.0f} s |")
+                     f"{cell('test_sum_consistency_all_pairs')} | {s['fit_seconds']['mean']:.0f} s | "
+                     f"{statistics.fmean(run['load_average_before'] for run in entry['runs']):.1f} |")
     dates = sorted({entry["date"] for entry in configs.values()})
     m = next(iter(configs.values()))["machine"] if configs else {}
     return "\n".join([*lines, "", f"Accuracies in %, mean ± standard deviation (minimum) over the seeds; fit: mean "
-                      f"seconds of `fit` (training and validation). Written by `benchmarks/seeds.py` from "
+                      f"seconds of `fit` (training and validation); load: the machine's load average as each run "
+                      f"started (2 cores: above 1, other work shared them and the time is longer than the "
+                      f"run's own). Written by `benchmarks/seeds.py` from "
                       f"`benchmarks/seeds.json` ({', '.join(dates)}; {m.get('cpu', '?')}, {m.get('cores', '?')} "
                       "cores)."])
 
@@ -76,7 +79,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "seeds.json")
     parser.add_argument("--report", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the results file")
     args, extra = parser.parse_known_args(argv)
+    if args.table_only:
+        write_report(args.report, table(json.loads(args.results.read_text())), START, END)
+        return {}
     if not (ROOT / args.config).is_file():
         sys.exit(f"error: no such config: {args.config}")
     name = args.name or Path(args.config).stem

@@ -53,3 +53,15 @@ def real_data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("real") / "data"
     MNISTAdderData(data_dir=str(data_dir)).prepare_data()
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint(tmp_path_factory, real_data_dir):
+    """A default-config run on real MNIST (a minute or a few), once per session; its checkpoint chosen on
+    validation (the run's folder is two levels up)."""
+    from cli import cli_main
+
+    root = tmp_path_factory.mktemp("default_run")
+    cli_main(["fit", "--data.data_dir", str(real_data_dir), "--trainer.default_root_dir", str(root),
+              "--trainer.enable_progress_bar", "false"])
+    return next((root / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))

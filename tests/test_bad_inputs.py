@@ -25,7 +25,7 @@ BAD_FIT_OPTIONS = [
     (["--trainer.max_epochs", "-1"], "needs the run's length"),
     (["--trainer.accumulate_grad_batches", "2"], "raise --data.batch_size"),
     (["--trainer.strategy", "nonsense"], "invalid strategy"),
-    (["--trainer.limit_train_batches", "2"], "cannot span a run this short"),
+    (["--trainer.max_steps", "5"], "cannot span a run this short"),
     (["--model.scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"], "ReduceLROnPlateau"),
 ]
 

@@ -41,6 +41,7 @@ def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
     assert {"val/sum_acc_best", "test/sum_acc_all_pairs", "hp/val_sum_acc_best"} <= tags
     assert {"val/confusion_matrix", "val/misclassified"} <= set(events.Tags()["images"])
     assert len(events.Scalars("val/digit_acc")) == 2
+    assert events.Scalars("val/sum_acc_best")[-1].value == max(s.value for s in events.Scalars("val/sum_acc"))
     assert {"lr-SGD", "val/sum_consistency", "test/sum_consistency_all_pairs"} <= tags
     lrs = [s.value for s in events.Scalars("lr-SGD")]
     assert len(set(lrs)) > 1  # the OneCycle schedule, as stepped by the manual step

@@ -5,6 +5,7 @@ what it should. Synthetic images carry their digit in their pixels, so every lab
 import copy
 from functools import partial
 
+import pytest
 import torch
 import torch.nn.functional as F
 from lightning import Callback
@@ -52,21 +53,51 @@ def test_split_is_a_partition_that_depends_on_the_seed(synthetic_data_dir):
 
 
 def test_val_and_test_numbers_are_the_same_in_every_run_and_uniform(synthetic_data_dir):
-    a, b = plain_data(synthetic_data_dir), plain_data(synthetic_data_dir)
+    a, b, other = plain_data(synthetic_data_dir), plain_data(synthetic_data_dir), plain_data(synthetic_data_dir, seed=1)
     for name in ("val_set", "test_set"):
         assert torch.equal(getattr(a, name).numbers, getattr(b, name).numbers)
+        assert not torch.equal(getattr(a, name).numbers, getattr(other, name).numbers)  # the seed decides them
         assert set(getattr(a, name).numbers.tolist()) == set(range(10))
+    assert not torch.equal(a.val_set.numbers, a.test_set.numbers[:len(a.val_set)])  # two streams, not one
+
+
+@pytest.mark.parametrize("choice, loaders", [("fixed", [1]), ("all", [2]), ("both", [1, 2])])
+def test_test_pairs_chooses_the_loaders(synthetic_data_dir, choice, loaders):
+    data = plain_data(synthetic_data_dir, test_pairs=choice)
+    assert [next(iter(loader))["number"].dim() for loader in data.test_dataloader()] == loaders
+
+
+def test_images_are_scaled_to_exactly_0_to_1(synthetic_data_dir):
+    batch = plain_data(synthetic_data_dir).val_set.__getitems__(list(range(20)))
+    assert batch["image"].max() == 1.0 and batch["image"].min() == 0.0  # the synthetic bars are 255, the noise 0..59
+
+
+def test_augmentation_is_a_rotation_zoom_and_shift(synthetic_data_dir, monkeypatch):
+    data = MNISTAdderData(data_dir=str(synthetic_data_dir), rotate=30.0, translate=0.1, scale=0.2)
+    seen = []
+    real_affine_grid = F.affine_grid
+    monkeypatch.setattr(F, "affine_grid", lambda theta, *a, **k: seen.append(theta) or real_affine_grid(theta, *a, **k))
+    data.augment(torch.rand(64, 1, 28, 28), torch.Generator().manual_seed(0))
+    linear, shift = seen[0][:, :, :2], seen[0][:, :, 2]
+    zoom = linear.det().rsqrt()  # the map samples the input at 1/zoom
+    assert torch.allclose(linear @ linear.transpose(1, 2), torch.eye(2) / zoom[:, None, None] ** 2, atol=1e-6)
+    assert ((zoom - 1).abs() <= 0.2 + 1e-6).all() and (shift.abs() <= 0.2 + 1e-6).all()
+    angles = torch.atan2(linear[:, 1, 0], linear[:, 0, 0]).rad2deg()
+    assert angles.abs().max() <= 30 + 1e-4 and angles.abs().max() > 20  # up to 30 degrees, both ways
+    assert (angles > 0).any() and (angles < 0).any()
 
 
 class RecordPairs(Callback):
-    """The number each training image (by its index in the train set) was paired with, per epoch."""
+    """The number each training image (by its index in the train set) was paired with, and the order the
+    images came in, per epoch."""
 
     def __init__(self):
-        self.numbers = {}
+        self.numbers, self.order = {}, {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         epoch = self.numbers.setdefault(trainer.current_epoch, {})
         epoch.update(zip(batch["index"].tolist(), batch["number"].tolist()))
+        self.order.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())
         assert torch.equal(batch["digit"], digit_in_pixels(trainer.datamodule.train_set.images[batch["index"]]))
 
 
@@ -79,6 +110,7 @@ def test_training_through_the_loader_redraws_numbers_every_epoch(tmp_path, synth
     assert len(first) == len(second) == 500  # every training image, once an epoch
     changed = sum(first[i] != second[i] for i in first) / len(first)
     assert changed > 0.8  # ~0.9 expected of fresh draws
+    assert record.order[0] != record.order[1] and sorted(record.order[0]) == sorted(record.order[1])  # reshuffled
 
 
 class OracleNet(DualInputNet):
@@ -105,6 +137,14 @@ def test_evaluation_counts_a_perfect_net_as_perfect(tmp_path, synthetic_data_dir
     for key in ("test/digit_acc", "test/sum_acc", "test/digit_acc_all_pairs", "test/sum_acc_all_pairs",
                 "test/sum_consistency_all_pairs"):
         assert test[key] == 1.0, key
+
+
+def test_divergence_in_an_epochs_last_steps_stops_the_run(tmp_path, synthetic_data_dir):
+    """10 steps, fewer than the check interval, and no checkpoint: the check at the epoch's end must see it."""
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32, optimizer=partial(torch.optim.SGD, lr=1e30))
+    data = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, batch_size=50)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(model, data)
 
 
 def test_the_number_reaches_the_sum_logits():

@@ -182,6 +182,12 @@ def test_unwritable_data_dir_fails_before_any_work(tmp_path):
         MNISTAdderData(data_dir=str(blocker / "data"))
 
 
+def test_md5_reads_a_file_larger_than_its_chunks(tmp_path):
+    data = np.random.default_rng(0).bytes(9 << 20)  # 9 MiB: more than two 4-MiB chunks
+    (tmp_path / "big").write_bytes(data)
+    assert md5(tmp_path / "big") == hashlib.md5(data).hexdigest()
+
+
 def test_read_idx_reads_shape_from_header(tmp_path):
     images, labels = synthetic_digits(5, 0)
     (tmp_path / "i").write_bytes(idx_bytes(images))

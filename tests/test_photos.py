@@ -5,13 +5,14 @@ from PIL import Image
 
 from conftest import synthetic_digits
 from photos import PhotoError, load_gray, read_manifest, to_mnist
+from phone import phone_photo
 from printed import printed_digit
 
 MNIST_LIKE = torch.from_numpy(synthetic_digits(1, 3)[0][0])
 MNIST_LIKE[MNIST_LIKE < 100] = 0  # white ink on pure black, 28x28
 
 
-@pytest.mark.parametrize("suffix, mode", [(".png", "L"), (".png", "RGB"), (".png", "LA"), (".jpg", "RGB"),
+@pytest.mark.parametrize("suffix, mode", [(".png", "L"), (".png", "RGB"), (".png", "LA"), (".png", "RGBA"), (".jpg", "RGB"),
                                           (".bmp", "RGB"), (".tiff", "L"), (".gif", "P")])
 def test_each_format_and_mode_reads(tmp_path, suffix, mode):
     picture = printed_digit(4, 0, np.random.default_rng(0))
@@ -97,3 +98,38 @@ def test_manifest_that_is_not_utf8_gets_one_clear_line(tmp_path):
     (tmp_path / "latin1.csv").write_bytes("file,number\nchiffre_cinq_\xe9.png,5\n".encode("latin-1"))
     with pytest.raises(PhotoError, match="not a UTF-8 CSV file"):
         read_manifest(tmp_path / "latin1.csv")
+
+
+def test_shape_is_kept_exactly():
+    """A filled bar 60 px tall and 15 px wide: 20 px tall and 5 wide, not squashed, nothing cut."""
+    picture = np.ones((100, 90), np.float32)
+    picture[20:80, 30:45] = 0.1
+    image = to_mnist(picture)[0]
+    rows, cols = torch.nonzero(image > 0.5, as_tuple=True)
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (20, 5)
+
+
+def test_small_picture_on_grey_paper_is_not_taken_for_mnist():
+    """28x28 but dark ink on grey paper, off-centre: it is still cleaned, cropped and centred."""
+    picture = np.full((28, 28), 0.7, np.float32)
+    picture[2:14, 2:8] = 0.1
+    image = to_mnist(picture)[0]
+    assert image[0].abs().sum() == 0 and image[:, 0].abs().sum() == 0 and image.max() > 0.9
+    mass = image / image.sum()
+    assert abs((mass.sum(1) * torch.arange(28)).sum() - 13.5) < 1
+
+
+def ink_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a > 0.3, b > 0.3
+    return (a & b).sum().item() / (a | b).sum().item()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_phone_photos_read_like_the_clean_digit(seed):
+    """A printed digit, then a phone-like photo of it (40 % lighting gradient, tinted paper, grain, blur,
+    JPEG, a slight rotation, anywhere on the sheet): both read to nearly the same 28x28 picture."""
+    rng = np.random.default_rng(seed)
+    clean = to_mnist(np.asarray(printed_digit(seed, seed, rng).convert("L"), np.float32) / 255)
+    photo = phone_photo(clean[0].numpy(), rng, gradient=0.4)
+    read = to_mnist(np.asarray(photo.convert("L"), np.float32) / 255)
+    assert ink_overlap(read[0], clean[0]) > 0.6

@@ -8,6 +8,9 @@ from PIL import Image
 from cli import cli_main
 from conftest import SYNTHETIC_SIZES, synthetic_digits
 from lightning_module import MNISTAdder
+from mnist_files import read_idx
+from phone import phone_photo
+from photos import to_mnist
 from predictions import COLUMNS
 from printed import printed_digit
 from test_cli import SMALL
@@ -71,10 +74,8 @@ def test_bad_manifest_stops_before_any_work(checkpoint, tmp_path, manifest, expe
 
 
 @pytest.mark.slow
-def test_printed_digits_floor_with_a_default_run(tmp_path, real_data_dir, monkeypatch):
-    """A default-config run on real MNIST (minutes), then 200 photos of printed digits."""
-    monkeypatch.chdir(tmp_path)
-    cli_main(["fit", "--data.data_dir", str(real_data_dir), "--trainer.enable_progress_bar", "false"])
+def test_printed_digits_floor_with_a_default_run(tmp_path, default_checkpoint):
+    """200 photos of printed digits through `cli.py predict`."""
     rng = np.random.default_rng(0)
     lines, truth = ["file,number"], []
     for k in range(200):
@@ -83,14 +84,30 @@ def test_printed_digits_floor_with_a_default_run(tmp_path, real_data_dir, monkey
         lines.append(f"{k}.png,{number}")
         truth.append((digit, digit + number))
     (tmp_path / "inputs.csv").write_text("\n".join(lines) + "\n")
-    checkpoint = next((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
-    predict(checkpoint, tmp_path / "inputs.csv", "--data.predict_output", str(tmp_path / "p.csv"))
+    predict(default_checkpoint, tmp_path / "inputs.csv", "--data.predict_output", str(tmp_path / "p.csv"))
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
     digit_acc = np.mean([int(r["digit"]) == d for r, (d, _) in zip(rows, truth)])
     sum_acc = np.mean([int(r["sum"]) == s for r, (_, s) in zip(rows, truth)])
     print(f"printed digits: digit accuracy {digit_acc:.3f}, sum accuracy {sum_acc:.3f}")
     assert digit_acc >= 0.95 and sum_acc >= 0.95
 
+
+@pytest.mark.slow
+def test_phone_photos_of_test_digits_within_a_point_of_the_clean_digits(default_checkpoint, real_data_dir):
+    """1,000 official test digits, clean and as phone-like photos (lighting gradients up to 40 %, tinted
+    grainy paper, blur, JPEG 50-85, rotation, anywhere on a larger sheet): digit accuracy within 1 point."""
+    images = read_idx(real_data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte")[:1000].float().div(255)
+    digits = read_idx(real_data_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")[:1000].long()
+    numbers = torch.arange(1000) % 10
+    rng = np.random.default_rng(0)
+    photos = torch.stack([to_mnist(np.asarray(phone_photo(image.numpy(), rng).convert("L"), np.float32) / 255)
+                          for image in images])
+    model = MNISTAdder.load_from_checkpoint(default_checkpoint, map_location="cpu").eval()
+    with torch.no_grad():
+        clean = (model(images.unsqueeze(1), numbers)[:, :10].argmax(1) == digits).float().mean().item()
+        photo = (model(photos, numbers)[:, :10].argmax(1) == digits).float().mean().item()
+    print(f"digit accuracy: clean {100 * clean:.2f} %, phone-like photos {100 * photo:.2f} %")
+    assert photo >= clean - 0.01
 
 def test_predict_without_a_manifest_writes_the_test_set_with_its_accuracy(checkpoint, tmp_path, capsys):
     output = tmp_path / "test_predictions.csv"

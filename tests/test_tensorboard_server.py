@@ -13,7 +13,8 @@ from cli import cli_main
 @pytest.mark.slow
 def test_tensorboard_server_serves_both_accuracies(tmp_path, synthetic_data_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli_main(["fit", "--trainer.max_epochs", "1", "--data.val_size", "100", "--data.batch_size", "50",
+    cli_main(["fit", "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "5", "--data.val_size", "100",
+              "--data.batch_size", "50",
               "--model.channels", "[8, 16, 16]", "--trainer.enable_progress_bar", "false"])
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "lightning_logs"),
                                "--host", "127.0.0.1", "--port", "0"], stderr=subprocess.PIPE, text=True)
@@ -28,7 +29,19 @@ def test_tensorboard_server_serves_both_accuracies(tmp_path, synthetic_data_dir,
         with urllib.request.urlopen(f"{url}/data/plugin/scalars/tags", timeout=30) as response:
             tags = json.load(response)
         served = {tag for run in tags.values() for tag in run}
-        assert {"val/digit_acc", "val/sum_acc", "test/sum_acc_all_pairs"} <= served
+        assert {"val/digit_acc", "val/sum_acc", "test/sum_acc_all_pairs", "lr-SGD", "val/sum_consistency"} <= served
+        with urllib.request.urlopen(f"{url}/data/plugin/custom_scalars/layout", timeout=30) as response:
+            layout = json.load(response)
+        charts = [chart["title"] for category in layout["category"] for chart in category["chart"]]
+        assert charts == ["digit accuracy", "sum accuracy", "losses", "learning rate", "sum = predicted digit + number"]
+        request = urllib.request.Request(f"{url}/data/plugin/hparams/experiment", data=b'{"experimentName": ""}',
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            experiment = json.load(response)
+        hparams = {info["name"] for info in experiment["hparamInfos"]}
+        metrics = {info["name"]["tag"] for info in experiment["metricInfos"]}
+        assert {"optimizer.lr", "batch_size", "max_epochs", "seed", "sum_loss"} <= hparams
+        assert metrics == {"hp/val_sum_acc_best", "test/digit_acc", "test/sum_acc_all_pairs"}
     finally:
         server.terminate()
         server.wait(timeout=30)

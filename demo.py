@@ -1,0 +1,85 @@
+"""A local page to try a trained model by hand: `python demo.py --ckpt_path CKPT [--port 7860]`
+(needs `pip install -e '.[demo]'`). Draw a digit or upload a photo of one, pick a number 0-9, and see
+the predicted digit, the sum, their probabilities and the 28x28 picture the net read."""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from checkpoints import read_checkpoint  # noqa: E402
+from lightning_module import MNISTAdder  # noqa: E402
+from photos import PhotoError, gray_levels, to_mnist  # noqa: E402
+
+INTRO = ("# mnist-adder\nDraw a digit (or upload a photo of one: dark ink on light paper is fine), pick a "
+         "number, and the net predicts the digit and the sum.")
+
+
+def predictor(model: MNISTAdder):
+    """The page's function: (drawing, photo, number) -> (result line, digit, sum, the 28x28 picture)."""
+
+    @torch.inference_mode()
+    def predict(drawing: dict | None, photo: Image.Image | None, number: int):
+        picture = drawing.get("composite") if drawing else None
+        if picture is None or not np.asarray(picture.getchannel("A") if "A" in picture.getbands() else picture).any():
+            picture = photo  # nothing drawn: the uploaded photo
+        if picture is None:
+            return "Draw a digit or upload a photo first.", None, None, None
+        try:
+            image = to_mnist(gray_levels(picture))
+        except PhotoError as err:
+            return f"Cannot read this picture: {err}", None, None, None
+        logits = model(image.unsqueeze(0), torch.tensor([int(number)]))[0]
+        digits, sums = logits[:10].softmax(0), logits[10:].softmax(0)
+        digit, total = int(digits.argmax()), int(sums.argmax())
+        line = (f"digit {digit} ({100 * digits[digit]:.1f} %) + number {int(number)} -> "
+                f"sum {total} ({100 * sums[total]:.1f} %)")
+        return (line, {str(k): float(p) for k, p in enumerate(digits)}, {str(k): float(p) for k, p in enumerate(sums)},
+                Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).resize((112, 112), Image.Resampling.NEAREST))
+    return predict
+
+
+def build_page(model: MNISTAdder) -> gr.Blocks:
+    with gr.Blocks(title="mnist-adder") as page:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column():
+                with gr.Tab("Draw"):
+                    drawing = gr.Sketchpad(type="pil", image_mode="RGBA", label="draw a digit",
+                                           brush=gr.Brush(default_size=18, colors=["#000000"]))
+                with gr.Tab("Upload a photo"):
+                    photo = gr.Image(type="pil", sources=["upload", "clipboard"], label="photo of a digit",
+                                     elem_id="photo")
+                number = gr.Radio([str(n) for n in range(10)], value="7", label="number", elem_id="number")
+                button = gr.Button("Predict", variant="primary", elem_id="predict")
+            with gr.Column():
+                result = gr.Textbox(label="prediction", elem_id="result", interactive=False)
+                read = gr.Image(label="what the net read (28x28)", interactive=False, height=140)
+                digit = gr.Label(num_top_classes=3, label="digit")
+                total = gr.Label(num_top_classes=3, label="sum")
+        button.click(predictor(model), [drawing, photo, number], [result, digit, total, read])
+    return page
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `python cli.py fit`")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: this machine only)")
+    args = parser.parse_args(argv)
+    try:
+        read_checkpoint(args.ckpt_path)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    model = MNISTAdder.load_from_checkpoint(args.ckpt_path, map_location="cpu").eval()
+    build_page(model).launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+
+
+if __name__ == "__main__":
+    main()
