@@ -29,11 +29,12 @@ def read_checkpoint(path: str) -> dict | None:
     return checkpoint
 
 
-def check_checkpoint(path: str, model: L.LightningModule) -> None:
-    """Raise ValueError, in one line, unless `path` is a readable checkpoint of `model`'s shape."""
+def check_checkpoint(path: str, model: L.LightningModule) -> dict | None:
+    """The checkpoint at `path` (None for a name the Trainer resolves); ValueError, in one line, unless it is
+    a readable checkpoint of `model`'s shape."""
     checkpoint = read_checkpoint(path)
     if checkpoint is None:
-        return
+        return None
     state = checkpoint["state_dict"]
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in state.items()}
@@ -42,16 +43,17 @@ def check_checkpoint(path: str, model: L.LightningModule) -> None:
         raise ValueError(f"ckpt_path {path!r} is a checkpoint of another model or other model settings "
                          f"(it was saved with {checkpoint.get('hyper_parameters', {})}); differing: "
                          f"{', '.join(differing[:3])}")
+    return checkpoint
 
 
 # The data module's settings that decide the split and every pairing: a resume must keep them.
 SPLIT_SETTINGS = ("seed", "val_size")
 
 
-def check_resume(path: str, data_hparams) -> None:
-    """Raise ValueError unless resuming from `path` keeps the split and pairings the run was trained on."""
-    checkpoint = read_checkpoint(path)
-    saved = (checkpoint or {}).get("datamodule_hyper_parameters", {})
+def check_resume(checkpoint: dict, path: str, data_hparams) -> None:
+    """Raise ValueError unless resuming from `checkpoint` (read from `path`) keeps the split and pairings
+    the run was trained on."""
+    saved = checkpoint.get("datamodule_hyper_parameters", {})
     changed = [f"{key} {saved[key]} -> {data_hparams[key]}" for key in SPLIT_SETTINGS
                if key in saved and saved[key] != data_hparams[key]]
     if changed:

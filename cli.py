@@ -89,19 +89,17 @@ class AdderCLI(LightningCLI):
             logger.init_args.save_dir, logger.init_args.name = str(folder.parent.parent), folder.parent.name
             logger.init_args.version = folder.name
 
-    def _check_ckpt_path(self) -> None:
+    def _check_ckpt_path(self) -> dict | None:
         path = self.config[self.subcommand].get("ckpt_path")
-        if path:
-            check_checkpoint(str(path), self.model)
+        return check_checkpoint(str(path), self.model) if path else None
 
     def before_fit(self) -> None:
-        if self.trainer.max_epochs == 0 or (self.trainer.max_epochs or 0) < -1:
-            raise ValueError(f"trainer.max_epochs must be >= 1 (or -1 for no limit), got {self.trainer.max_epochs}")
+        if self.trainer.max_epochs == 0:  # Lightning itself refuses other values below -1
+            raise ValueError("trainer.max_epochs must be >= 1 (or -1 for no limit)")
         self.model.optimizer(self.model.parameters())  # a bad optimizer setting fails here, before any work
-        self._check_ckpt_path()
-        path = self.config.fit.get("ckpt_path")
-        if path:
-            check_resume(str(path), self.datamodule.hparams)
+        checkpoint = self._check_ckpt_path()
+        if checkpoint is not None:
+            check_resume(checkpoint, self.config.fit.ckpt_path, self.datamodule.hparams)
         self._fit_start = time.perf_counter()
 
     before_validate = before_test = before_predict = _check_ckpt_path
