@@ -64,9 +64,9 @@ def table(configs: dict) -> str:
     dates = sorted({entry["date"] for entry in configs.values()})
     m = next(iter(configs.values()))["machine"] if configs else {}
     return "\n".join([*lines, "", f"Accuracies in %, mean ± standard deviation (minimum) over the seeds; fit: mean "
-                      f"seconds of `fit` (training and validation); load: the machine's load average as each run "
-                      f"started (2 cores: above 1, other work shared them and the time is longer than the "
-                      f"run's own). Written by `benchmarks/seeds.py` from "
+                      f"seconds of `fit` (training and validation); load: the machine's 1-minute load average as "
+                      f"each run started (the run before keeps it near 2 by itself; higher means other work shared "
+                      f"the two cores and slowed the run). Written by `benchmarks/seeds.py` from "
                       f"`benchmarks/seeds.json` ({', '.join(dates)}; {m.get('cpu', '?')}, {m.get('cores', '?')} "
                       "cores)."])
 

@@ -4,6 +4,7 @@ what it should. Synthetic images carry their digit in their pixels, so every lab
 
 import copy
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -211,3 +212,12 @@ def test_on_device_sets_keep_every_tensor_on_the_device(synthetic_data_dir):
     data.train_set.set_epoch(1)
     assert data.train_set.numbers.is_meta
 
+
+
+def test_pinned_memory_follows_the_runs_device_not_the_machine(synthetic_data_dir):
+    data = plain_data(synthetic_data_dir)
+    for device, on_device, pinned in (("cpu", False, False), ("cuda", False, True), ("cuda", True, False)):
+        data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), world_size=1,
+                                       global_rank=0)
+        data.hparams.on_device = on_device
+        assert data.val_dataloader().pin_memory is pinned, (device, on_device)
