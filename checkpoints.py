@@ -64,9 +64,9 @@ def check_resume(checkpoint: dict, path: str, data_hparams) -> None:
 
 def run_folder(checkpoint: Path) -> Path | None:
     """The run folder (…/lightning_logs/version_N) that holds this checkpoint, if it lies in one."""
-    folder = checkpoint.resolve().parent.parent
-    if checkpoint.resolve().parent.name == "checkpoints" and folder.name.startswith("version_"):
-        return folder
+    checkpoints = checkpoint.resolve().parent
+    if checkpoints.name == "checkpoints" and checkpoints.parent.name.startswith("version_"):
+        return checkpoints.parent
     return None
 
 

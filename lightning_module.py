@@ -1,8 +1,7 @@
 """The dual-input, dual-output network and its manual-optimization training step."""
 
-from typing import Literal
-
 from contextlib import nullcontext
+from typing import Literal
 
 import lightning as L
 import torch
@@ -127,6 +126,7 @@ class MNISTAdder(L.LightningModule):
         self.val_sum_acc_best = MaxMetric()
         self.val_sum_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps its best so far
         self._nonfinite = torch.zeros((), dtype=torch.bool)
+        self._resumed_total_steps = None  # the schedule length stored in a checkpoint this run resumes from
         self.val_confusion = MulticlassConfusionMatrix(10)
         self._misclassified: list[dict[str, torch.Tensor]] = []
 
@@ -236,7 +236,8 @@ class MNISTAdder(L.LightningModule):
             self._evaluate(batch, self.test_metrics)
             return
         logits = self.net.paired_logits(batch["image"], batch["number"])  # each image with all ten numbers
-        self.test_all_pairs["digit_acc"].update(logits[:, :10], batch["digit"].repeat_interleave(batch["number"].shape[1]))
+        pairs = batch["number"].shape[1]
+        self.test_all_pairs["digit_acc"].update(logits[:, :10], batch["digit"].repeat_interleave(pairs))
         self.test_all_pairs["sum_acc"].update(logits[:, 10:], batch["sum"].flatten())
         self.test_all_pairs["sum_consistency"].update(sum_consistency(logits, batch["number"].flatten()).float())
 
@@ -269,7 +270,8 @@ class MNISTAdder(L.LightningModule):
         optimizer = self.optimizer(self.parameters())
         if self.scheduler is None:
             return optimizer
-        kwargs = {"total_steps": self._total_steps()} if self._needs_total_steps() else {}
+        needs_total = getattr(self.scheduler, "keywords", {}).get("total_steps", 0) is None
+        kwargs = {"total_steps": self._total_steps()} if needs_total else {}
         try:
             scheduler = self.scheduler(optimizer, **kwargs)
         except ZeroDivisionError:  # OneCycleLR's warm-up phase rounds to no step at all
@@ -281,9 +283,6 @@ class MNISTAdder(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
                                                          "interval": self.hparams.scheduler_interval}}
 
-    def _needs_total_steps(self) -> bool:
-        return getattr(self.scheduler, "keywords", {}).get("total_steps", 0) is None
-
     def _total_steps(self) -> int:
         """OneCycleLR and its kind need the run's length in scheduler steps, which only the trainer knows."""
         trainer = self.trainer
@@ -291,7 +290,7 @@ class MNISTAdder(L.LightningModule):
         if total in (None, -1) or total == float("inf"):
             raise ValueError("the scheduler (OneCycleLR) needs the run's length: set trainer.max_epochs (not -1) "
                              "or trainer.max_steps, or --model.scheduler null")
-        resumed = getattr(self, "_resumed_total_steps", None)
+        resumed = self._resumed_total_steps
         if resumed is not None and resumed != int(total):
             raise ValueError(f"the checkpoint's learning-rate schedule spans {resumed} steps, this run {int(total)}: "
                              "resume with the run's own trainer.max_epochs, or train longer with a new run "

@@ -47,10 +47,10 @@ def to_mnist(gray: np.ndarray) -> torch.Tensor:
 
     The paper's brightness is estimated around each pixel, not once for the whole picture, so a lighting
     gradient, a shadow or tinted, grainy paper leaves no grey slab beside the digit."""
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if np.median(border) > 0.5:  # dark ink on light paper
+    paper = float(np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])))  # the border
+    if paper > 0.5:  # dark ink on light paper
         gray = 1 - gray
-    if gray.shape == (28, 28) and np.median(border) in (0, 1):  # already MNIST-like: leave it exactly as it is
+    if gray.shape == (28, 28) and paper in (0, 1):  # already MNIST-like: leave it exactly as it is
         return torch.from_numpy(gray.copy()).unsqueeze(0)
     ink = _ink(gray)
     if ink.max() < MIN_CONTRAST:

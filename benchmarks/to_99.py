@@ -15,7 +15,8 @@ def accuracies(model, dataset, paired: bool) -> tuple[float, float]:
     model.eval()
     digit_right = sum_right = pairs = 0
     for i in range(0, len(dataset), 1000):
-        batch = {k: v.to(model.device) for k, v in dataset.__getitems__(list(range(i, min(i + 1000, len(dataset))))).items()}
+        indices = list(range(i, min(i + 1000, len(dataset))))
+        batch = {k: v.to(model.device) for k, v in dataset.__getitems__(indices).items()}
         if paired:
             logits = model.net.paired_logits(batch["image"], batch["number"])
             digits = batch["digit"].repeat_interleave(batch["number"].shape[1])
@@ -52,8 +53,9 @@ class To99(Callback):
                  **{f"{split}_{head}_acc": value for split, (digit, sum_) in accuracy.items()
                     for head, value in (("digit", digit), ("sum", sum_))}}
         self.history.append(check)
-        print(f"  step {trainer.global_step:4d}  {samples:6d} samples  {elapsed:6.1f} s  val {100 * accuracy['val'][0]:.2f} / "
-              f"{100 * accuracy['val'][1]:.2f} %  test (all pairs) {100 * accuracy['test'][0]:.2f} / "
+        print(f"  step {trainer.global_step:4d}  {samples:6d} samples  {elapsed:6.1f} s  "
+              f"val {100 * accuracy['val'][0]:.2f} / {100 * accuracy['val'][1]:.2f} %  "
+              f"test (all pairs) {100 * accuracy['test'][0]:.2f} / "
               f"{100 * accuracy['test'][1]:.2f} %", flush=True)
         for split, (digit, sum_) in accuracy.items():
             if self.reached[split] is None and min(digit, sum_) >= 0.99:
