@@ -1,4 +1,4 @@
-"""The dual-input, dual-output network and its manual-optimization training step."""
+"""The LightningModule: the net's losses, its manual-optimization training step and its metrics."""
 
 from contextlib import nullcontext
 from typing import Literal
@@ -12,53 +12,16 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from net import DualInputNet, logit_mismatch, sum_consistency
 from visuals import confusion_image, sample_grid
 
 SumLoss = Literal["cross_entropy", "mse"]
 # The Brier score's gradients are smaller than cross-entropy's: weighted 1 like the digit loss its validation
 # sum accuracy is more than a point below weight 4's (README, how each default was chosen).
 DEFAULT_SUM_LOSS_WEIGHT = {"cross_entropy": 1.0, "mse": 4.0}
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # How often the training step looks at whether its losses stayed finite: each look waits for the
 # device (and, under DDP, asks every process), so not every step; a checkpoint is never written without one.
 FINITE_CHECK_EVERY = 50
-
-
-def _conv(cin: int, cout: int, kernel: int) -> list[nn.Module]:
-    # Pooling straight after the conv: BatchNorm and ReLU then run on a quarter of the pixels
-    # (a measurably faster training step on CPU than conv-BN-ReLU-pool).
-    return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.MaxPool2d(2),
-            nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-
-class DualInputNet(nn.Module):
-    """image -> conv features; number -> one-hot -> Linear; both concatenated -> 2 FC layers -> 29 logits."""
-
-    def __init__(self, channels: tuple[int, int, int], number_features: int, hidden: int):
-        super().__init__()
-        c1, c2, c3 = channels
-        self.image = nn.Sequential(*_conv(1, c1, 5), *_conv(c1, c2, 3), *_conv(c2, c3, 3), nn.Flatten())  # 28->14->7->3
-        self.number = nn.Linear(10, number_features)
-        self.head = nn.Sequential(nn.Linear(c3 * 3 * 3 + number_features, hidden), nn.ReLU(inplace=True),
-                                  nn.Linear(hidden, 29))
-        self.to(memory_format=torch.channels_last)  # measurably faster convolutions on CPU and GPU
-
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - MNIST_MEAN) / MNIST_STD
-        return self.image(x.contiguous(memory_format=torch.channels_last))
-
-    def logits(self, image_features: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
-        number_features = self.number(F.one_hot(numbers, 10).to(image_features.dtype))
-        return self.head(torch.cat([image_features, number_features], dim=1))
-
-    def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.image_features(images), numbers)
-
-    def paired_logits(self, images: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
-        """Logits [B*K, 29] of each of B images with each of its K numbers ([B, K]), image-major;
-        the conv features are computed once per image and shared by its K pairs."""
-        features = self.image_features(images)
-        return self.logits(features.repeat_interleave(numbers.shape[1], dim=0), numbers.flatten())
 
 
 def _accuracy(classes: int) -> MulticlassAccuracy:
@@ -70,11 +33,6 @@ def _stage_metrics() -> nn.ModuleDict:
                           # no NaN check here (it waits for the device): the training step checks
                           "digit_loss": MeanMetric(nan_strategy="disable"),
                           "sum_loss": MeanMetric(nan_strategy="disable")})
-
-
-def sum_consistency(logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
-    """Per pair: does the predicted sum equal the predicted digit plus the number (does the sum head add)?"""
-    return logits[:, 10:].argmax(1) == logits[:, :10].argmax(1) + numbers
 
 
 class MNISTAdder(L.LightningModule):
@@ -96,6 +54,9 @@ class MNISTAdder(L.LightningModule):
         sum_loss_weight: the sum loss is multiplied by this before its backward pass; unset: 1 for
             ``cross_entropy``, 4 for ``mse`` (whose gradients are smaller; see the README's results).
         label_smoothing: for every cross-entropy loss (the digit's, and the sum's unless ``mse``).
+        sum_from_digit: weight of a term added to the sum loss: the mean squared difference between the sum
+            head's logits of number+0..number+9 and the digit head's logits (held fixed), each centred,
+            so that the sum head ranks the sums as the digit head ranks the digits. 0 turns it off.
         compile: ``torch.compile`` the net's forward (and so its backward) when a run starts. On
             two CPU cores the compiled step is slower than the eager one (BENCHMARKS.md).
     """
@@ -105,14 +66,16 @@ class MNISTAdder(L.LightningModule):
                  optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
                  scheduler: LRSchedulerCallable | None = None,
                  scheduler_interval: Literal["step", "epoch"] = "step", gradient_clip_val: float = 0.0,
-                 sum_loss_weight: float | None = None, label_smoothing: float = 0.0, compile: bool = False):
+                 sum_loss_weight: float | None = None, label_smoothing: float = 0.0, sum_from_digit: float = 0.0,
+                 compile: bool = False):
         super().__init__()
         if sum_loss not in ("cross_entropy", "mse"):
             raise ValueError(f"sum_loss must be 'cross_entropy' or 'mse', got {sum_loss!r}")
         self.sum_loss_weight = DEFAULT_SUM_LOSS_WEIGHT[sum_loss] if sum_loss_weight is None else sum_loss_weight
-        if min(*channels, number_features, hidden) < 1 or gradient_clip_val < 0 or self.sum_loss_weight <= 0:
-            raise ValueError("channels, number_features and hidden must be >= 1, gradient_clip_val >= 0 "
-                             "and sum_loss_weight > 0")
+        if min(*channels, number_features, hidden) < 1 or min(gradient_clip_val, sum_from_digit) < 0 \
+                or self.sum_loss_weight <= 0:
+            raise ValueError("channels, number_features and hidden must be >= 1, gradient_clip_val and "
+                             "sum_from_digit >= 0, sum_loss_weight > 0")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be within [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -133,19 +96,23 @@ class MNISTAdder(L.LightningModule):
     def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         return self.net(images, numbers)
 
-    def losses(self, logits: torch.Tensor, digits: torch.Tensor, sums: torch.Tensor):
-        smoothing = self.hparams.label_smoothing
+    def losses(self, logits: torch.Tensor, digits: torch.Tensor, numbers: torch.Tensor):
+        smoothing, sums = self.hparams.label_smoothing, digits + numbers
         digit_loss = F.cross_entropy(logits[:, :10], digits, label_smoothing=smoothing)
         if self.hparams.sum_loss == "mse":
             target = F.one_hot(sums, 19).to(logits.dtype)
             sum_loss = (logits[:, 10:].softmax(dim=1) - target).square().sum(dim=1).mean()
         else:
             sum_loss = F.cross_entropy(logits[:, 10:], sums, label_smoothing=smoothing)
+        if self.hparams.sum_from_digit:
+            # Where the heads disagree, the digit head's top two digits are nearly tied and the sum head
+            # ranks them the other way round (benchmarks/disagreements.py).
+            sum_loss = sum_loss + self.hparams.sum_from_digit * logit_mismatch(logits, numbers)
         return digit_loss, sum_loss
 
     def _evaluate(self, batch: dict, metrics: nn.ModuleDict) -> tuple[torch.Tensor, ...]:
         logits = self(batch["image"], batch["number"])
-        digit_loss, sum_loss = self.losses(logits, batch["digit"], batch["sum"])
+        digit_loss, sum_loss = self.losses(logits, batch["digit"], batch["number"])
         n = len(logits)
         metrics["digit_acc"].update(logits[:, :10], batch["digit"])
         metrics["sum_acc"].update(logits[:, 10:], batch["sum"])
@@ -180,7 +147,9 @@ class MNISTAdder(L.LightningModule):
         optimizer.step()
         if self.hparams.scheduler_interval == "step":
             self._step_scheduler()
-        self.log("loss", digit_loss + sum_loss, prog_bar=True, on_step=True, on_epoch=False)
+        if self.global_step % self.trainer.log_every_n_steps == 0:  # the steps the logger writes
+            # A self.log call per step was the largest cost Lightning added to it (a profile, BENCHMARKS.md).
+            self.log("loss", digit_loss + sum_loss, prog_bar=True, on_step=True, on_epoch=False)
 
     def _stop_if_nonfinite(self, every_process: bool) -> None:
         nonfinite = bool(self._nonfinite)

@@ -97,7 +97,7 @@ def torch_seconds(model, data, warmup: int, steps: int, epoch: int, device: torc
             start = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         images = data.augment(batch["image"], data.train_set.augment_generator)
-        digit_loss, sum_loss = model.losses(net(images, batch["number"]), batch["digit"], batch["sum"])
+        digit_loss, sum_loss = model.losses(net(images, batch["number"]), batch["digit"], batch["number"])
         optimizer.zero_grad(set_to_none=True)
         digit_loss.backward(retain_graph=True)
         (sum_loss * model.sum_loss_weight).backward()
@@ -109,7 +109,7 @@ def torch_seconds(model, data, warmup: int, steps: int, epoch: int, device: torc
 
 def throughput_ratio(extra: list[str], config: str, rounds: int, warmup: int, steps: int, accelerator: str) -> dict:
     """Lightning fit and the plain loop, each on its own copy of the default model, measured in turn
-    (L T T L L T ...) so that drift in the machine's speed falls on both alike."""
+    (L T T L L T ...); the ratio of their times is the median over the rounds."""
     lit, plain = prepared(extra, config), prepared(extra, config)
     if warmup + steps > len(plain.datamodule.train_dataloader()):
         sys.exit(f"error: --warmup + --steps ({warmup + steps}) exceeds the batches in one epoch")
@@ -124,7 +124,11 @@ def throughput_ratio(extra: list[str], config: str, rounds: int, warmup: int, st
                 times[kind].append(seconds)
                 print(f"  round {r + 1}/{rounds} {kind:9s} {steps * plain.datamodule.hparams.batch_size / seconds:7.0f} "
                       "samples/s", flush=True)
-    return {"lightning_vs_torch_throughput_ratio": round(sum(times["torch"]) / sum(times["lightning"]), 3),
+    # Each round's pair ran back to back; the median of their ratios stays put when the machine's speed
+    # drifts between rounds (it can change by a quarter within a minute), which a ratio of sums does not.
+    ratios = [t / lit for t, lit in zip(times["torch"], times["lightning"])]
+    return {"lightning_vs_torch_throughput_ratio": round(statistics.median(ratios), 3),
+            "throughput_ratio_per_round": [round(r, 3) for r in ratios],
             "throughput": {kind: {"samples_per_second": round(
                 steps * rounds * plain.datamodule.hparams.batch_size / sum(t), 1), "seconds_per_round": t}
                 for kind, t in times.items()},

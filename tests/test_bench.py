@@ -1,8 +1,10 @@
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
 
-from benchmarks import bench
+from benchmarks import bench, disagreements
 
 TINY = ["--quick", "--steps", "12", "--warmup", "2", "--check-every", "10", "--seeds", "0", "1", "--data.val_size", "100",
         "--data.batch_size", "16", "--model.channels", "[8, 16, 16]"]
@@ -43,3 +45,21 @@ def test_bench_compile_figures(synthetic_data_dir, tmp_path):
     results = json.loads(results_path.read_text())
     assert results["compile_step_speedup"] > 0 and len(results["compile_seconds_per_round"]["compiled"]) == 2
     assert "| `compile_step_speedup` |" in (tmp_path / "BENCHMARKS.md").read_text()
+
+
+def test_disagreements_counts_the_pairs_where_the_sum_does_not_add():
+    """Two images with all ten numbers; the sum head adds everywhere except for image 1 with numbers 2 and 7,
+    where it follows the digit head's second choice."""
+    digits, numbers = torch.tensor([4, 9]).repeat_interleave(10), torch.arange(10).repeat(2)
+    digit_logits = F.one_hot(digits, 10).float() * 3
+    digit_logits[10:, 4] = 2.5  # image 1: a 9 that could be a 4
+    sum_logits = torch.full((20, 19), -5.0)
+    sum_logits[torch.arange(20), digits + numbers] = 3.0
+    for pair in (12, 17):
+        sum_logits[pair, 4 + numbers[pair]] = 4.0
+    text = disagreements.report(torch.cat([digit_logits, sum_logits], 1),
+                                {"number": numbers, "digit": digits, "sum": digits + numbers})
+    assert text.startswith("2 of 20 pairs disagree (10.000 %); digit accuracy 100.000 %, sum accuracy 90.000 %")
+    assert "digit right, sum wrong: 2; digit wrong, sum right: 0; both wrong: 0" in text
+    assert "second choice plus the number: 2 of 2" in text
+    assert "distinct images: 1; pairs per image: {2: 1}" in text and "by number: {2: 1, 7: 1}" in text

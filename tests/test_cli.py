@@ -27,7 +27,7 @@ def test_fast_dev_run_each_subcommand(in_tmp, subcommand):
 
 
 def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
-    cli_main(["fit", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "5", *SMALL])
+    cli = cli_main(["fit", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "5", *SMALL])
     run = in_tmp / "lightning_logs" / "version_0"
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(name.startswith("best-epoch=") for name in checkpoints)
@@ -41,6 +41,8 @@ def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
     assert {"val/sum_acc_best", "test/sum_acc_all_pairs", "hp/val_sum_acc_best"} <= tags
     assert {"val/confusion_matrix", "val/misclassified"} <= set(events.Tags()["images"])
     assert len(events.Scalars("val/digit_acc")) == 2
+    # the training loss is logged only on the steps the logger writes: none is lost
+    assert [s.step for s in events.Scalars("loss")] == list(range(4, cli.trainer.global_step, 5))
     assert events.Scalars("val/sum_acc_best")[-1].value == max(s.value for s in events.Scalars("val/sum_acc"))
     assert {"lr-SGD", "val/sum_consistency", "test/sum_consistency_all_pairs"} <= tags
     lrs = [s.value for s in events.Scalars("lr-SGD")]
@@ -73,7 +75,7 @@ def test_help_shows_the_values_a_plain_fit_uses(capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert re.search(r"--trainer.max_epochs MAX_EPOCHS Stop training.*?\(type: Optional\[int\], default: 8\)", help_text)
+    assert re.search(r"--trainer.max_epochs MAX_EPOCHS Stop training.*?\(type: Optional\[int\], default: 20\)", help_text)
     assert re.search(r"--model.label_smoothing LABEL_SMOOTHING .*?\(type: float, default: 0.1\)", help_text)
     assert re.search(r"--model.optimizer OPTIMIZER .*?'class_path': 'torch.optim.SGD'", help_text)
     with pytest.raises(SystemExit):

@@ -13,7 +13,8 @@ from lightning import Callback
 
 from conftest import SYNTHETIC_SIZES
 from datamodule import MNISTAdderData
-from lightning_module import DualInputNet, MNISTAdder
+from lightning_module import MNISTAdder
+from net import DualInputNet
 from test_model import fixed_batches, quiet_trainer
 
 
@@ -191,15 +192,16 @@ def test_the_scheduler_steps_every_batch_and_every_epoch(tmp_path, synthetic_dat
 
 def test_mse_sum_loss_is_the_brier_score():
     model = MNISTAdder(sum_loss="mse")
-    digits, sums = torch.zeros(3, dtype=torch.long), torch.tensor([0, 9, 18])
+    digits, numbers = torch.tensor([0, 9, 9]), torch.tensor([0, 0, 9])
+    sums = digits + numbers
     confident = torch.full((3, 29), -1e4)
     confident[torch.arange(3), 10 + sums] = 1e4
-    assert model.losses(confident, digits, sums)[1].item() < 1e-6  # right and sure: 0
+    assert model.losses(confident, digits, numbers)[1].item() < 1e-6  # right and sure: 0
     wrong = torch.full((3, 29), -1e4)
     wrong[torch.arange(3), 10 + (sums + 1) % 19] = 1e4
-    assert abs(model.losses(wrong, digits, sums)[1].item() - 2.0) < 1e-6  # sure and wrong: 1 + 1
+    assert abs(model.losses(wrong, digits, numbers)[1].item() - 2.0) < 1e-6  # sure and wrong: 1 + 1
     uniform = torch.zeros(3, 29)
-    assert abs(model.losses(uniform, digits, sums)[1].item() - 18 / 19) < 1e-6  # (18/19)^2 + 18/19^2
+    assert abs(model.losses(uniform, digits, numbers)[1].item() - 18 / 19) < 1e-6  # (18/19)^2 + 18/19^2
 
 
 def test_on_device_sets_keep_every_tensor_on_the_device(synthetic_data_dir):

@@ -85,7 +85,7 @@ def one_process_over_the_same_global_batches(data_dir, epochs, steps_per_epoch):
             for indices in batches:
                 batch = data.train_set.__getitems__(indices)
                 digit_loss, sum_loss = model.losses(model(batch["image"], batch["number"]), batch["digit"],
-                                                    batch["sum"])
+                                                    batch["number"])
                 (digit_loss / 2).backward(retain_graph=True)
                 (sum_loss / 2).backward()
             optimizer.step()

@@ -6,7 +6,8 @@ from torch.utils.data import DataLoader
 
 from conftest import synthetic_digits
 from datamodule import MNISTAdderData
-from lightning_module import MNISTAdder, sum_consistency
+from lightning_module import MNISTAdder
+from net import sum_consistency
 
 
 def fixed_batches(count=2, size=32):
@@ -59,7 +60,7 @@ def test_sum_loss_weight_scales_the_second_backward(tmp_path, sum_loss, weight, 
     model = Recording(sum_loss=sum_loss, sum_loss_weight=weight, channels=(8, 16, 16))
     batch = fixed_batches(count=1)[0]
     with torch.no_grad():
-        digit_loss, sum_loss_value = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["sum"])
+        digit_loss, sum_loss_value = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["number"])
     quiet_trainer(tmp_path, max_steps=1).fit(model, DataLoader([batch], batch_size=None))
     assert torch.allclose(torch.stack(model.backward_losses), torch.stack([digit_loss, used * sum_loss_value]))
 
@@ -78,12 +79,22 @@ def test_overfits_a_few_fixed_batches(tmp_path, sum_loss):
             assert torch.equal(logits[:, 10:].argmax(1), batch["sum"])
 
 
-def test_mse_is_the_brier_score_summed_over_classes():
-    model = MNISTAdder(sum_loss="mse")
-    logits, sums = torch.randn(4, 29), torch.tensor([0, 5, 18, 9])
-    _, sum_loss = model.losses(logits, torch.zeros(4, dtype=torch.long), sums)
-    expected = ((logits[:, 10:].softmax(1) - F.one_hot(sums, 19)) ** 2).sum(1).mean()
-    assert torch.allclose(sum_loss, expected)
+def test_sum_from_digit_pulls_the_reachable_sum_logits_towards_the_digit_logits():
+    """The term is 0 when the sum logits of number+0..number+9 are the digit logits plus any constant, grows
+    otherwise, and sends no gradient into the digit logits."""
+    model, plain = MNISTAdder(sum_from_digit=0.5), MNISTAdder()
+    digits, numbers = torch.tensor([3, 0, 9, 7]), torch.tensor([5, 9, 9, 0])
+    logits = torch.randn(4, 29)
+    for row in range(4):
+        logits[row, 10 + numbers[row]:20 + numbers[row]] = logits[row, :10] + row - 2
+    logits.requires_grad_()
+    sum_loss = model.losses(logits, digits, numbers)[1]
+    assert torch.allclose(sum_loss, plain.losses(logits, digits, numbers)[1])
+    sum_loss.backward()
+    assert not logits.grad[:, :10].any()
+    swapped = logits.detach().clone()
+    swapped[0, [10 + 5 + 3, 10 + 5 + 8]] = swapped[0, [10 + 5 + 8, 10 + 5 + 3]]  # the sum head ranks 3+5 and 8+5 otherwise
+    assert model.losses(swapped, digits, numbers)[1] > plain.losses(swapped, digits, numbers)[1] + 1e-3
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
@@ -106,7 +117,7 @@ def test_shared_image_features_match_forward_on_every_pair():
 
 
 @pytest.mark.parametrize("kwargs", [{"sum_loss": "l1"}, {"hidden": 0}, {"gradient_clip_val": -1.0}, {"label_smoothing": 1.0},
-                                    {"sum_loss_weight": 0.0}])
+                                    {"sum_loss_weight": 0.0}, {"sum_from_digit": -0.5}])
 def test_bad_model_arguments(kwargs):
     with pytest.raises(ValueError):
         MNISTAdder(**kwargs)
@@ -129,5 +140,5 @@ def test_epoch_losses_weigh_every_sample_once(tmp_path):
     large = {k: v[2:] for k, v in batch.items()}
     result = quiet_trainer(tmp_path).validate(model, DataLoader([large, small], batch_size=None), verbose=False)[0]
     with torch.no_grad():
-        expected, _ = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["sum"])
+        expected, _ = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["number"])
     assert result["val/digit_loss"] == pytest.approx(expected.item(), rel=1e-5)

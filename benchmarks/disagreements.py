@@ -1,0 +1,80 @@
+"""Where the sum head does not add: `python benchmarks/disagreements.py CHECKPOINT`.
+
+Pairs every validation image (or `--split test`) with all ten numbers and prints, for the pairs whose
+predicted sum is not the predicted digit plus the number: which head is right, which numbers and
+digits they involve, how sure the digit head was, and whether the sum head followed the digit head's
+second choice instead of its first.
+"""
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from datamodule import AllPairs, MNISTAdderData  # noqa: E402
+from lightning_module import MNISTAdder  # noqa: E402
+
+
+@torch.no_grad()
+def all_pair_logits(model: MNISTAdder, pairs: AllPairs) -> tuple[torch.Tensor, dict]:
+    """Logits [N*10, 29] of every image with every number, and the pairs' number, digit and sum [N*10]."""
+    batch = pairs.__getitems__(list(range(len(pairs))))
+    logits = torch.cat([model.net.paired_logits(batch["image"][i:i + 1000], batch["number"][i:i + 1000])
+                        for i in range(0, len(pairs), 1000)])
+    return logits, {"number": batch["number"].flatten(), "digit": batch["digit"].repeat_interleave(10),
+                    "sum": batch["sum"].flatten()}
+
+
+def report(logits: torch.Tensor, truth: dict) -> str:
+    digit_prob = logits[:, :10].softmax(1)
+    top2 = digit_prob.topk(2, dim=1)
+    digit_pred, sum_pred = top2.indices[:, 0], logits[:, 10:].argmax(1)
+    number = truth["number"]
+    disagree = sum_pred != digit_pred + number
+    n = int(disagree.sum())
+    lines = [f"{n} of {len(logits)} pairs disagree ({100 * n / len(logits):.3f} %); "
+             f"digit accuracy {100 * (digit_pred == truth['digit']).float().mean():.3f} %, "
+             f"sum accuracy {100 * (sum_pred == truth['sum']).float().mean():.3f} %"]
+    if n == 0:
+        return lines[0]
+    d, s = digit_pred[disagree] == truth["digit"][disagree], sum_pred[disagree] == truth["sum"][disagree]
+    lines.append(f"  digit right, sum wrong: {int((d & ~s).sum())}; digit wrong, sum right: {int((~d & s).sum())}; "
+                 f"both wrong: {int((~d & ~s).sum())}")
+    second = sum_pred[disagree] == top2.indices[disagree, 1] + number[disagree]
+    lines.append(f"  the sum head chose the digit head's second choice plus the number: {int(second.sum())} of {n}")
+    confidence = top2.values[disagree, 0]
+    lines.append(f"  the digit head's top probability on these pairs: median {confidence.median():.3f}, "
+                 f"below 0.6 on {int((confidence < 0.6).sum())}; on all pairs below 0.6 on "
+                 f"{int((top2.values[:, 0] < 0.6).sum())}")
+    images = torch.div(torch.nonzero(disagree).flatten(), 10, rounding_mode="floor")
+    lines.append(f"  distinct images: {len(images.unique())}; pairs per image: "
+                 f"{dict(sorted(Counter(Counter(images.tolist()).values()).items()))}")
+    for name, values in (("number", number[disagree]), ("true digit", truth["digit"][disagree])):
+        lines.append(f"  by {name}: {dict(sorted(Counter(values.tolist()).items()))}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--split", choices=["val", "test"], default="val")
+    parser.add_argument("--data-dir", default=str(ROOT / "data"))
+    args = parser.parse_args(argv)
+    model = MNISTAdder.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    seed = torch.load(args.checkpoint, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters",
+                                                                                   {}).get("seed", 0)
+    data = MNISTAdderData(data_dir=args.data_dir, seed=seed)
+    data.prepare_data()
+    data.setup("fit")
+    source = data.val_set if args.split == "val" else data.test_set
+    print(f"{args.split} images, each with all ten numbers")
+    print(report(*all_pair_logits(model, AllPairs(source.images, source.digits))))
+
+
+if __name__ == "__main__":
+    main()
