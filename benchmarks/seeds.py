@@ -26,16 +26,18 @@ FIGURES = {"val_sum_acc": "val_sum_acc", "test_digit_acc": "test/digit_acc",
            "test_sum_consistency_all_pairs": "test/sum_consistency_all_pairs"}
 
 
-def train(config: str, seed: int, extra: list[str], data_dir: Path) -> dict:
-    with tempfile.TemporaryDirectory() as root:
+def train(config: str, seed: int, extra: list[str], data_dir: Path, keep: Path | None) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        root = keep / f"seed_{seed}" if keep else Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / config),
-                   "--seed_everything", str(seed), "--trainer.default_root_dir", root,
+                   "--seed_everything", str(seed), "--trainer.default_root_dir", str(root),
                    "--data.data_dir", str(data_dir), "--trainer.enable_progress_bar", "false", *extra]
         load = os.getloadavg()[0]
         done = subprocess.run(command, cwd=root, stdout=subprocess.PIPE, text=True)
         if done.returncode != 0:
             sys.exit(f"error: seed {seed} failed (exit {done.returncode}): {' '.join(command)}")
-        results = json.loads(next(Path(root).glob("lightning_logs/version_*/results.json")).read_text())
+        results = json.loads(max(root.glob("lightning_logs/version_*/results.json"), key=os.path.getmtime).read_text())
     run = {"seed": seed, **{key: round(100 * results[source], 3) for key, source in FIGURES.items()},
            "fit_seconds": results["fit_seconds"], "load_average_before": round(load, 2)}
     print(f"  seed {seed}: " + ", ".join(f"{k} {v}" for k, v in run.items() if k != "seed"), flush=True)
@@ -77,6 +79,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--name", help="its name in seeds.json and the table (default: the config's file name)")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
+    parser.add_argument("--keep", type=Path, help="keep each run (checkpoints, TensorBoard logs) in KEEP/seed_N")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "seeds.json")
     parser.add_argument("--report", type=Path, default=ROOT / "README.md")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the results file")
@@ -90,7 +93,8 @@ def main(argv=None) -> dict:
     command = " ".join(["python cli.py fit", *([] if args.config == "configs/default.yaml" else
                                                ["--config", args.config]), *extra])
     print(f"{name}: {command}, seeds {' '.join(map(str, args.seeds))}", flush=True)
-    runs = [train(args.config, seed, extra, args.data_dir.resolve()) for seed in args.seeds]
+    keep = args.keep.resolve() if args.keep else None
+    runs = [train(args.config, seed, extra, args.data_dir.resolve(), keep) for seed in args.seeds]
     stored = json.loads(args.results.read_text()) if args.results.exists() else {}
     stored[name] = {"command": command, "config": args.config, "extra": extra, "seeds": args.seeds,
                     "date": time.strftime("%Y-%m-%d"), "machine": machine(), "runs": runs,

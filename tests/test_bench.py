@@ -63,3 +63,26 @@ def test_disagreements_counts_the_pairs_where_the_sum_does_not_add():
     assert "digit right, sum wrong: 2; digit wrong, sum right: 0; both wrong: 0" in text
     assert "second choice plus the number: 2 of 2" in text
     assert "distinct images: 1; pairs per image: {2: 1}" in text and "by number: {2: 1, 7: 1}" in text
+
+
+@pytest.mark.slow
+def test_seeds_trains_each_seed_and_writes_the_table(real_data_dir, tmp_path):
+    """Each seed runs `cli.py fit` in a subprocess, which reads real MNIST (the synthetic set's checksums
+    are patched into this process only)."""
+    import seeds
+
+    report = tmp_path / "README.md"
+    report.write_text(f"# Results\n\n{seeds.START}\n{seeds.END}\n")
+    results = tmp_path / "seeds.json"
+    entry = seeds.main(["--config", "configs/fast.yaml", "--seeds", "0", "1", "--name", "tiny", "--data-dir",
+                        str(real_data_dir), "--results", str(results), "--report", str(report), "--keep",
+                        str(tmp_path / "runs"), "--data.val_size", "100", "--model.channels", "[8, 16, 16]",
+                        "--trainer.limit_train_batches", "8"])
+    assert [run["seed"] for run in entry["runs"]] == [0, 1]
+    assert json.loads(results.read_text())["tiny"]["summary"] == entry["summary"]
+    for key in seeds.FIGURES:
+        values = [run[key] for run in entry["runs"]]
+        assert entry["summary"][key]["min"] == min(values) and 0 <= min(values) <= 100
+    assert "| tiny | `python cli.py fit --config configs/fast.yaml --data.val_size 100" in report.read_text()
+    for seed in (0, 1):
+        assert list((tmp_path / "runs" / f"seed_{seed}").glob("lightning_logs/version_0/checkpoints/best-*.ckpt"))
