@@ -54,9 +54,10 @@ class MNISTAdder(L.LightningModule):
         sum_loss_weight: the sum loss is multiplied by this before its backward pass; unset: 1 for
             ``cross_entropy``, 4 for ``mse`` (whose gradients are smaller; see the README's results).
         label_smoothing: for every cross-entropy loss (the digit's, and the sum's unless ``mse``).
-        sum_from_digit: weight of a term added to the sum loss: the mean squared difference between the sum
-            head's logits of number+0..number+9 and the digit head's logits (held fixed), each centred,
-            so that the sum head ranks the sums as the digit head ranks the digits. 0 turns it off.
+        sum_from_digit: weight of a term added to the sum loss (so also multiplied by ``sum_loss_weight``, and
+            part of the logged sum loss): the mean squared difference between the sum head's logits of
+            number+0..number+9 and the digit head's logits (held fixed), each centred, so that the sum
+            head ranks the sums as the digit head ranks the digits. 0 turns it off.
         compile: ``torch.compile`` the net's forward (and so its backward) when a run starts. On
             two CPU cores the compiled step is slower than the eager one (BENCHMARKS.md).
     """
@@ -147,7 +148,8 @@ class MNISTAdder(L.LightningModule):
         optimizer.step()
         if self.hparams.scheduler_interval == "step":
             self._step_scheduler()
-        if self.global_step % self.trainer.log_every_n_steps == 0:  # the steps the logger writes
+        every = self.trainer.log_every_n_steps
+        if every and self.global_step % every == 0:  # the steps the logger writes
             # A self.log call per step was the largest cost Lightning added to it (a profile, BENCHMARKS.md).
             self.log("loss", digit_loss + sum_loss, prog_bar=True, on_step=True, on_epoch=False)
 

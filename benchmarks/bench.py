@@ -1,4 +1,4 @@
-"""Benchmarks on this machine's CPU: `python benchmarks/bench.py` (about 3 minutes on two cores;
+"""Benchmarks on this machine's CPU: `python benchmarks/bench.py` (about 4 minutes on two cores;
 `--quick` for a shorter, rougher look). Prints a table, rewrites the table in BENCHMARKS.md and writes
 benchmarks/results.json. Options not listed in `--help` (e.g. `--data.val_size 100`) are passed
 to every run's configuration, as on `cli.py`'s command line.
@@ -126,7 +126,7 @@ def throughput_ratio(extra: list[str], config: str, rounds: int, warmup: int, st
                       "samples/s", flush=True)
     # Each round's pair ran back to back; the median of their ratios stays put when the machine's speed
     # drifts between rounds (it can change by a quarter within a minute), which a ratio of sums does not.
-    ratios = [t / lit for t, lit in zip(times["torch"], times["lightning"])]
+    ratios = [torch_time / lightning_time for torch_time, lightning_time in zip(times["torch"], times["lightning"])]
     return {"lightning_vs_torch_throughput_ratio": round(statistics.median(ratios), 3),
             "throughput_ratio_per_round": [round(r, 3) for r in ratios],
             "throughput": {kind: {"samples_per_second": round(
@@ -237,9 +237,10 @@ def write_report(report: Path, text: str, start: str = START, end: str = END) ->
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="4 rounds of 20 steps instead of 20 of 40")
+    parser.add_argument("--quick", action="store_true", help="4 rounds of 20 steps instead of 20 of 50")
     parser.add_argument("--rounds", type=int, help="alternating throughput rounds (default 20; quick 4)")
-    parser.add_argument("--steps", type=int, help="timed steps per round (default 40; quick 20)")
+    parser.add_argument("--steps", type=int, help="timed steps per round (default 50, so that Lightning's "
+                        "logger writes once in each, as every 50 steps in a run; quick 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each round")
     parser.add_argument("--check-every", type=int, default=10, help="steps between the time-to-99 test checks")
     parser.add_argument("--config", default="configs/fast.yaml", help="the time-to-99 run's config")
@@ -255,7 +256,7 @@ def main(argv=None) -> dict:
     # Many short rounds: the machine's speed drifts less within a round's pair, and the median ignores the
     # rounds where it did.
     rounds = args.rounds or (4 if args.quick else 20)
-    steps = args.steps or (20 if args.quick else 40)
+    steps = args.steps or (20 if args.quick else 50)
     results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python benchmarks/bench.py", *(argv or sys.argv[1:])]),
                "machine": machine(args.accelerator)}
     if args.only is None:

@@ -66,9 +66,11 @@ def main(argv=None) -> None:
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     args = parser.parse_args(argv)
     model = MNISTAdder.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
-    seed = torch.load(args.checkpoint, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters",
-                                                                                   {}).get("seed", 0)
-    data = MNISTAdderData(data_dir=args.data_dir, seed=seed)
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    data_hparams = checkpoint.get("datamodule_hyper_parameters")
+    if not data_hparams:
+        sys.exit(f"error: {args.checkpoint} does not say which split it was trained on (no datamodule hyperparameters)")
+    data = MNISTAdderData(data_dir=args.data_dir, seed=data_hparams["seed"], val_size=data_hparams["val_size"])
     data.prepare_data()
     data.setup("fit")
     source = data.val_set if args.split == "val" else data.test_set

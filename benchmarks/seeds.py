@@ -28,7 +28,7 @@ FIGURES = {"val_sum_acc": "val_sum_acc", "test_digit_acc": "test/digit_acc",
 
 def train(config: str, seed: int, extra: list[str], data_dir: Path, keep: Path | None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
-        root = keep / f"seed_{seed}" if keep else Path(scratch)
+        root = (keep / f"seed_{seed}").resolve() if keep else Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / config),
                    "--seed_everything", str(seed), "--trainer.default_root_dir", str(root),
@@ -79,7 +79,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--name", help="its name in seeds.json and the table (default: the config's file name)")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
-    parser.add_argument("--keep", type=Path, help="keep each run (checkpoints, TensorBoard logs) in KEEP/seed_N")
+    parser.add_argument("--keep", type=Path, help="keep each run (checkpoints, TensorBoard logs) in KEEP/seed_N: "
+                        "a new KEEP for each config")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "seeds.json")
     parser.add_argument("--report", type=Path, default=ROOT / "README.md")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the results file")
@@ -93,8 +94,7 @@ def main(argv=None) -> dict:
     command = " ".join(["python cli.py fit", *([] if args.config == "configs/default.yaml" else
                                                ["--config", args.config]), *extra])
     print(f"{name}: {command}, seeds {' '.join(map(str, args.seeds))}", flush=True)
-    keep = args.keep.resolve() if args.keep else None
-    runs = [train(args.config, seed, extra, args.data_dir.resolve(), keep) for seed in args.seeds]
+    runs = [train(args.config, seed, extra, args.data_dir.resolve(), args.keep) for seed in args.seeds]
     stored = json.loads(args.results.read_text()) if args.results.exists() else {}
     stored[name] = {"command": command, "config": args.config, "extra": extra, "seeds": args.seeds,
                     "date": time.strftime("%Y-%m-%d"), "machine": machine(), "runs": runs,

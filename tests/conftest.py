@@ -57,7 +57,7 @@ def real_data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_checkpoint(tmp_path_factory, real_data_dir):
-    """A default-config run on real MNIST (a minute or a few), once per session; its checkpoint chosen on
+    """A default-config run on real MNIST (a few minutes), once per session; its checkpoint chosen on
     validation (the run's folder is two levels up)."""
     from cli import cli_main
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from benchmarks import bench, disagreements
 
-TINY = ["--quick", "--steps", "12", "--warmup", "2", "--check-every", "10", "--seeds", "0", "1", "--data.val_size", "100",
+TINY = ["--quick", "--rounds", "2", "--steps", "12", "--warmup", "2", "--check-every", "10", "--seeds", "0", "1", "--data.val_size", "100",
         "--data.batch_size", "16", "--model.channels", "[8, 16, 16]"]
 
 

@@ -55,7 +55,8 @@ def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
         events.SummaryMetadata("_hparams_/experiment").plugin_data.content).experiment
     names = {info.name for info in experiment.hparam_infos}
     assert {"optimizer", "optimizer.lr", "scheduler.max_lr", "batch_size", "max_epochs", "seed", "rotate",
-            "sum_loss", "sum_loss_weight"} <= names and not any(name.startswith("_") for name in names)
+            "sum_loss", "sum_loss_weight", "sum_from_digit"} <= names
+    assert not any(name.startswith("_") for name in names)
     assert [m.name.tag for m in experiment.metric_infos] == ["hp/val_sum_acc_best", "test/digit_acc",
                                                              "test/sum_acc_all_pairs"]
     session = plugin_data_pb2.HParamsPluginData.FromString(

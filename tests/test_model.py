@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning import Trainer
 from torch.utils.data import DataLoader
 
