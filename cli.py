@@ -182,3 +182,6 @@ def cli_main(args=None, run: bool = True) -> AdderCLI:
 
 if __name__ == "__main__":
     cli_main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Left to the interpreter's exit, Gloo's worker threads now and then abort it (SIGABRT) after a finished run.
+        torch.distributed.destroy_process_group()
