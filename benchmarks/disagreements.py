@@ -16,8 +16,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from checkpoints import read_checkpoint  # noqa: E402
 from datamodule import AllPairs, MNISTAdderData  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
+from mnist_files import MNISTUnavailable  # noqa: E402
 
 
 @torch.no_grad()
@@ -65,14 +67,17 @@ def main(argv=None) -> None:
     parser.add_argument("--split", choices=["val", "test"], default="val")
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     args = parser.parse_args(argv)
+    try:
+        data_hparams = (read_checkpoint(args.checkpoint) or {}).get("datamodule_hyper_parameters")
+        if not data_hparams:
+            raise ValueError(f"{args.checkpoint} does not say which split it was trained on (no datamodule "
+                             "hyperparameters)")
+        data = MNISTAdderData(data_dir=args.data_dir, seed=data_hparams["seed"], val_size=data_hparams["val_size"])
+        data.prepare_data()
+        data.setup("fit")
+    except (ValueError, MNISTUnavailable) as err:
+        sys.exit(f"error: {err}")
     model = MNISTAdder.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    data_hparams = checkpoint.get("datamodule_hyper_parameters")
-    if not data_hparams:
-        sys.exit(f"error: {args.checkpoint} does not say which split it was trained on (no datamodule hyperparameters)")
-    data = MNISTAdderData(data_dir=args.data_dir, seed=data_hparams["seed"], val_size=data_hparams["val_size"])
-    data.prepare_data()
-    data.setup("fit")
     source = data.val_set if args.split == "val" else data.test_set
     print(f"{args.split} images, each with all ten numbers")
     print(report(*all_pair_logits(model, AllPairs(source.images, source.digits))))

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning import Trainer
 from torch.utils.data import DataLoader
 
@@ -76,6 +77,14 @@ def test_overfits_a_few_fixed_batches(tmp_path, sum_loss):
             logits = model(batch["image"], batch["number"])
             assert torch.equal(logits[:, :10].argmax(1), batch["digit"])
             assert torch.equal(logits[:, 10:].argmax(1), batch["sum"])
+
+
+def test_mse_is_the_brier_score_summed_over_classes():
+    model = MNISTAdder(sum_loss="mse")
+    logits, digits, numbers = torch.randn(4, 29), torch.tensor([0, 5, 9, 9]), torch.tensor([0, 0, 9, 0])
+    _, sum_loss = model.losses(logits, digits, numbers)
+    expected = ((logits[:, 10:].softmax(1) - F.one_hot(digits + numbers, 19)) ** 2).sum(1).mean()
+    assert torch.allclose(sum_loss, expected)
 
 
 def test_sum_from_digit_pulls_the_reachable_sum_logits_towards_the_digit_logits():
