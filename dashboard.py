@@ -47,7 +47,7 @@ def run_hparams(config, sum_loss_weight: float) -> dict:
     params.update({"batch_size": data.batch_size, "max_epochs": trainer.max_epochs, "seed": data.seed,
                    "rotate": data.rotate, "translate": data.translate, "scale": data.scale,
                    "sum_loss": model.sum_loss, "sum_loss_weight": sum_loss_weight,
-                   "sum_from_digit": model.sum_from_digit,
+                   "agreement": model.agreement,
                    "label_smoothing": model.label_smoothing, "channels": str(list(model.channels)),
                    "hidden": model.hidden, "precision": str(trainer.precision)})
     return params

@@ -54,10 +54,11 @@ class MNISTAdder(L.LightningModule):
         sum_loss_weight: the sum loss is multiplied by this before its backward pass; unset: 1 for
             ``cross_entropy``, 4 for ``mse`` (whose gradients are smaller; see the README's results).
         label_smoothing: for every cross-entropy loss (the digit's, and the sum's unless ``mse``).
-        sum_from_digit: weight of a term added to the sum loss (so also multiplied by ``sum_loss_weight``, and
+        agreement: weight of a term added to the sum loss (so also multiplied by ``sum_loss_weight``, and
             part of the logged sum loss): the mean squared difference between the sum head's logits of
-            number+0..number+9 and the digit head's logits (held fixed), each centred, so that the sum
-            head ranks the sums as the digit head ranks the digits. 0 turns it off.
+            number+0..number+9 and the digit head's logits, each centred, so that the two heads rank
+            alike. Its gradient reaches both heads: pulling only the sum head towards the digit head
+            agreed less on validation (README). 0 turns it off.
         compile: ``torch.compile`` the net's forward (and so its backward) when a run starts. On
             two CPU cores the compiled step is slower than the eager one (BENCHMARKS.md).
     """
@@ -67,16 +68,16 @@ class MNISTAdder(L.LightningModule):
                  optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
                  scheduler: LRSchedulerCallable | None = None,
                  scheduler_interval: Literal["step", "epoch"] = "step", gradient_clip_val: float = 0.0,
-                 sum_loss_weight: float | None = None, label_smoothing: float = 0.0, sum_from_digit: float = 0.0,
+                 sum_loss_weight: float | None = None, label_smoothing: float = 0.0, agreement: float = 0.0,
                  compile: bool = False):
         super().__init__()
         if sum_loss not in ("cross_entropy", "mse"):
             raise ValueError(f"sum_loss must be 'cross_entropy' or 'mse', got {sum_loss!r}")
         self.sum_loss_weight = DEFAULT_SUM_LOSS_WEIGHT[sum_loss] if sum_loss_weight is None else sum_loss_weight
-        if min(*channels, number_features, hidden) < 1 or min(gradient_clip_val, sum_from_digit) < 0 \
+        if min(*channels, number_features, hidden) < 1 or min(gradient_clip_val, agreement) < 0 \
                 or self.sum_loss_weight <= 0:
             raise ValueError("channels, number_features and hidden must be >= 1, gradient_clip_val and "
-                             "sum_from_digit >= 0, sum_loss_weight > 0")
+                             "agreement >= 0, sum_loss_weight > 0")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be within [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -105,10 +106,10 @@ class MNISTAdder(L.LightningModule):
             sum_loss = (logits[:, 10:].softmax(dim=1) - target).square().sum(dim=1).mean()
         else:
             sum_loss = F.cross_entropy(logits[:, 10:], sums, label_smoothing=smoothing)
-        if self.hparams.sum_from_digit:
+        if self.hparams.agreement:
             # Where the heads disagree, the digit head's top two digits are nearly tied and the sum head
             # ranks them the other way round (benchmarks/disagreements.py).
-            sum_loss = sum_loss + self.hparams.sum_from_digit * logit_mismatch(logits, numbers)
+            sum_loss = sum_loss + self.hparams.agreement * logit_mismatch(logits, numbers)
         return digit_loss, sum_loss
 
     def _evaluate(self, batch: dict, metrics: nn.ModuleDict) -> tuple[torch.Tensor, ...]:

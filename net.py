@@ -50,9 +50,9 @@ def sum_consistency(logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor
 
 
 def logit_mismatch(logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
-    """How far the sum head's logits of the ten sums number+0..number+9 are from the digit head's logits
-    (held fixed), each set centred on its mean: the mean squared difference."""
+    """How far the sum head's logits of the ten sums number+0..number+9 are from the digit head's logits,
+    each set centred on its mean: the mean squared difference (its gradient reaches both heads)."""
     positions = torch.arange(10, device=numbers.device) + numbers[:, None]
     reachable = logits[:, 10:].gather(1, positions)
-    digit = logits[:, :10].detach()
+    digit = logits[:, :10]
     return (reachable - reachable.mean(1, keepdim=True) - digit + digit.mean(1, keepdim=True)).square().mean()

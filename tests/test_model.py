@@ -87,22 +87,26 @@ def test_mse_is_the_brier_score_summed_over_classes():
     assert torch.allclose(sum_loss, expected)
 
 
-def test_sum_from_digit_pulls_the_reachable_sum_logits_towards_the_digit_logits():
+def test_agreement_pulls_the_reachable_sum_logits_and_the_digit_logits_together():
     """The term is 0 when the sum logits of number+0..number+9 are the digit logits plus any constant, grows
-    otherwise, and sends no gradient into the digit logits."""
-    model, plain = MNISTAdder(sum_from_digit=0.5), MNISTAdder()
+    otherwise, and its gradient moves both heads towards each other."""
+    model, plain = MNISTAdder(agreement=0.5), MNISTAdder()
     digits, numbers = torch.tensor([3, 0, 9, 7]), torch.tensor([5, 9, 9, 0])
     logits = torch.randn(4, 29)
+    logits[0, 3], logits[0, 8] = 2.0, -1.0
     for row in range(4):
         logits[row, 10 + numbers[row]:20 + numbers[row]] = logits[row, :10] + row - 2
-    logits.requires_grad_()
-    sum_loss = model.losses(logits, digits, numbers)[1]
-    assert torch.allclose(sum_loss, plain.losses(logits, digits, numbers)[1])
-    sum_loss.backward()
-    assert not logits.grad[:, :10].any()
-    swapped = logits.detach().clone()
+    assert torch.allclose(model.losses(logits, digits, numbers)[1], plain.losses(logits, digits, numbers)[1])
+    swapped = logits.clone()
     swapped[0, [10 + 5 + 3, 10 + 5 + 8]] = swapped[0, [10 + 5 + 8, 10 + 5 + 3]]  # the sum head ranks 3+5 and 8+5 otherwise
-    assert model.losses(swapped, digits, numbers)[1] > plain.losses(swapped, digits, numbers)[1] + 1e-3
+    swapped.requires_grad_()
+    extra = model.losses(swapped, digits, numbers)[1] - plain.losses(swapped, digits, numbers)[1]
+    assert extra > 1e-3
+    extra.backward()
+    # the heads meet halfway: the digit head ranks 3 above 8 and the sum head 8+5 above 3+5, so a step down
+    # the gradient lowers the digit logit of 3 and raises the sum logit of 3+5 (and the reverse for 8)
+    assert swapped.grad[0, 3] > 0 > swapped.grad[0, 8] and swapped.grad[0, 10 + 5 + 3] < 0 < swapped.grad[0, 10 + 5 + 8]
+    assert swapped.grad[1:].abs().max() < 1e-6  # the rows that already agree do not move
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
@@ -125,7 +129,7 @@ def test_shared_image_features_match_forward_on_every_pair():
 
 
 @pytest.mark.parametrize("kwargs", [{"sum_loss": "l1"}, {"hidden": 0}, {"gradient_clip_val": -1.0}, {"label_smoothing": 1.0},
-                                    {"sum_loss_weight": 0.0}, {"sum_from_digit": -0.5}])
+                                    {"sum_loss_weight": 0.0}, {"agreement": -0.5}])
 def test_bad_model_arguments(kwargs):
     with pytest.raises(ValueError):
         MNISTAdder(**kwargs)
