@@ -47,6 +47,7 @@ class MNISTAdder(L.LightningModule):
         channels: widths of the three conv layers.
         number_features: width of the Linear layer that embeds the number.
         hidden: width of the first FC layer.
+        dropout: probability of a Dropout after the first FC layer (0: none).
         optimizer: any torch optimizer, e.g. from YAML as class_path/init_args.
         scheduler: any LR scheduler; an unset ``total_steps`` (OneCycleLR) is filled in from the trainer.
         scheduler_interval: step the scheduler after every ``step`` or every ``epoch``.
@@ -64,7 +65,7 @@ class MNISTAdder(L.LightningModule):
     """
 
     def __init__(self, sum_loss: SumLoss = "cross_entropy", channels: tuple[int, int, int] = (16, 32, 64),
-                 number_features: int = 128, hidden: int = 512,
+                 number_features: int = 128, hidden: int = 512, dropout: float = 0.0,
                  optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
                  scheduler: LRSchedulerCallable | None = None,
                  scheduler_interval: Literal["step", "epoch"] = "step", gradient_clip_val: float = 0.0,
@@ -78,12 +79,12 @@ class MNISTAdder(L.LightningModule):
                 or self.sum_loss_weight <= 0:
             raise ValueError("channels, number_features and hidden must be >= 1, gradient_clip_val and "
                              "agreement >= 0, sum_loss_weight > 0")
-        if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be within [0, 1), got {label_smoothing}")
+        if not 0 <= label_smoothing < 1 or not 0 <= dropout < 1:
+            raise ValueError(f"label_smoothing and dropout must be within [0, 1), got {label_smoothing} and {dropout}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.automatic_optimization = False
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.net = DualInputNet(tuple(channels), number_features, hidden)
+        self.net = DualInputNet(tuple(channels), number_features, hidden, dropout)
         self.train_metrics, self.val_metrics, self.test_metrics = _stage_metrics(), _stage_metrics(), _stage_metrics()
         self.val_metrics["sum_consistency"] = MeanMetric()
         self.test_all_pairs = nn.ModuleDict({"digit_acc": _accuracy(10), "sum_acc": _accuracy(19),

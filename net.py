@@ -15,15 +15,16 @@ def _conv(cin: int, cout: int, kernel: int) -> list[nn.Module]:
 
 
 class DualInputNet(nn.Module):
-    """image -> conv features; number -> one-hot -> Linear; both concatenated -> 2 FC layers -> 29 logits."""
+    """image -> conv features; number -> one-hot -> Linear; both concatenated -> 2 FC layers -> 29 logits.
+    `dropout` > 0 puts a Dropout after the first FC layer's ReLU."""
 
-    def __init__(self, channels: tuple[int, int, int], number_features: int, hidden: int):
+    def __init__(self, channels: tuple[int, int, int], number_features: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         c1, c2, c3 = channels
         self.image = nn.Sequential(*_conv(1, c1, 5), *_conv(c1, c2, 3), *_conv(c2, c3, 3), nn.Flatten())  # 28->14->7->3
         self.number = nn.Linear(10, number_features)
         self.head = nn.Sequential(nn.Linear(c3 * 3 * 3 + number_features, hidden), nn.ReLU(inplace=True),
-                                  nn.Linear(hidden, 29))
+                                  *([nn.Dropout(dropout)] if dropout else []), nn.Linear(hidden, 29))
         self.to(memory_format=torch.channels_last)  # measurably faster convolutions on CPU and GPU
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ BAD_FIT_OPTIONS = [
     (["--trainer.max_epochs", "0"], "max_epochs must be >= 1"),
     (["--model.sum_loss", "l1"], "sum_loss"),
     (["--model.hidden", "0"], "hidden must be >= 1"),
+    (["--model.dropout", "1"], "dropout must be within [0, 1)"),
     (["--model.optimizer.lr", "-0.1"], "Invalid learning rate"),
     (["--data.batch_size", "0"], "batch_size must be >= 1"),
     (["--data.val_size", "0"], "val_size must be within"),

@@ -129,7 +129,7 @@ def test_shared_image_features_match_forward_on_every_pair():
 
 
 @pytest.mark.parametrize("kwargs", [{"sum_loss": "l1"}, {"hidden": 0}, {"gradient_clip_val": -1.0}, {"label_smoothing": 1.0},
-                                    {"sum_loss_weight": 0.0}, {"agreement": -0.5}])
+                                    {"dropout": 1.0}, {"sum_loss_weight": 0.0}, {"agreement": -0.5}])
 def test_bad_model_arguments(kwargs):
     with pytest.raises(ValueError):
         MNISTAdder(**kwargs)
@@ -154,3 +154,13 @@ def test_epoch_losses_weigh_every_sample_once(tmp_path):
     with torch.no_grad():
         expected, _ = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["number"])
     assert result["val/digit_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_dropout_acts_in_training_only_and_is_absent_by_default():
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32, dropout=0.5)
+    images, numbers = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    assert not torch.equal(model(images, numbers), model(images, numbers))
+    model.eval()
+    assert torch.equal(model(images, numbers), model(images, numbers))
+    # without dropout the head's layers keep their indices, so checkpoints written before the option load
+    assert not any(isinstance(m, torch.nn.Dropout) for m in MNISTAdder().modules())
