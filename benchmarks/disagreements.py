@@ -61,26 +61,32 @@ def report(logits: torch.Tensor, truth: dict) -> str:
     return "\n".join(lines)
 
 
+def load(checkpoint: str, data_dir: str, split: str) -> tuple[MNISTAdder, AllPairs]:
+    """The checkpoint's model, and its run's validation images (or the official test images) with all ten numbers;
+    exits with a one-line error if either cannot be read."""
+    try:
+        data_hparams = (read_checkpoint(checkpoint) or {}).get("datamodule_hyper_parameters")
+        if not data_hparams:
+            raise ValueError(f"{checkpoint} does not say which split it was trained on (no datamodule "
+                             "hyperparameters)")
+        data = MNISTAdderData(data_dir=data_dir, seed=data_hparams["seed"], val_size=data_hparams["val_size"])
+        data.prepare_data()
+        data.setup("fit")
+    except (ValueError, MNISTUnavailable) as err:
+        sys.exit(f"error: {err}")
+    source = data.val_set if split == "val" else data.test_set
+    return MNISTAdder.load_from_checkpoint(checkpoint, map_location="cpu").eval(), AllPairs(source.images, source.digits)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--split", choices=["val", "test"], default="val")
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     args = parser.parse_args(argv)
-    try:
-        data_hparams = (read_checkpoint(args.checkpoint) or {}).get("datamodule_hyper_parameters")
-        if not data_hparams:
-            raise ValueError(f"{args.checkpoint} does not say which split it was trained on (no datamodule "
-                             "hyperparameters)")
-        data = MNISTAdderData(data_dir=args.data_dir, seed=data_hparams["seed"], val_size=data_hparams["val_size"])
-        data.prepare_data()
-        data.setup("fit")
-    except (ValueError, MNISTUnavailable) as err:
-        sys.exit(f"error: {err}")
-    model = MNISTAdder.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
-    source = data.val_set if args.split == "val" else data.test_set
+    model, pairs = load(args.checkpoint, args.data_dir, args.split)
     print(f"{args.split} images, each with all ten numbers")
-    print(report(*all_pair_logits(model, AllPairs(source.images, source.digits))))
+    print(report(*all_pair_logits(model, pairs)))
 
 
 if __name__ == "__main__":

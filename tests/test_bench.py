@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import bench, disagreements
+from benchmarks import bench, disagreements, tta
+from datamodule import AllPairs
+from lightning_module import MNISTAdder
 
 TINY = ["--quick", "--rounds", "2", "--steps", "12", "--warmup", "2", "--check-every", "10", "--seeds", "0", "1", "--data.val_size", "100",
         "--data.batch_size", "16", "--model.channels", "[8, 16, 16]"]
@@ -63,6 +65,24 @@ def test_disagreements_counts_the_pairs_where_the_sum_does_not_add():
     assert "digit right, sum wrong: 2; digit wrong, sum right: 0; both wrong: 0" in text
     assert "second choice plus the number: 2 of 2" in text
     assert "distinct images: 1; pairs per image: {2: 1}" in text and "by number: {2: 1, 7: 1}" in text
+
+
+def test_tta_shift_views_move_the_image_by_one_pixel():
+    image = torch.zeros(1, 1, 28, 28)
+    image[0, 0, 10, 12] = 1.0
+    where = [tuple(torch.nonzero(view(image)[0, 0] > 0.99)[0].tolist()) for view in tta.VIEWS["shift"]]
+    assert where == [(10, 12), (10, 13), (10, 11), (11, 12), (9, 12)]
+
+
+def test_tta_accuracy_without_views_is_the_plain_all_pairs_accuracy():
+    torch.manual_seed(0)
+    model = MNISTAdder(channels=(4, 8, 8), number_features=8, hidden=16).eval()
+    pairs = AllPairs(torch.randint(0, 256, (30, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (30,)))
+    logits, truth = disagreements.all_pair_logits(model, pairs)
+    plain = [100 * (logits[:, :10].argmax(1) == truth["digit"]).float().mean().item(),
+             100 * (logits[:, 10:].argmax(1) == truth["sum"]).float().mean().item()]
+    assert tta.accuracies(model, pairs, tta.VIEWS["none"], batch=7) == pytest.approx(plain, abs=1e-4)
+    assert tta.accuracies(model, pairs, tta.VIEWS["rotate"], batch=7) != pytest.approx(plain, abs=1e-4)
 
 
 @pytest.mark.slow
