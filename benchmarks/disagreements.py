@@ -75,7 +75,8 @@ def load(checkpoint: str, data_dir: str, split: str) -> tuple[MNISTAdder, AllPai
     except (ValueError, MNISTUnavailable) as err:
         sys.exit(f"error: {err}")
     source = data.val_set if split == "val" else data.test_set
-    return MNISTAdder.load_from_checkpoint(checkpoint, map_location="cpu").eval(), AllPairs(source.images, source.digits)
+    model = MNISTAdder.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    return model, AllPairs(source.images, source.digits)
 
 
 def main(argv=None) -> None:
