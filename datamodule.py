@@ -12,15 +12,11 @@ import torch.nn.functional as F
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from mnist_files import OFFICIAL_MD5, ensure_mnist, read_idx
 from photos import read_manifest
 
 TestPairs = Literal["all", "fixed", "both"]
-# Elastic distortion as in Simard et al. (2003): uniform noise in [-1, 1] per pixel and axis, smoothed by a
-# Gaussian of this width in pixels (theirs), then scaled by `elastic`.
-ELASTIC_SIGMA = 4.0
 
 
 def _seeded(*keys) -> torch.Generator:
@@ -118,8 +114,6 @@ class MNISTAdderData(L.LightningDataModule):
         rotate: augmentation, maximum rotation in degrees (0 turns it off).
         translate: augmentation, maximum shift as a fraction of the image size.
         scale: augmentation, maximum relative zoom in or out.
-        elastic: augmentation, strength of an elastic distortion (Simard et al.'s alpha, in pixels; 34 moves
-            a pixel by about 2 on average; 0 turns it off).
         on_device: keep all images on the accelerator and cut batches there (fast on a GPU).
         predict_manifest: a CSV with the columns ``file,number`` (paths relative to the CSV's folder):
             ``predict`` then reads these pictures instead of the test set.
@@ -128,7 +122,7 @@ class MNISTAdderData(L.LightningDataModule):
 
     def __init__(self, data_dir: str = "data", batch_size: int = 128, seed: int = 0, val_size: int = 5000,
                  test_pairs: TestPairs = "both", rotate: float = 10.0, translate: float = 0.05,
-                 scale: float = 0.1, elastic: float = 0.0, on_device: bool = False, predict_manifest: str | None = None,
+                 scale: float = 0.1, on_device: bool = False, predict_manifest: str | None = None,
                  predict_output: str | None = None):
         super().__init__()
         if batch_size < 1:
@@ -137,8 +131,8 @@ class MNISTAdderData(L.LightningDataModule):
             raise ValueError(f"val_size must be within 1..59999, got {val_size}")
         if test_pairs not in ("all", "fixed", "both"):
             raise ValueError(f"test_pairs must be 'all', 'fixed' or 'both', got {test_pairs!r}")
-        if min(rotate, translate, scale, elastic) < 0:
-            raise ValueError("rotate, translate, scale and elastic must be >= 0")
+        if min(rotate, translate, scale) < 0:
+            raise ValueError("rotate, translate and scale must be >= 0")
         if predict_manifest is not None and not Path(predict_manifest).is_file():
             raise ValueError(f"predict_manifest {predict_manifest!r}: no such file")
         self.save_hyperparameters()
@@ -214,10 +208,10 @@ class MNISTAdderData(L.LightningDataModule):
         return batch
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A random rotation, zoom and shift (and elastic distortion) for each image, done for the whole batch
-        at once; the parameters come from `generator` (on the CPU: the same stream on every device)."""
+        """A random rotation, zoom and shift for each image, done for the whole batch at once; the
+        parameters come from `generator` (on the CPU: the same stream on every device)."""
         hp = self.hparams
-        if hp.rotate == hp.translate == hp.scale == hp.elastic == 0:
+        if hp.rotate == hp.translate == hp.scale == 0:
             return images
         n = len(images)
 
@@ -230,10 +224,6 @@ class MNISTAdderData(L.LightningDataModule):
         shift = uniform(n, 2) * hp.translate * 2  # affine_grid spans [-1, 1]: the image is 2 units wide
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        if hp.elastic:
-            size = images.shape[-1]
-            field = gaussian_blur(uniform(n, 2, size, size), [int(8 * ELASTIC_SIGMA) + 1] * 2, [ELASTIC_SIGMA] * 2)
-            grid = grid + field.permute(0, 2, 3, 1) * (hp.elastic * 2 / size)  # pixels to grid units
         return F.grid_sample(images, grid, align_corners=False)
 
 

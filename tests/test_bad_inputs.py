@@ -17,7 +17,7 @@ BAD_FIT_OPTIONS = [
     (["--data.batch_size", "0"], "batch_size must be >= 1"),
     (["--data.val_size", "0"], "val_size must be within"),
     (["--data.test_pairs", "some"], "test_pairs"),
-    (["--data.rotate", "-5"], "rotate, translate, scale and elastic must be >= 0"),
+    (["--data.rotate", "-5"], "rotate, translate and scale must be >= 0"),
     (["--ckpt_path", "missing.ckpt"], "no such file"),
     pytest.param(["--config", str(ROOT / "configs" / "gpu.yaml")], "no usable GPU: run `python cli.py fit`",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),

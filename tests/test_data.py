@@ -168,7 +168,7 @@ def test_augmentation_changes_train_images_only(synthetic_data_dir):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"batch_size": 0}, "batch_size"), ({"val_size": 0}, "val_size"), ({"val_size": 60_000}, "val_size"),
-    ({"test_pairs": "some"}, "test_pairs"), ({"rotate": -1.0}, "rotate"), ({"elastic": -1.0}, "elastic"),
+    ({"test_pairs": "some"}, "test_pairs"), ({"rotate": -1.0}, "rotate"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
