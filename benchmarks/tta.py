@@ -3,9 +3,9 @@
 Pairs every validation image of each checkpoint's run (or `--split test`) with all ten numbers and
 prints both heads' accuracy when each head's softmax is averaged over views of the image: `none` (the
 image as it is), `shift` (it and its four shifts by one pixel) and `rotate` (it and its rotations by
-5 and 10 degrees either way); then the mean over the checkpoints (e.g. one per seed, from
-`python benchmarks/seeds.py --keep DIR`). The checkpoints were chosen on validation without views,
-which flatters `none` a little.
+5 and 10 degrees either way); then their mean ± standard deviation over the checkpoints (e.g. one
+per seed, from `python benchmarks/seeds.py --keep DIR`). The checkpoints were chosen on validation
+without views, which flatters `none` a little.
 """
 
 import argparse
