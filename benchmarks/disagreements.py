@@ -9,6 +9,7 @@ second choice instead of its first.
 import argparse
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,11 +23,17 @@ from lightning_module import MNISTAdder  # noqa: E402
 from mnist_files import MNISTUnavailable  # noqa: E402
 
 
+def as_is(images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
 @torch.no_grad()
-def all_pair_logits(model: MNISTAdder, pairs: AllPairs) -> tuple[torch.Tensor, dict]:
-    """Logits [N*10, 29] of every image with every number, and the pairs' number, digit and sum [N*10]."""
+def all_pair_logits(model: MNISTAdder, pairs: AllPairs,
+                    view: Callable[[torch.Tensor], torch.Tensor] = as_is) -> tuple[torch.Tensor, dict]:
+    """Logits [N*10, 29] of every image (as `view` shows it) with every number, and the pairs' number, digit
+    and sum [N*10]."""
     batch = pairs.__getitems__(list(range(len(pairs))))
-    logits = torch.cat([model.net.paired_logits(batch["image"][i:i + 1000], batch["number"][i:i + 1000])
+    logits = torch.cat([model.net.paired_logits(view(batch["image"][i:i + 1000]), batch["number"][i:i + 1000])
                         for i in range(0, len(pairs), 1000)])
     return logits, {"number": batch["number"].flatten(), "digit": batch["digit"].repeat_interleave(10),
                     "sum": batch["sum"].flatten()}

@@ -81,8 +81,8 @@ def test_tta_accuracy_without_views_is_the_plain_all_pairs_accuracy():
     logits, truth = disagreements.all_pair_logits(model, pairs)
     plain = [100 * (logits[:, :10].argmax(1) == truth["digit"]).float().mean().item(),
              100 * (logits[:, 10:].argmax(1) == truth["sum"]).float().mean().item()]
-    assert tta.accuracies(model, pairs, tta.VIEWS["none"], batch=7) == pytest.approx(plain, abs=1e-4)
-    assert tta.accuracies(model, pairs, tta.VIEWS["rotate"], batch=7) != pytest.approx(plain, abs=1e-4)
+    assert tta.accuracies(model, pairs, tta.VIEWS["none"]) == pytest.approx(plain, abs=1e-4)
+    assert tta.accuracies(model, pairs, tta.VIEWS["rotate"]) != pytest.approx(plain, abs=1e-4)
 
 
 @pytest.mark.slow
