@@ -51,7 +51,7 @@ def summarise(runs: list[dict]) -> dict:
             for key in [*FIGURES, "fit_seconds"] for values in [[run[key] for run in runs]]}
 
 
-def table(configs: dict) -> str:
+def table(configs: dict, source: str = "benchmarks/seeds.json") -> str:
     lines = ["| name | command | seeds | val sum | test digit | test sum, all pairs | sum = digit + number "
              "| fit | load |", "|---|---|---|---|---|---|---|---|---|"]
     for name, entry in configs.items():
@@ -69,8 +69,14 @@ def table(configs: dict) -> str:
                       f"seconds of `fit` (training and validation); load: the machine's 1-minute load average as "
                       f"each run started (the run before keeps it near 2 by itself; higher means other work shared "
                       f"the two cores and slowed the run). Written by `benchmarks/seeds.py` from "
-                      f"`benchmarks/seeds.json` ({', '.join(dates)}; {m.get('cpu', '?')}, {m.get('cores', '?')} "
+                      f"`{source}` ({', '.join(dates)}; {m.get('cpu', '?')}, {m.get('cores', '?')} "
                       "cores)."])
+
+
+def shown(path: Path) -> str:
+    """The results file as the table's note names it: repository-relative where it can be."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def main(argv=None) -> dict:
@@ -86,7 +92,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the results file")
     args, extra = parser.parse_known_args(argv)
     if args.table_only:
-        write_report(args.report, table(json.loads(args.results.read_text())), START, END)
+        write_report(args.report, table(json.loads(args.results.read_text()), shown(args.results)), START, END)
         return {}
     if not (ROOT / args.config).is_file():
         sys.exit(f"error: no such config: {args.config}")
@@ -101,7 +107,7 @@ def main(argv=None) -> dict:
                     "summary": summarise(runs)}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(stored, indent=2) + "\n")
-    text = table(stored)
+    text = table(stored, shown(args.results))
     print("\n" + text)
     write_report(args.report, text, START, END)
     return stored[name]

@@ -103,6 +103,8 @@ def test_seeds_trains_each_seed_and_writes_the_table(real_data_dir, tmp_path):
     for key in seeds.FIGURES:
         values = [run[key] for run in entry["runs"]]
         assert entry["summary"][key]["min"] == min(values) and 0 <= min(values) <= 100
-    assert "| tiny | `python cli.py fit --config configs/fast.yaml --data.val_size 100" in report.read_text()
+    text = report.read_text()
+    assert "| tiny | `python cli.py fit --config configs/fast.yaml --data.val_size 100" in text
+    assert f"from `{results.resolve()}`" in text  # the note names the file the table came from
     for seed in (0, 1):
         assert list((tmp_path / "runs" / f"seed_{seed}").glob("lightning_logs/version_0/checkpoints/best-*.ckpt"))
