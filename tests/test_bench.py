@@ -108,3 +108,32 @@ def test_seeds_trains_each_seed_and_writes_the_table(real_data_dir, tmp_path):
     assert f"from `{results.resolve()}`" in text  # the note names the file the table came from
     for seed in (0, 1):
         assert list((tmp_path / "runs" / f"seed_{seed}").glob("lightning_logs/version_0/checkpoints/best-*.ckpt"))
+
+
+def test_gpu_report_collects_each_step_into_results_and_its_table(tmp_path, monkeypatch):
+    from benchmarks import gpu_report
+
+    out = tmp_path / "gpu"
+    (out / "fit" / "lightning_logs" / "version_0").mkdir(parents=True)
+    (out / "fit" / "lightning_logs" / "version_0" / "results.json").write_text(json.dumps(
+        {"fit_seconds": 31.4, "test/digit_acc": 0.9952, "test/sum_acc": 0.9956, "test/sum_acc_all_pairs": 0.99547}))
+    (out / "fit_wall_seconds").write_text("53\n")
+    (out / "bench.json").write_text(json.dumps(
+        {"machine": {"device": "Some GPU", "torch": "2.x"}, "samples_to_99": 102400, "gpu_seconds_to_99": 4.25,
+         "lightning_vs_torch_throughput_ratio": 1.127, "predict_images_per_second": 45553}))
+    for name, speed in [("gpu.yaml", 25525.7), ("compile true", 23936.6)]:
+        throughput = {"throughput": {"lightning": {"samples_per_second": speed}}}
+        (out / f"throughput {name}.json").write_text(json.dumps(throughput))
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "results.json").write_text(json.dumps({"samples_to_99": 24960}))
+    (tmp_path / "BENCHMARKS.md").write_text(f"# B\n\n{gpu_report.START}\nold\n{gpu_report.END}\n\nrest\n")
+    monkeypatch.setattr(gpu_report, "ROOT", tmp_path)
+    gpu_report.main(out)
+    results = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
+    assert results["samples_to_99"] == 24960  # the CPU figures stay beside the new "gpu" entry
+    assert results["gpu"]["fit_wall_seconds"] == 53 and results["gpu"]["test_sum_acc_all_pairs"] == 0.99547
+    assert results["gpu"]["lightning_samples_per_second"] == {"compile true": 23936.6, "gpu.yaml": 25525.7}
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "old" not in text and text.endswith("\n\nrest\n") and "on Some GPU" in text
+    assert "| its test digit accuracy | 99.52 % | >= 99.6 % |" in text
+    assert "| training samples/s, gpu.yaml | 25526 | |" in text
