@@ -51,7 +51,7 @@ def summarise(runs: list[dict]) -> dict:
             for key in [*FIGURES, "fit_seconds"] for values in [[run[key] for run in runs]]}
 
 
-def table(configs: dict, source: str = "benchmarks/seeds.json") -> str:
+def table(configs: dict, source: str) -> str:
     lines = ["| name | command | seeds | val sum | test digit | test sum, all pairs | sum = digit + number "
              "| fit | load |", "|---|---|---|---|---|---|---|---|---|"]
     for name, entry in configs.items():
