@@ -92,6 +92,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the results file")
     args, extra = parser.parse_known_args(argv)
     if args.table_only:
+        if not args.results.is_file():
+            sys.exit(f"error: no results file to write the table from: {args.results}")
         write_report(args.report, table(json.loads(args.results.read_text()), shown(args.results)), START, END)
         return {}
     if not (ROOT / args.config).is_file():

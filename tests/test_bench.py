@@ -110,6 +110,16 @@ def test_seeds_trains_each_seed_and_writes_the_table(real_data_dir, tmp_path):
         assert list((tmp_path / "runs" / f"seed_{seed}").glob("lightning_logs/version_0/checkpoints/best-*.ckpt"))
 
 
+def test_seeds_table_only_without_a_results_file_says_so(tmp_path, capsys):
+    import seeds
+
+    report = tmp_path / "README.md"
+    report.write_text(f"{seeds.START}\nkept\n{seeds.END}\n")
+    with pytest.raises(SystemExit, match="error: no results file to write the table from"):
+        seeds.main(["--table-only", "--results", str(tmp_path / "missing.json"), "--report", str(report)])
+    assert "kept" in report.read_text()
+
+
 def test_gpu_report_collects_each_step_into_results_and_its_table(tmp_path, monkeypatch):
     from benchmarks import gpu_report
 
