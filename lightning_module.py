@@ -44,7 +44,8 @@ class MNISTAdder(L.LightningModule):
     Args:
         sum_loss: ``cross_entropy``, or ``mse``: the Brier score, squared error between the softmax
             over the 19 sum logits and the one-hot target, summed over the classes.
-        channels: widths of the three conv layers.
+        channels: widths of the three conv stages.
+        convs_per_stage: conv layers in each stage: the first pools, the others are 3x3 at the pooled size.
         number_features: width of the Linear layer that embeds the number.
         hidden: width of the first FC layer.
         dropout: probability of a Dropout after the first FC layer (0: none).
@@ -65,7 +66,7 @@ class MNISTAdder(L.LightningModule):
     """
 
     def __init__(self, sum_loss: SumLoss = "cross_entropy", channels: tuple[int, int, int] = (16, 32, 64),
-                 number_features: int = 128, hidden: int = 512, dropout: float = 0.0,
+                 number_features: int = 128, hidden: int = 512, dropout: float = 0.0, convs_per_stage: int = 1,
                  optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
                  scheduler: LRSchedulerCallable | None = None,
                  scheduler_interval: Literal["step", "epoch"] = "step", gradient_clip_val: float = 0.0,
@@ -75,16 +76,17 @@ class MNISTAdder(L.LightningModule):
         if sum_loss not in ("cross_entropy", "mse"):
             raise ValueError(f"sum_loss must be 'cross_entropy' or 'mse', got {sum_loss!r}")
         self.sum_loss_weight = DEFAULT_SUM_LOSS_WEIGHT[sum_loss] if sum_loss_weight is None else sum_loss_weight
-        if min(*channels, number_features, hidden) < 1 or min(gradient_clip_val, agreement) < 0 \
+        if min(*channels, number_features, hidden, convs_per_stage) < 1 or min(gradient_clip_val, agreement) < 0 \
                 or self.sum_loss_weight <= 0:
-            raise ValueError("channels, number_features and hidden must be >= 1, gradient_clip_val and "
+            raise ValueError("channels, number_features, convs_per_stage and hidden must be >= 1, "
+                             "gradient_clip_val and "
                              "agreement >= 0, sum_loss_weight > 0")
         if not 0 <= label_smoothing < 1 or not 0 <= dropout < 1:
             raise ValueError(f"label_smoothing and dropout must be within [0, 1), got {label_smoothing} and {dropout}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.automatic_optimization = False
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.net = DualInputNet(tuple(channels), number_features, hidden, dropout)
+        self.net = DualInputNet(tuple(channels), number_features, hidden, dropout, convs_per_stage)
         self.train_metrics, self.val_metrics, self.test_metrics = _stage_metrics(), _stage_metrics(), _stage_metrics()
         self.val_metrics["sum_consistency"] = MeanMetric()
         self.test_all_pairs = nn.ModuleDict({"digit_acc": _accuracy(10), "sum_acc": _accuracy(19),

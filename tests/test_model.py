@@ -129,7 +129,8 @@ def test_shared_image_features_match_forward_on_every_pair():
 
 
 @pytest.mark.parametrize("kwargs", [{"sum_loss": "l1"}, {"hidden": 0}, {"gradient_clip_val": -1.0}, {"label_smoothing": 1.0},
-                                    {"dropout": 1.0}, {"sum_loss_weight": 0.0}, {"agreement": -0.5}])
+                                    {"dropout": 1.0}, {"sum_loss_weight": 0.0}, {"agreement": -0.5},
+                                    {"convs_per_stage": 0}])
 def test_bad_model_arguments(kwargs):
     with pytest.raises(ValueError):
         MNISTAdder(**kwargs)
@@ -164,3 +165,15 @@ def test_dropout_acts_in_training_only_and_is_absent_by_default():
     assert torch.equal(model(images, numbers), model(images, numbers))
     # without dropout the head's layers keep their indices, so checkpoints written before the option load
     assert not any(isinstance(m, torch.nn.Dropout) for m in MNISTAdder().modules())
+
+
+def test_convs_per_stage_adds_3x3_convs_at_the_pooled_size():
+    one, two = MNISTAdder(channels=(8, 16, 16)), MNISTAdder(channels=(8, 16, 16), convs_per_stage=2)
+    convs = [[layer for layer in m.net.image if isinstance(layer, torch.nn.Conv2d)] for m in (one, two)]
+    assert [c.kernel_size[0] for c in convs[0]] == [5, 3, 3]
+    assert [c.kernel_size[0] for c in convs[1]] == [5, 3, 3, 3, 3, 3]
+    assert [c.out_channels for c in convs[1]] == [8, 8, 16, 16, 16, 16]
+    images = torch.rand(2, 1, 28, 28)
+    assert two.net.image_features(images).shape == one.net.image_features(images).shape == (2, 16 * 3 * 3)
+    # one conv per stage keeps the layers' indices, so checkpoints written before the option load
+    assert {"image.0.weight", "image.2.running_mean", "image.4.weight", "image.10.bias"} <= set(one.net.state_dict())
