@@ -242,8 +242,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, help="timed steps per round (default 50, so that Lightning's "
                         "logger writes once in each, as every 50 steps in a run; quick 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each round")
-    parser.add_argument("--check-every", type=int, default=25,
-                        help="steps between the time-to-99 test checks (400 samples at to_99.yaml's batch 16)")
+    parser.add_argument("--check-every", type=int, default=12,
+                        help="steps between the time-to-99 test checks (384 samples at to_99.yaml's batch 32)")
     parser.add_argument("--config", default="configs/to_99.yaml", help="the time-to-99 run's config")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the time-to-99 runs' seeds")
     parser.add_argument("--throughput-config", default="configs/default.yaml", help="the throughput runs' config")

@@ -55,7 +55,7 @@ def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
         events.SummaryMetadata("_hparams_/experiment").plugin_data.content).experiment
     names = {info.name for info in experiment.hparam_infos}
     assert {"optimizer", "optimizer.lr", "scheduler.max_lr", "batch_size", "max_epochs", "seed", "rotate",
-            "sum_loss", "sum_loss_weight", "agreement"} <= names
+            "sum_loss", "sum_loss_weight", "agreement", "channels", "convs_per_stage", "hidden"} <= names
     assert not any(name.startswith("_") for name in names)
     assert [m.name.tag for m in experiment.metric_infos] == ["hp/val_sum_acc_best", "test/digit_acc",
                                                              "test/sum_acc_all_pairs"]
