@@ -49,5 +49,6 @@ def run_hparams(config, sum_loss_weight: float) -> dict:
                    "sum_loss": model.sum_loss, "sum_loss_weight": sum_loss_weight,
                    "agreement": model.agreement,
                    "label_smoothing": model.label_smoothing, "channels": str(list(model.channels)),
-                   "convs_per_stage": model.convs_per_stage, "hidden": model.hidden, "precision": str(trainer.precision)})
+                   "convs_per_stage": model.convs_per_stage, "hidden": model.hidden,
+                   "precision": str(trainer.precision)})
     return params

@@ -79,8 +79,7 @@ class MNISTAdder(L.LightningModule):
         if min(*channels, number_features, hidden, convs_per_stage) < 1 or min(gradient_clip_val, agreement) < 0 \
                 or self.sum_loss_weight <= 0:
             raise ValueError("channels, number_features, convs_per_stage and hidden must be >= 1, "
-                             "gradient_clip_val and "
-                             "agreement >= 0, sum_loss_weight > 0")
+                             "gradient_clip_val and agreement >= 0, sum_loss_weight > 0")
         if not 0 <= label_smoothing < 1 or not 0 <= dropout < 1:
             raise ValueError(f"label_smoothing and dropout must be within [0, 1), got {label_smoothing} and {dropout}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])

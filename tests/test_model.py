@@ -173,6 +173,8 @@ def test_convs_per_stage_adds_3x3_convs_at_the_pooled_size():
     assert [c.kernel_size[0] for c in convs[0]] == [5, 3, 3]
     assert [c.kernel_size[0] for c in convs[1]] == [5, 3, 3, 3, 3, 3]
     assert [c.out_channels for c in convs[1]] == [8, 8, 16, 16, 16, 16]
+    first_stage = [type(layer).__name__ for layer in two.net.image[:7]]
+    assert first_stage == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU"]  # after pooling
     images = torch.rand(2, 1, 28, 28)
     assert two.net.image_features(images).shape == one.net.image_features(images).shape == (2, 16 * 3 * 3)
     # one conv per stage keeps the layers' indices, so checkpoints written before the option load
