@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from cli import cli_main  # noqa: E402
 from datamodule import MNISTAdderData  # noqa: E402
-from to_99 import run_to_99  # noqa: E402
+import to_99  # noqa: E402
+from to_99 import run_to_99, seconds_to_step  # noqa: E402
 
 START, END = "<!-- bench:table:start -->", "<!-- bench:table:end -->"
 FIGURES = {"lightning_vs_torch_throughput_ratio": (">= 0.95", lambda v: v >= 0.95),
@@ -154,15 +155,22 @@ def compile_speedup(extra: list[str], config: str, rounds: int, warmup: int, ste
 
 
 def to_99_over_seeds(extra: list[str], config: str, every: int, seeds: list[int], accelerator: str) -> tuple[dict, object]:
-    """`to_99.run_to_99` for each seed; the per-seed figures, and the worst, which the targets are about."""
+    """For each seed, `to_99.run_to_99`, then the seconds to its step to 99 % from `to_99.seconds_to_step`;
+    the per-seed figures, and the worst, which the targets are about."""
     runs = {}
     for seed in seeds:
         print(f"  seed {seed}", flush=True)
         with tempfile.TemporaryDirectory() as root:
-            cli = build([f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-                         "--trainer.enable_model_summary=false", f"--trainer.accelerator={accelerator}",
-                         f"--seed_everything={seed}", *extra], config)
-            runs[str(seed)] = run_to_99(cli, every)
+            args = [f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+                    "--trainer.enable_model_summary=false", f"--trainer.accelerator={accelerator}",
+                    f"--seed_everything={seed}", *extra]
+            runs[str(seed)] = run = run_to_99(cli := build(args, config), every)
+            run["seconds_to_99"] = None
+            if run["step_to_99"] is not None:
+                print(f"  seed {seed} again, checked at step {run['step_to_99']} only, for the seconds", flush=True)
+                run["timed_check"] = timed = seconds_to_step(build(args, config), run["step_to_99"])
+                if min(timed["test_digit_acc"], timed["test_sum_acc"]) >= to_99.TARGET:  # the same run again
+                    run["seconds_to_99"] = timed["seconds"]
 
     def worst(key):
         values = [run[key] for run in runs.values()]
