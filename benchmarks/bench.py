@@ -53,88 +53,107 @@ def prepared(extra: list[str], config: str):
     return cli
 
 
-class StepClock(Callback):
-    """Times the training steps `first`..end of a Lightning fit, batch fetching included."""
-
-    def __init__(self, first: int):
-        self.first, self.start = first, None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.first:
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx >= self.first:
-            self.seconds = time.perf_counter() - self.start
-
-
-def lightning_seconds(model, data, warmup: int, steps: int, log_dir: str, accelerator: str, precision: str) -> float:
-    clock = StepClock(warmup)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, max_epochs=1, limit_train_batches=warmup + steps,
-                        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=50,
-                        logger=TensorBoardLogger(log_dir), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
-    trainer.fit(model, datamodule=data)
-    return clock.seconds
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def torch_seconds(model, data, warmup: int, steps: int, epoch: int, device: torch.device) -> float:
+def plain_steps(model, data, epoch: int, total: int, device: torch.device, precision: str):
     """The same step as `MNISTAdder.training_step` (two backward passes, one optimizer step, the
-    scheduler stepped per batch) in a plain loop over the same loader, without metrics or logging."""
+    scheduler stepped per batch) in a plain loop over the same loader, without metrics or logging;
+    yields after each of `total` steps."""
     net = model.net.to(device)
     optimizer = model.optimizer(net.parameters())
-    scheduler = model.scheduler(optimizer, total_steps=warmup + steps)
+    scheduler = model.scheduler(optimizer, total_steps=total)
+    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
     loader = data.train_dataloader()
     loader.sampler.set_epoch(epoch)
     net.train()
-    for i, batch in enumerate(itertools.islice(loader, warmup + steps)):
-        if i == warmup:
-            synchronize(device)
-            start = time.perf_counter()
+    for batch in itertools.islice(loader, total):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        images = data.augment(batch["image"], data.train_set.augment_generator)
-        digit_loss, sum_loss = model.losses(net(images, batch["number"]), batch["digit"], batch["number"])
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            images = data.augment(batch["image"], data.train_set.augment_generator)
+            digit_loss, sum_loss = model.losses(net(images, batch["number"]), batch["digit"], batch["number"])
         optimizer.zero_grad(set_to_none=True)
         digit_loss.backward(retain_graph=True)
         (sum_loss * model.sum_loss_weight).backward()
         optimizer.step()
         scheduler.step()
+        yield
+
+
+def torch_seconds(model, data, warmup: int, steps: int, epoch: int, device: torch.device, precision: str) -> float:
+    """The seconds of `steps` plain steps after `warmup` untimed ones."""
+    steps_done = plain_steps(model, data, epoch, warmup + steps, device, precision)
+    for _ in itertools.islice(steps_done, warmup):
+        pass
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in steps_done:
+        pass
     synchronize(device)
     return time.perf_counter() - start
 
 
+class InLockstep(Callback):
+    """Runs one plain step after each Lightning training step, so that the two alternate step by step
+    and the machine's drifting speed weighs on both alike. Lightning's time is everything between the
+    end of one plain step and the start of the next (its loop, hooks, logging and batch fetching
+    included); both clocks start after `warmup` + 1 steps each."""
+
+    def __init__(self, plain, warmup: int, device: torch.device):
+        self.plain, self.warmup, self.device = plain, warmup, device
+        self.seconds = {"lightning": 0.0, "torch": 0.0}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        synchronize(self.device)
+        start = time.perf_counter()
+        if batch_idx > self.warmup:
+            self.seconds["lightning"] += start - self.resumed
+        next(self.plain)
+        synchronize(self.device)
+        self.resumed = time.perf_counter()
+        if batch_idx > self.warmup:
+            self.seconds["torch"] += self.resumed - start
+
+
+def lockstep_seconds(lit, plain, warmup: int, steps: int, epoch: int, log_dir: str, accelerator: str) -> dict:
+    """A Lightning fit of `lit`'s model and the plain loop on `plain`'s, in lockstep: each one's seconds
+    for `steps` steps after `warmup` + 1 untimed ones."""
+    device = device_of(accelerator)
+    precision = lit.trainer.precision
+    lockstep = InLockstep(plain_steps(plain.model, plain.datamodule, epoch, warmup + steps + 1, device, precision),
+                          warmup, device)
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, max_epochs=1,
+                        limit_train_batches=warmup + steps + 1, limit_val_batches=0, num_sanity_val_steps=0,
+                        log_every_n_steps=50, logger=TensorBoardLogger(log_dir), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[lockstep])
+    trainer.fit(lit.model, datamodule=lit.datamodule)
+    return lockstep.seconds
+
+
 def throughput_ratio(extra: list[str], config: str, rounds: int, warmup: int, steps: int, accelerator: str) -> dict:
-    """Lightning fit and the plain loop, each on its own copy of the default model, measured in turn
-    (L T T L L T ...); the ratio of their times is the median over the rounds."""
+    """Lightning fit and the plain loop, each on its own copy of the config's model, in lockstep (one step
+    of each in turn); the ratio of their times in each round, and the median over the rounds."""
     lit, plain = prepared(extra, config), prepared(extra, config)
-    if warmup + steps > len(plain.datamodule.train_dataloader()):
-        sys.exit(f"error: --warmup + --steps ({warmup + steps}) exceeds the batches in one epoch")
+    if warmup + steps + 1 > len(plain.datamodule.train_dataloader()):
+        sys.exit(f"error: --warmup + --steps + 1 ({warmup + steps + 1}) exceeds the batches in one epoch")
+    batch_size = plain.datamodule.hparams.batch_size
     times = {"lightning": [], "torch": []}
     with tempfile.TemporaryDirectory() as log_dir:
         for r in range(rounds):
-            for kind in ("lightning", "torch") if r % 2 == 0 else ("torch", "lightning"):
-                seconds = (lightning_seconds(lit.model, lit.datamodule, warmup, steps, log_dir, accelerator,
-                                             lit.trainer.precision)
-                           if kind == "lightning" else
-                           torch_seconds(plain.model, plain.datamodule, warmup, steps, r, device_of(accelerator)))
-                times[kind].append(seconds)
-                print(f"  round {r + 1}/{rounds} {kind:9s} {steps * plain.datamodule.hparams.batch_size / seconds:7.0f} "
-                      "samples/s", flush=True)
-    # Each round's pair ran back to back; the median of their ratios stays put when the machine's speed
-    # drifts between rounds (it can change by a quarter within a minute), which a ratio of sums does not.
+            seconds = lockstep_seconds(lit, plain, warmup, steps, r, log_dir, accelerator)
+            for kind, value in seconds.items():
+                times[kind].append(value)
+            print(f"  round {r + 1}/{rounds}  " + "  ".join(
+                f"{kind} {steps * batch_size / value:6.0f}" for kind, value in seconds.items()) + " samples/s", flush=True)
     ratios = [torch_time / lightning_time for torch_time, lightning_time in zip(times["torch"], times["lightning"])]
     return {"lightning_vs_torch_throughput_ratio": round(statistics.median(ratios), 3),
             "throughput_ratio_per_round": [round(r, 3) for r in ratios],
-            "throughput": {kind: {"samples_per_second": round(
-                steps * rounds * plain.datamodule.hparams.batch_size / sum(t), 1), "seconds_per_round": t}
-                for kind, t in times.items()},
+            "throughput": {kind: {"samples_per_second": round(steps * rounds * batch_size / sum(t), 1),
+                                  "seconds_per_round": t} for kind, t in times.items()},
             "throughput_setup": {"rounds": rounds, "warmup_steps": warmup, "timed_steps": steps,
-                                 "batch_size": plain.datamodule.hparams.batch_size}}
+                                 "batch_size": batch_size, "precision": str(lit.trainer.precision)}}
 
 
 def compile_speedup(extra: list[str], config: str, rounds: int, warmup: int, steps: int, accelerator: str) -> dict:
@@ -143,12 +162,12 @@ def compile_speedup(extra: list[str], config: str, rounds: int, warmup: int, ste
     compiled.model.net.compile()
     device = device_of(accelerator)
     start = time.perf_counter()
-    first = torch_seconds(compiled.model, compiled.datamodule, warmup, steps, 0, device)  # compiles in its warmup
+    first = torch_seconds(compiled.model, compiled.datamodule, warmup, steps, 0, device, compiled.trainer.precision)  # compiles in its warmup
     compile_seconds = time.perf_counter() - start - first * (warmup + steps) / steps
     times = {"eager": [], "compiled": []}
     for r in range(rounds):
         for kind, cli in (("eager", eager), ("compiled", compiled))[::1 if r % 2 == 0 else -1]:
-            times[kind].append(torch_seconds(cli.model, cli.datamodule, warmup, steps, r, device))
+            times[kind].append(torch_seconds(cli.model, cli.datamodule, warmup, steps, r, device, cli.trainer.precision))
             print(f"  round {r + 1}/{rounds} {kind:9s} {steps / times[kind][-1]:5.1f} steps/s", flush=True)
     return {"compile_step_speedup": round(sum(times["eager"]) / sum(times["compiled"]), 3),
             "compile_seconds": round(compile_seconds, 1), "compile_seconds_per_round": times}
