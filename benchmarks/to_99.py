@@ -1,9 +1,9 @@
 """Samples and seconds to 99 %: a config trained while, every few steps and at each epoch's end, the
 clock stops and both heads are tested on all 100,000 (official test image, number) pairs and on the
 5,000 validation pairs; the run stops once both heads reach 99 % on both. The seconds come from a
-second run of the same seed, checked only at the step where the first reached 99 %: the checks, though
-off the clock, slow the training steps after them (with one every 12 steps, 19.6 s to step 708 against
-14.5 s with checks at steps 354 and 708 only, seed 0 of configs/to_99.yaml on one machine)."""
+second run of the same seed, checked only at the step where the first reached 99 %: an uninterrupted
+run, as a user's, whose cache and memory no check has disturbed (the clocks of the two runs differed
+by -3.8 to +0.7 s over nine seeds, no more than the machine's drift)."""
 
 import time
 

@@ -24,6 +24,8 @@ def test_bench_writes_results_and_rewrites_only_its_table(synthetic_data_dir, tm
             "prepare_seconds_cached", "predict_images_per_second"} <= set(results)
     assert {"cpu", "cores", "torch"} <= set(results["machine"]) and results["machine"]["device"] == "cpu"
     assert results["lightning_vs_torch_throughput_ratio"] > 0 and results["predict_images_per_second"] > 0
+    assert len(results["throughput_ratio_per_round"]) == 2 and all(
+        len(t["seconds_per_round"]) == 2 and all(s > 0 for s in t["seconds_per_round"]) for t in results["throughput"].values())
     assert set(results["to_99_runs"]) == {"0", "1"}
     for run in results["to_99_runs"].values():
         checks = run["checks"]
