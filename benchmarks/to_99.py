@@ -47,9 +47,9 @@ class To99(Callback):
         self.start, self.paused = time.perf_counter(), 0.0
 
     def _check(self, trainer, pl_module):
-        elapsed = time.perf_counter() - self.start - self.paused
-        if pl_module.device.type == "cuda":
+        if pl_module.device.type == "cuda":  # the queued training work belongs on the clock
             torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self.start - self.paused
         data = trainer.datamodule
         accuracy = {"val": accuracies(pl_module, data.val_set, paired=False),
                     "test": accuracies(pl_module, data.all_pairs_set, paired=True)}
@@ -74,7 +74,8 @@ class To99(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         checked_here = self.history and self.history[-1]["step"] == trainer.global_step
-        if not all(self.reached.values()) and not checked_here:
+        before_stop = self.stop_at is not None and trainer.global_step < self.stop_at
+        if not all(self.reached.values()) and not checked_here and not before_stop:
             self._check(trainer, pl_module)
 
 

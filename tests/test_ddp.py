@@ -95,8 +95,8 @@ def one_process_over_the_same_global_batches(data_dir, epochs, steps_per_epoch):
 
 def spawned(run):
     """Runs a ddp_spawn fit or test, once more if a process aborted: gloo's threads now and then abort a
-    process at exit ("terminate called without an active exception") after its work is done. An abort is
-    a C++ crash, which none of the project's Python can cause; any other failure fails at once."""
+    process at exit ("terminate called without an active exception") after its work is done. A Python
+    error in a process fails at once; a second abort fails too."""
     try:
         return run()
     except ProcessExitedException as crash:
