@@ -272,7 +272,7 @@ def write_report(report: Path, text: str, start: str = START, end: str = END) ->
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 rounds of 20 steps instead of 20 of 50")
-    parser.add_argument("--rounds", type=int, help="alternating throughput rounds (default 20; quick 4)")
+    parser.add_argument("--rounds", type=int, help="throughput rounds, one fit each (default 20; quick 4)")
     parser.add_argument("--steps", type=int, help="timed steps per round (default 50, so that Lightning's "
                         "logger writes once in each, as every 50 steps in a run; quick 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each round")
@@ -288,6 +288,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results.json")
     parser.add_argument("--report", type=Path, default=ROOT / "BENCHMARKS.md")
     args, extra = parser.parse_known_args(argv)
+    if any(n is not None and n < 1 for n in (args.rounds, args.steps, args.check_every)) or args.warmup < 0:
+        parser.error("--rounds, --steps and --check-every must be >= 1, --warmup >= 0")
     # Many short rounds: the machine's speed drifts less within a round's pair, and the median ignores the
     # rounds where it did.
     rounds = args.rounds or (4 if args.quick else 20)

@@ -46,6 +46,13 @@ def test_bench_writes_results_and_rewrites_only_its_table(synthetic_data_dir, tm
     assert "| `samples_to_99` |" in text and "| `cpu_seconds_to_99` |" in text
 
 
+@pytest.mark.parametrize("bad", [["--warmup", "-1"], ["--steps", "0"], ["--rounds", "0"], ["--check-every", "0"]])
+def test_bench_refuses_counts_it_cannot_time(bad, capsys, tmp_path):
+    with pytest.raises(SystemExit):  # before any measuring: the output paths are only a safeguard
+        bench.main([*bad, "--results", str(tmp_path / "r.json"), "--report", str(tmp_path / "r.md")])
+    assert "must be >= 1, --warmup >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_bench_compile_figures(synthetic_data_dir, tmp_path):
     results_path = tmp_path / "results.json"
