@@ -27,7 +27,6 @@ sys.path.insert(0, str(ROOT))
 from cli import cli_main  # noqa: E402
 from datamodule import MNISTAdderData  # noqa: E402
 import to_99  # noqa: E402
-from to_99 import run_to_99, seconds_to_step  # noqa: E402
 
 START, END = "<!-- bench:table:start -->", "<!-- bench:table:end -->"
 FIGURES = {"lightning_vs_torch_throughput_ratio": (">= 0.95", lambda v: v >= 0.95),
@@ -49,6 +48,9 @@ def prepared(extra: list[str], config: str):
     """The config's objects, with the training data set up for the config's trainer (so, with
     `data.on_device`, on its device, and pinned only where the batches travel to a GPU)."""
     cli = build(extra, config)
+    if str(cli.trainer.precision) not in ("32-true", "bf16-mixed"):  # what `plain_steps` can do as Lightning does
+        sys.exit(f"error: the plain loop does what Lightning does for precision 32-true and bf16-mixed only, "
+                 f"not {cli.trainer.precision}")
     cli.datamodule.trainer = cli.trainer
     cli.datamodule.prepare_data()
     cli.datamodule.setup("fit")
@@ -67,8 +69,6 @@ def plain_steps(model, data, epoch: int, total: int, device: torch.device, preci
     net = model.net.to(device)
     optimizer = model.optimizer(net.parameters())
     scheduler = model.scheduler(optimizer, total_steps=total)
-    if str(precision) not in ("32-true", "bf16-mixed"):
-        sys.exit(f"error: the plain loop does what Lightning does for precision 32-true and bf16-mixed only, not {precision}")
     loader = data.train_dataloader()
     loader.sampler.set_epoch(epoch)
     net.train()
@@ -188,11 +188,11 @@ def to_99_over_seeds(extra: list[str], config: str, every: int, seeds: list[int]
             args = [f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
                     "--trainer.enable_model_summary=false", f"--trainer.accelerator={accelerator}",
                     f"--seed_everything={seed}", *extra]
-            runs[str(seed)] = run = run_to_99(cli := build(args, config), every)
+            runs[str(seed)] = run = to_99.run_to_99(cli := build(args, config), every)
             run["seconds_to_99"] = None
             if run["step_to_99"] is not None:
                 print(f"  seed {seed} again, checked at step {run['step_to_99']} only, for the seconds", flush=True)
-                run["timed_check"] = timed = seconds_to_step(build(args, config), run["step_to_99"])
+                run["timed_check"] = timed = to_99.seconds_to_step(build(args, config), run["step_to_99"])
                 if min(timed["test_digit_acc"], timed["test_sum_acc"]) >= to_99.TARGET:  # the same run again
                     run["seconds_to_99"] = timed["seconds"]
                 else:  # e.g. nondeterministic GPU kernels
@@ -304,8 +304,8 @@ def main(argv=None) -> dict:
         results.update(throughput_ratio(extra, args.throughput_config, rounds, args.warmup, steps, args.accelerator))
     if args.only in (None, "to_99"):
         print(f"Samples and time to 99 % on both heads with {args.config}", flush=True)
-        to_99, cli = to_99_over_seeds(extra, args.config, args.check_every, args.seeds, args.accelerator)
-        results.update(to_99)
+        to_99_figures, cli = to_99_over_seeds(extra, args.config, args.check_every, args.seeds, args.accelerator)
+        results.update(to_99_figures)
         results[f"{device_of(args.accelerator).type.replace('cuda', 'gpu')}_seconds_to_99"] = results.pop("seconds_to_99")
     if args.compile:
         print(f"torch.compile against eager, {rounds} rounds of {steps} steps", flush=True)

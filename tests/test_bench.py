@@ -13,7 +13,8 @@ TINY = ["--quick", "--rounds", "2", "--steps", "12", "--warmup", "2", "--check-e
 
 
 def test_bench_writes_results_and_rewrites_only_its_table(synthetic_data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench.to_99, "TARGET", 0.12)  # what these tiny runs on synthetic data reach
+    target = 0.12  # what these tiny runs on synthetic data reach, in place of 99 %
+    monkeypatch.setattr(bench.to_99, "TARGET", target)
     report = tmp_path / "BENCHMARKS.md"
     report.write_text(f"# Benchmarks\n\nintro\n\n{bench.START}\nold table\n{bench.END}\n\nnotes\n")
     results_path = tmp_path / "results.json"
@@ -33,7 +34,7 @@ def test_bench_writes_results_and_rewrites_only_its_table(synthetic_data_dir, tm
         assert [c["samples"] for c in checks] == [16 * c["step"] for c in checks]
         assert all(0 <= c[key] <= 1 for c in checks for key in ("val_digit_acc", "val_sum_acc", "test_digit_acc",
                                                                   "test_sum_acc"))
-        first = next((c for c in checks if min(c["test_digit_acc"], c["test_sum_acc"]) >= 0.12), None)
+        first = next((c for c in checks if min(c["test_digit_acc"], c["test_sum_acc"]) >= target), None)
         assert run["samples_to_99"] == (first and first["samples"])
         if first:  # the seconds come from the seed run again up to that step, checked there only
             timed = run["timed_check"]
@@ -51,6 +52,14 @@ def test_bench_refuses_counts_it_cannot_time(bad, capsys, tmp_path):
     with pytest.raises(SystemExit):  # before any measuring: the output paths are only a safeguard
         bench.main([*bad, "--results", str(tmp_path / "r.json"), "--report", str(tmp_path / "r.md")])
     assert "must be >= 1, --warmup >= 0" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_precision_the_plain_loop_cannot_match(synthetic_data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="32-true and bf16-mixed only, not bf16-true"):  # before any fit, whose
+        # bf16-true run would end in a traceback
+        bench.main(["--only", "throughput", "--trainer.precision", "bf16-true", "--data.data_dir", str(synthetic_data_dir),
+                    "--results", str(tmp_path / "r.json"), "--report", str(tmp_path / "r.md")])
+    assert not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.slow
