@@ -1,4 +1,4 @@
-"""Benchmarks on this machine's CPU: `python benchmarks/bench.py` (15 minutes on two slow cores in its latest run;
+"""Benchmarks on this machine's CPU: `python benchmarks/bench.py` (13 minutes on two cores in its latest run;
 `--quick` for a shorter, rougher look). Prints a table, rewrites the table in BENCHMARKS.md and writes
 benchmarks/results.json. Options not listed in `--help` (e.g. `--data.val_size 100`) are passed
 to every run's configuration, as on `cli.py`'s command line.
