@@ -9,7 +9,7 @@ import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MaxMetric, MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from net import DualInputNet, logit_mismatch, sum_consistency
@@ -229,6 +229,17 @@ class MNISTAdder(L.LightningModule):
             extra.update(true_digit=batch["digit"], true_sum=batch["sum"])
         return {"number": batch["number"], "digit": digit, "digit_prob": digit_prob, "sum": sum_,
                 "sum_prob": sum_prob, **extra}
+
+    def setup(self, stage: str) -> None:
+        # ddp_spawn pickles this module into each process, which puts its CPU tensors in memory the processes
+        # share. Lightning copies parameters and buffers back out, not metric states: the in-place updates
+        # of MeanMetric and the confusion matrix then added every process's samples into one tensor, and two
+        # updates at once could lose one. A copy of each state keeps its value (setup runs before a restore).
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                for name, state in metric.metric_state.items():
+                    if isinstance(state, torch.Tensor):
+                        setattr(metric, name, state.clone())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         schedulers = checkpoint.get("lr_schedulers") or [{}]

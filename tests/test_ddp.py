@@ -48,6 +48,18 @@ class SaveWeights(Callback):
                    self.folder / f"rank{trainer.global_rank}.pt")
 
 
+class CountTestSamples(Callback):
+    """How many images and pairs each process's test metrics hold, before they are synced."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_test_epoch_end(self, trainer, pl_module):  # runs before the module's hook, which syncs and logs
+        counts = {"images": pl_module.test_metrics["digit_loss"].weight.item(),
+                  "pairs": pl_module.test_all_pairs["sum_consistency"].weight.item()}
+        torch.save(counts, self.folder / f"counts{trainer.global_rank}.pt")
+
+
 def new_model():
     torch.manual_seed(0)
     return MNISTAdder(channels=(8, 16, 16), hidden=32, optimizer=partial(torch.optim.SGD, lr=0.05))
@@ -112,7 +124,7 @@ def test_ddp_weights_and_metrics_match_one_process(tmp_path, real_data_dir):
     model, data = new_model(), new_data(real_data_dir, 25)
     ddp = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2,
                   limit_train_batches=2, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  callbacks=[SaveWeights(tmp_path)])
+                  callbacks=[SaveWeights(tmp_path), CountTestSamples(tmp_path)])
     spawned(lambda: ddp.fit(model, data))
     saved0, saved1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     rank0, rank1 = saved0["state"], saved1["state"]
@@ -129,8 +141,13 @@ def test_ddp_weights_and_metrics_match_one_process(tmp_path, real_data_dir):
     single = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     single_results = (single.test(copy.deepcopy(model), new_data(real_data_dir, 25), verbose=False)
                       + single.test(copy.deepcopy(model), OddTestSet(real_data_dir), verbose=False))
-    ddp_results = (spawned(lambda: ddp.test(copy.deepcopy(model), data, verbose=False))
-                   + spawned(lambda: ddp.test(copy.deepcopy(model), OddTestSet(real_data_dir), verbose=False)))
+    ddp_results = []
+    for test_data, images in ((data, (5000, 5000)), (OddTestSet(real_data_dir), (51, 50))):
+        ddp_results += spawned(lambda: ddp.test(copy.deepcopy(model), test_data, verbose=False))
+        # each process holds its own shard's samples: ratios alone would hide both processes adding into
+        # one metric state (the sum would count every sample twice), and an update lost between them
+        counts = [torch.load(tmp_path / f"counts{rank}.pt") for rank in (0, 1)]
+        assert counts == [{"images": n, "pairs": 10 * n} for n in images]
     accuracies = [{k: v for k, v in r.items() if "acc" in k} for r in ddp_results]
     assert accuracies == [{k: v for k, v in r.items() if "acc" in k} for r in single_results]  # exactly
     for ddp_result, single_result in zip(ddp_results, single_results):  # mean losses: summed in another order
