@@ -76,7 +76,7 @@ def test_help_shows_the_values_a_plain_fit_uses(capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert re.search(r"--trainer.max_epochs MAX_EPOCHS Stop training.*?\(type: Optional\[int\], default: 36\)", help_text)
+    assert re.search(r"--trainer.max_epochs MAX_EPOCHS Stop training.*?\(type: Optional\[int\], default: 20\)", help_text)
     assert re.search(r"--model.label_smoothing LABEL_SMOOTHING .*?\(type: float, default: 0.1\)", help_text)
     assert re.search(r"--model.optimizer OPTIMIZER .*?'class_path': 'torch.optim.SGD'", help_text)
     with pytest.raises(SystemExit):
