@@ -1,11 +1,11 @@
 """Checkpoints: a clear word on a bad one or a resume that cannot be exact, before any work; where they
-are; and a last.ckpt when Ctrl-C or SIGTERM stops a fit."""
+are; a last.ckpt after every validation, and one when Ctrl-C or SIGTERM stops a fit."""
 
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -73,6 +73,25 @@ def run_folder(checkpoint: Path) -> Path | None:
 def newest_checkpoint(root: Path) -> Path | None:
     candidates = list((root / "lightning_logs").glob("version_*/checkpoints/*.ckpt"))
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose last.ckpt is rewritten at every epoch's save point. Since Lightning 2.6, save_last only
+    writes it beside a new best, so a run killed after epochs without one would resume from far back."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def _save_last_if_missed(self, trainer: L.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skipped: saved at this step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class SaveOnInterrupt(Callback):

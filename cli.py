@@ -8,13 +8,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from checkpoints import SaveOnInterrupt, check_checkpoint, check_resume, newest_checkpoint, read_checkpoint, run_folder
+from checkpoints import (BestAndLastCheckpoint, SaveOnInterrupt, check_checkpoint, check_resume, newest_checkpoint,
+                         read_checkpoint, run_folder)
 from dashboard import Dashboard, run_hparams, write_hparams
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
@@ -47,7 +48,7 @@ class ShortErrorParser(LightningArgumentParser):
 
 class AdderCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/sum_acc", "checkpoint.mode": "max",
                              "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch:02d}"})
 

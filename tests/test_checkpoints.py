@@ -37,6 +37,16 @@ def test_ctrl_c_in_fit_saves_last_then_resume_finishes(tmp_path, synthetic_data_
     assert sorted(p.name for p in last.parents[2].iterdir()) == ["version_0"]
 
 
+def test_last_ckpt_follows_every_epoch_not_only_a_new_best(tmp_path, synthetic_data_dir, monkeypatch):
+    """Monitored for its minimum, only epoch 0 is a best; a kill after epoch 2 must still resume from epoch 2."""
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false",
+              "--checkpoint.monitor", "epoch", "--checkpoint.mode", "min", *SMALL])
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best-epoch=00.ckpt", "last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
 @pytest.mark.parametrize("damage, expected", [
     ("missing", "no such file"),
     ("truncated", "not a readable checkpoint"),
