@@ -1,5 +1,5 @@
 """Checkpoints: a clear word on a bad one or a resume that cannot be exact, before any work; where they
-are; a last.ckpt after every validation, and one when Ctrl-C or SIGTERM stops a fit."""
+are; a last.ckpt after every epoch, and one when Ctrl-C or SIGTERM stops a fit."""
 
 from pathlib import Path
 
