@@ -77,7 +77,10 @@ def newest_checkpoint(root: Path) -> Path | None:
 
 class BestAndLastCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose last.ckpt is rewritten at every epoch's save point. Since Lightning 2.6, save_last only
-    writes it beside a new best, so a run killed after epochs without one would resume from far back."""
+    writes it beside a new best, so a run killed after epochs without one would resume from far back.
+
+    It calls four of ModelCheckpoint's private methods, as its own hooks do: pyproject.toml pins Lightning 2.6, and
+    tests/test_checkpoints.py fails if last.ckpt stops following every epoch."""
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -96,7 +99,9 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
 class SaveOnInterrupt(Callback):
     """Ctrl-C or SIGTERM (a scheduler's pre-emption) during fit: write last.ckpt beside the other checkpoints
-    and say how to resume."""
+    and say how to resume. Lightning's own do not fit: OnExceptionCheckpoint saves on every exception and deletes
+    its file when a run ends well (so it cannot be last.ckpt), and ModelCheckpoint(save_on_exception=True) names
+    its file like a top-k checkpoint, which a best-epoch=NN.ckpt that was never the best would be."""
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         ckpt = trainer.checkpoint_callback

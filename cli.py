@@ -8,23 +8,26 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from jsonargparse import DefaultHelpFormatter
 
 from checkpoints import (BestAndLastCheckpoint, SaveOnInterrupt, check_checkpoint, check_resume, newest_checkpoint,
                          read_checkpoint, run_folder)
-from dashboard import Dashboard, run_hparams, write_hparams
+from dashboard import HPARAM_METRICS, Dashboard, run_hparams
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
 from mnist_files import MNISTUnavailable, write_atomic
-from predictions import (fill_predictions, gather_shards, predictions_csv, predictions_table,
-                         test_set_predictions)
+from progress import EpochLog, ProgressBar
+from predictions import PredictionsCSV
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DEFAULT_LOG_DIR = yaml.safe_load(DEFAULT_CONFIG.read_text())["trainer"]["logger"]["init_args"]["save_dir"]
 DESCRIPTION = """mnist-adder: a network reads an MNIST digit and a number 0-9 and predicts the digit and their sum.
 
   fit       train (configs/default.yaml unless --config says more), then test the best checkpoint
@@ -39,6 +42,17 @@ DESCRIPTION = """mnist-adder: a network reads an MNIST digit and a number 0-9 an
 UNACTIONABLE_WARNINGS = ["LightningCLI's args parameter", r"`isinstance\(treespec, LeafSpec\)` is deprecated"]
 
 
+def _data_seed(seed: int | bool) -> int:
+    return 0 if isinstance(seed, bool) else seed
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """The description as written: argparse would run the list of subcommands together into one paragraph."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
 class ShortErrorParser(LightningArgumentParser):
     """A bad option ends in its one error line and a tip, without the usage wall; --help shows it all."""
 
@@ -46,19 +60,28 @@ class ShortErrorParser(LightningArgumentParser):
         pass
 
 
+class SaveFitConfig(SaveConfigCallback):
+    """config.yaml is the fit's: validate, test and predict, which write into the run's folder, leave it as it is."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
+
 class AdderCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/sum_acc", "checkpoint.mode": "max",
                              "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch:02d}"})
+        # One seed decides the initial weights, the augmentation, the split and every pairing: --data.seed is
+        # not an option of its own. `--seed_everything true` draws its seed later, in before_instantiate_classes.
+        parser.link_arguments("seed_everything", "data.seed", compute_fn=_data_seed)
 
     def before_instantiate_classes(self) -> None:
         """Settings that Lightning would take badly, turned into what the user meant or one clear error."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
-        # One seed decides the initial weights, the augmentation, the split and every pairing
-        # (`--seed_everything true` has been turned into the seed it drew by now).
-        if not isinstance(config.seed_everything, bool):
+        if not isinstance(config.seed_everything, bool):  # the seed `--seed_everything true` drew by now
             config.data.seed = config.seed_everything
         if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise ValueError("trainer.accelerator is 'gpu' (configs/gpu.yaml) but this machine has no usable GPU: "
@@ -77,18 +100,25 @@ class AdderCLI(LightningCLI):
                 f" (the newest here: --ckpt_path {newest})" if newest else
                 " (none found under lightning_logs/: train with `python cli.py fit` first)"))
         self._place_logs(config, ckpt_path)
+        show_bar = trainer.enable_progress_bar is not False and sys.stdout.isatty()
+        self.trainer_defaults["callbacks"].append(ProgressBar() if show_bar else EpochLog())
 
     def _place_logs(self, config, ckpt_path) -> None:
-        """TensorBoard logs and checkpoints go to DEFAULT_ROOT_DIR/lightning_logs/version_N, as absolute paths;
-        a resumed fit writes on into the folder of the run it resumes."""
+        """Unless the user placed them, the logs go to DEFAULT_ROOT_DIR/lightning_logs/version_N as absolute paths;
+        a resumed fit, and validate, test or predict with a run's checkpoint, write into that run's folder."""
         logger = config.trainer.logger
         if not (hasattr(logger, "class_path") and logger.class_path.endswith("TensorBoardLogger")):
             return
-        root = Path(config.trainer.default_root_dir or ".").resolve()
-        logger.init_args.save_dir, logger.init_args.name = str(root), "lightning_logs"
-        if self.subcommand == "fit" and ckpt_path and (folder := run_folder(Path(ckpt_path))):
-            logger.init_args.save_dir, logger.init_args.name = str(folder.parent.parent), folder.parent.name
-            logger.init_args.version = folder.name
+        args = logger.init_args
+        if (str(args.save_dir), args.name, args.version) != (DEFAULT_LOG_DIR, "lightning_logs", None):
+            return  # set by the user: theirs
+        folder = run_folder(Path(ckpt_path)) if ckpt_path else None
+        if folder is not None:
+            args.save_dir, args.name, args.version = str(folder.parent.parent), folder.parent.name, folder.name
+        elif self.subcommand in ("validate", "test", "predict"):  # a checkpoint outside any run
+            config.trainer.logger = False  # no new, nearly empty run folder
+        else:
+            args.save_dir = str(Path(config.trainer.default_root_dir or ".").resolve())
 
     def _check_ckpt_path(self) -> dict | None:
         path = self.config[self.subcommand].get("ckpt_path")
@@ -113,10 +143,13 @@ class AdderCLI(LightningCLI):
             return
         callback = self.trainer.checkpoint_callback
         best = callback.best_model_path if callback else ""
+        best_val = self.trainer.callback_metrics.get("val/sum_acc_best")  # the module's, before the test reloads it
         results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
         metrics = {k: v for result in results for k, v in result.items()}
         summary = {"checkpoint": best or None, "fit_seconds": round(fit_seconds, 1),
-                   "val_sum_acc": float(callback.best_model_score) if callback and best else None,
+                   "val/sum_acc_best": None if best_val is None else float(best_val),
+                   "monitor": callback.monitor if callback else None,
+                   "monitor_best": float(callback.best_model_score) if callback and best else None,
                    "seed": self.datamodule.hparams.seed, **metrics}
         rows = [("checkpoint", best or "(weights at the end of fit)"), ("fit time", f"{fit_seconds:.1f} s")]
         rows += [(label, f"{100 * metrics[key]:.2f} %") for key, label in (
@@ -125,43 +158,29 @@ class AdderCLI(LightningCLI):
             ("test/sum_consistency_all_pairs", "sum = predicted digit + number (all pairs)")) if key in metrics]
         width = max(len(label) for label, _ in rows)
         log_dir = self.trainer.log_dir  # a collective under DDP: every process asks
+        if isinstance(self.trainer.logger, TensorBoardLogger) and best_val is not None:
+            shown = {key: summary[key] for key in HPARAM_METRICS if summary.get(key) is not None}
+            self.trainer.logger.log_hyperparams(run_hparams(self.config.fit, self.model), shown,
+                                                self.trainer.global_step)
         if self.trainer.is_global_zero:
             print("\n".join(["", "Official MNIST test set", *(f"  {a:<{width}}  {b}" for a, b in rows)]))
-            if isinstance(self.trainer.logger, TensorBoardLogger) and summary["val_sum_acc"] is not None:
-                write_hparams(self.trainer.logger.experiment, run_hparams(self.config.fit, self.model.sum_loss_weight),
-                              summary["val_sum_acc"], self.trainer.global_step)
             if log_dir:
                 write_atomic(Path(log_dir) / "results.json", json.dumps(summary, indent=2).encode())
 
     def after_predict(self) -> None:
-        """Write the predictions CSV (atomically, once, from rank 0), print it or its accuracy, and fail if a
-        picture could not be predicted."""
-        batches = gather_shards(self.trainer.predict_loop.predictions)
-        log_dir = self.trainer.log_dir  # a collective under DDP: every process asks
-        if not self.trainer.is_global_zero:
-            return
-        output = Path(self.datamodule.hparams.predict_output
-                      or Path(log_dir or self.trainer.default_root_dir) / "predictions.csv")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        rows = getattr(self.datamodule, "manifest_rows", None)
-        if rows is None:
-            text, summary = test_set_predictions(batches)
-            write_atomic(output, text)
-            print(f"{summary}\npredictions written to {output}")
-            return
-        fill_predictions(rows, batches)
-        write_atomic(output, predictions_csv(rows))
-        print(f"{predictions_table(rows)}\n\npredictions written to {output}")
-        failed = sum(bool(row["error"]) for row in rows)
-        if failed:
-            sys.exit(f"error: {failed} of {len(rows)} rows could not be predicted (see the error column)")
+        """PredictionsCSV (the model's callback) has written the CSV; a picture that could not be predicted fails."""
+        writer = next(c for c in self.trainer.callbacks if isinstance(c, PredictionsCSV))
+        if writer.failed:
+            rows = len(self.datamodule.manifest_rows)
+            sys.exit(f"error: {writer.failed} of {rows} rows could not be predicted (see the error column)")
 
 
 def cli_main(args=None, run: bool = True) -> AdderCLI:
     """``run=False`` only builds the model, data module and trainer from the configs (no subcommand)."""
     args = sys.argv[1:] if args is None else list(args)
     defaults = {"default_config_files": [str(DEFAULT_CONFIG)]}  # the base of every run; --config overrides it
-    parser_kwargs = {"description": DESCRIPTION, **{name: defaults for name in SUBCOMMANDS}} if run else defaults
+    parser_kwargs = ({"description": DESCRIPTION, "formatter_class": HelpFormatter,
+                      **{name: defaults for name in SUBCOMMANDS}} if run else defaults)
     for message in UNACTIONABLE_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     try:
@@ -170,6 +189,7 @@ def cli_main(args=None, run: bool = True) -> AdderCLI:
                 read_checkpoint(option.partition("=")[2] or value)
         return AdderCLI(MNISTAdder, MNISTAdderData, args=args, run=run, seed_everything_default=0,
                         parser_class=ShortErrorParser, parser_kwargs=parser_kwargs, auto_configure_optimizers=False,
+                        save_config_callback=SaveFitConfig,
                         save_config_kwargs={"overwrite": True},  # a resumed run writes on into its own folder
                         trainer_defaults={"callbacks": [SaveOnInterrupt(), LearningRateMonitor("step"), Dashboard()]})
     except SIGTERMException:

@@ -15,6 +15,7 @@ from PIL import Image  # noqa: E402
 
 from checkpoints import read_checkpoint  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
+from net import split_logits  # noqa: E402
 from photos import PhotoError, gray_levels, to_mnist  # noqa: E402
 
 INTRO = ("# mnist-adder\nDraw a digit (or upload a photo of one: dark ink on light paper is fine), pick a "
@@ -36,7 +37,7 @@ def predictor(model: MNISTAdder):
         except PhotoError as err:
             return f"Cannot read this picture: {err}", None, None, None
         logits = model(image.unsqueeze(0), torch.tensor([int(number)]))[0]
-        digits, sums = logits[:10].softmax(0), logits[10:].softmax(0)
+        digits, sums = (head.softmax(0) for head in split_logits(logits))
         digit, total = int(digits.argmax()), int(sums.argmax())
         line = (f"digit {digit} ({100 * digits[digit]:.1f} %) + number {int(number)} -> "
                 f"sum {total} ({100 * sums[total]:.1f} %)")

@@ -3,7 +3,7 @@
 
 The file keeps `forward`'s contract: inputs `images` float32 [B,1,28,28] in [0,1] (white digit on
 black, as `photos.to_mnist` makes them) and `numbers` int64 [B] in 0..9; output `logits` float32
-[B,29] (10 for the digit, then 19 for the sum 0..18); B is free.
+[B,29] (10 for the digit, then 19 for the sum 0..18: `net.split_logits`); B is free.
 """
 
 import argparse

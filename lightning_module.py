@@ -1,7 +1,8 @@
 """The LightningModule: the net's losses, its manual-optimization training step and its metrics."""
 
-from contextlib import nullcontext
-from typing import Literal
+import inspect
+from collections.abc import Iterable
+from typing import Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -12,16 +13,37 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from net import DualInputNet, logit_mismatch, sum_consistency
+from predictions import PredictionsCSV
+from net import DualInputNet, logit_mismatch, split_logits, sum_consistency
 from visuals import confusion_image, sample_grid
 
 SumLoss = Literal["cross_entropy", "mse"]
-# The Brier score's gradients are smaller than cross-entropy's: weighted 1 like the digit loss its validation
-# sum accuracy is more than a point below weight 4's (README, how each default was chosen).
+# The Brier score's gradients are smaller than cross-entropy's, so its default weight is larger (README).
 DEFAULT_SUM_LOSS_WEIGHT = {"cross_entropy": 1.0, "mse": 4.0}
-# How often the training step looks at whether its losses stayed finite: each look waits for the
-# device (and, under DDP, asks every process), so not every step; a checkpoint is never written without one.
+# Steps between checks that the losses stayed finite: a check waits for the device and, under DDP, every process.
 FINITE_CHECK_EVERY = 50
+
+
+def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum; a module-level function, so the model pickles (ddp_spawn)."""
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
+
+
+class Losses(NamedTuple):
+    """A batch's losses, as logged: `loss` = `digit_loss` + sum_loss_weight * (`sum_loss` + `agreement`)."""
+    loss: torch.Tensor  # the objective the training step minimises
+    digit_loss: torch.Tensor  # the digit head's cross-entropy
+    sum_loss: torch.Tensor  # the sum head's own loss: cross-entropy, or the Brier score for `mse`
+    agreement: torch.Tensor  # `agreement` * logit_mismatch (0 when the weight is 0)
+
+
+def _takes_unset_total_steps(scheduler: LRSchedulerCallable) -> bool:
+    """Does `scheduler` take a `total_steps` argument still None once its bound keywords apply (OneCycleLR's)?"""
+    bound = getattr(scheduler, "keywords", {})  # LightningCLI's callables pass **kwargs on: the signature hides them
+    if "total_steps" in bound:
+        return bound["total_steps"] is None
+    parameter = inspect.signature(scheduler).parameters.get("total_steps")
+    return parameter is not None and parameter.default is None
 
 
 def _accuracy(classes: int) -> MulticlassAccuracy:
@@ -29,10 +51,9 @@ def _accuracy(classes: int) -> MulticlassAccuracy:
 
 
 def _stage_metrics() -> nn.ModuleDict:
+    # no NaN check in the means (it waits for the device): the training step checks
     return nn.ModuleDict({"digit_acc": _accuracy(10), "sum_acc": _accuracy(19),
-                          # no NaN check here (it waits for the device): the training step checks
-                          "digit_loss": MeanMetric(nan_strategy="disable"),
-                          "sum_loss": MeanMetric(nan_strategy="disable")})
+                          **{name: MeanMetric(nan_strategy="disable") for name in Losses._fields}})
 
 
 class MNISTAdder(L.LightningModule):
@@ -49,25 +70,28 @@ class MNISTAdder(L.LightningModule):
         number_features: width of the Linear layer that embeds the number.
         hidden: width of the first FC layer.
         dropout: probability of a Dropout after the first FC layer (0: none).
-        optimizer: any torch optimizer, e.g. from YAML as class_path/init_args.
+        optimizer: any torch optimizer, e.g. from YAML as class_path/init_args (default: ``default_optimizer``).
         scheduler: any LR scheduler; an unset ``total_steps`` (OneCycleLR) is filled in from the trainer.
         scheduler_interval: step the scheduler after every ``step`` or every ``epoch``.
-        gradient_clip_val: clip the gradient norm to this (0 turns it off).
-        sum_loss_weight: the sum loss is multiplied by this before its backward pass; unset: 1 for
-            ``cross_entropy``, 4 for ``mse`` (whose gradients are smaller; see the README's results).
+        gradient_clip_val: clip the gradient norm to this, unscaled under 16-mixed (0 turns it off).
+        sum_loss_weight: the sum loss and the agreement term are multiplied by this before their backward
+            pass; unset: 1 for ``cross_entropy``, 4 for ``mse`` (whose gradients are smaller).
         label_smoothing: for every cross-entropy loss (the digit's, and the sum's unless ``mse``).
-        agreement: weight of a term added to the sum loss (so also multiplied by ``sum_loss_weight``, and
-            part of the logged sum loss): the mean squared difference between the sum head's logits of
-            number+0..number+9 and the digit head's logits, each centred, so that the two heads rank
-            alike. Its gradient reaches both heads: pulling only the sum head towards the digit head
-            agreed less on validation (README). 0 turns it off.
-        compile: ``torch.compile`` the net's forward (and so its backward) when a run starts. On
-            two CPU cores the compiled step is slower than the eager one (BENCHMARKS.md).
+        agreement: weight of a term added to the sum loss: the mean squared difference between the sum
+            head's logits of number+0..number+9 and the digit head's logits, each centred, so that the
+            two heads rank alike; its gradient reaches both heads. 0 turns it off.
+        compile: ``torch.compile`` the net's forward (and so its backward) when a run starts (slower than
+            eager on two CPU cores, BENCHMARKS.md).
+
+    Logged per stage (train, val, test), as epoch means: ``loss``, the objective minimised, ``digit_loss``
+    + ``sum_loss_weight`` * (``sum_loss`` + ``agreement``); ``digit_loss``; ``sum_loss``, the sum head's
+    own loss; ``agreement``, the weighted agreement term, only when ``agreement`` > 0. The training step
+    also logs the objective per step as ``loss`` (the progress bar's).
     """
 
     def __init__(self, sum_loss: SumLoss = "cross_entropy", channels: tuple[int, int, int] = (16, 32, 64),
                  number_features: int = 128, hidden: int = 512, dropout: float = 0.0, convs_per_stage: int = 1,
-                 optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+                 optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None,
                  scheduler_interval: Literal["step", "epoch"] = "step", gradient_clip_val: float = 0.0,
                  sum_loss_weight: float | None = None, label_smoothing: float = 0.0, agreement: float = 0.0,
@@ -100,61 +124,64 @@ class MNISTAdder(L.LightningModule):
     def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         return self.net(images, numbers)
 
-    def losses(self, logits: torch.Tensor, digits: torch.Tensor, numbers: torch.Tensor):
+    def losses(self, logits: torch.Tensor, digits: torch.Tensor, numbers: torch.Tensor) -> Losses:
         smoothing, sums = self.hparams.label_smoothing, digits + numbers
-        digit_loss = F.cross_entropy(logits[:, :10], digits, label_smoothing=smoothing)
+        digit_logits, sum_logits = split_logits(logits)
+        digit_loss = F.cross_entropy(digit_logits, digits, label_smoothing=smoothing)
         if self.hparams.sum_loss == "mse":
             target = F.one_hot(sums, 19).to(logits.dtype)
-            sum_loss = (logits[:, 10:].softmax(dim=1) - target).square().sum(dim=1).mean()
+            sum_loss = (sum_logits.softmax(dim=1) - target).square().sum(dim=1).mean()
         else:
-            sum_loss = F.cross_entropy(logits[:, 10:], sums, label_smoothing=smoothing)
-        if self.hparams.agreement:
-            # Where the heads disagree, the digit head's top two digits are nearly tied and the sum head
-            # ranks them the other way round (benchmarks/disagreements.py).
-            sum_loss = sum_loss + self.hparams.agreement * logit_mismatch(logits, numbers)
-        return digit_loss, sum_loss
+            sum_loss = F.cross_entropy(sum_logits, sums, label_smoothing=smoothing)
+        agreement = (self.hparams.agreement * logit_mismatch(logits, numbers) if self.hparams.agreement
+                     else logits.new_zeros(()))
+        return Losses(digit_loss + self._weighted_sum_loss(sum_loss, agreement), digit_loss, sum_loss, agreement)
 
-    def _evaluate(self, batch: dict, metrics: nn.ModuleDict) -> tuple[torch.Tensor, ...]:
+    def _weighted_sum_loss(self, sum_loss: torch.Tensor, agreement: torch.Tensor) -> torch.Tensor:
+        """The objective's part that the second backward pass takes."""
+        return self.sum_loss_weight * (sum_loss + agreement)
+
+    def _evaluate(self, batch: dict, metrics: nn.ModuleDict) -> tuple[torch.Tensor, Losses]:
         logits = self(batch["image"], batch["number"])
-        digit_loss, sum_loss = self.losses(logits, batch["digit"], batch["number"])
-        n = len(logits)
-        metrics["digit_acc"].update(logits[:, :10], batch["digit"])
-        metrics["sum_acc"].update(logits[:, 10:], batch["sum"])
-        # One value per sample: with nan_strategy "disable" a MeanMetric ignores its `weight` argument, which
-        # made a small last batch (or a DDP shard one sample short) count as much as a full one.
-        metrics["digit_loss"].update(digit_loss.detach().expand(n))
-        metrics["sum_loss"].update(sum_loss.detach().expand(n))
-        return logits, digit_loss, sum_loss
+        losses = self.losses(logits, batch["digit"], batch["number"])
+        digit_logits, sum_logits = split_logits(logits)
+        metrics["digit_acc"].update(digit_logits, batch["digit"])
+        metrics["sum_acc"].update(sum_logits, batch["sum"])
+        for name, value in losses._asdict().items():
+            if name != "agreement" or self.hparams.agreement:
+                # one value per sample (nan_strategy "disable" ignores `weight`): a short batch counts its size
+                metrics[name].update(value.detach().expand(len(logits)))
+        return logits, losses
 
     def _log_epoch(self, stage: str, metrics: nn.ModuleDict, suffix: str = "") -> None:
-        # Logged once per epoch, not per step: Lightning moves a logged metric's state to the device
-        # on every self.log call, which cost most of its overhead per step (BENCHMARKS.md).
+        # Once per epoch: a self.log call moves the metric's state to the device, a large per-step cost.
         for name, metric in metrics.items():
             if metric.update_called:
                 self.log(f"{stage}/{name}{suffix}", metric, prog_bar=stage == "val" and name.endswith("acc"))
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         optimizer = self.optimizers()
-        logits, digit_loss, sum_loss = self._evaluate(batch, self.train_metrics)
-        self._nonfinite = self._nonfinite.to(logits.device) | ~torch.isfinite(digit_loss + sum_loss)  # no sync
+        logits, losses = self._evaluate(batch, self.train_metrics)
+        self._nonfinite = self._nonfinite.to(logits.device) | ~torch.isfinite(losses.loss)  # no sync
         if (self.global_step + 1) % FINITE_CHECK_EVERY == 0 or batch_idx + 1 == self.trainer.num_training_batches:
             self._stop_if_nonfinite(every_process=True)
         optimizer.zero_grad(set_to_none=True)
         # Under DDP the first backward pass only accumulates: the gradients are all-reduced once, in the second.
-        no_sync = getattr(self.trainer.strategy.model, "no_sync", nullcontext)
-        with no_sync():
-            self.manual_backward(digit_loss, retain_graph=True)
-        self.manual_backward(sum_loss * self.sum_loss_weight)
-        if self.hparams.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val,
-                                gradient_clip_algorithm="norm")
-        optimizer.step()
+        with optimizer.toggle_model(sync_grad=False):
+            self.manual_backward(losses.digit_loss, retain_graph=True)
+        self.manual_backward(self._weighted_sum_loss(losses.sum_loss, losses.agreement))
+        optimizer.step()  # clips the gradients in on_before_optimizer_step
         if self.hparams.scheduler_interval == "step":
             self._step_scheduler()
         every = self.trainer.log_every_n_steps
-        if every and self.global_step % every == 0:  # the steps the logger writes
-            # A self.log call per step was the largest cost Lightning added to it (a profile, BENCHMARKS.md).
-            self.log("loss", digit_loss + sum_loss, prog_bar=True, on_step=True, on_epoch=False)
+        if every and self.global_step % every == 0:  # only the steps the logger writes: a self.log call is costly
+            self.log("loss", losses.loss, prog_bar=True, on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this inside optimizer.step(), after a grad scaler (16-mixed) has unscaled the gradients.
+        if self.hparams.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val,
+                                gradient_clip_algorithm="norm")
 
     def _stop_if_nonfinite(self, every_process: bool) -> None:
         nonfinite = bool(self._nonfinite)
@@ -178,9 +205,9 @@ class MNISTAdder(L.LightningModule):
             scheduler.step()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits, _, _ = self._evaluate(batch, self.val_metrics)
+        logits, _ = self._evaluate(batch, self.val_metrics)
         self.val_metrics["sum_consistency"].update(sum_consistency(logits, batch["number"]).float())
-        digit_pred, sum_pred = logits[:, :10].argmax(1), logits[:, 10:].argmax(1)
+        digit_pred, sum_pred = (head.argmax(1) for head in split_logits(logits))
         self.val_confusion.update(digit_pred, batch["digit"])
         wrong = (digit_pred != batch["digit"]) | (sum_pred != batch["sum"])
         if wrong.any() and len(self._misclassified) < 32:
@@ -210,19 +237,23 @@ class MNISTAdder(L.LightningModule):
             self._evaluate(batch, self.test_metrics)
             return
         logits = self.net.paired_logits(batch["image"], batch["number"])  # each image with all ten numbers
+        digit_logits, sum_logits = split_logits(logits)
         pairs = batch["number"].shape[1]
-        self.test_all_pairs["digit_acc"].update(logits[:, :10], batch["digit"].repeat_interleave(pairs))
-        self.test_all_pairs["sum_acc"].update(logits[:, 10:], batch["sum"].flatten())
+        self.test_all_pairs["digit_acc"].update(digit_logits, batch["digit"].repeat_interleave(pairs))
+        self.test_all_pairs["sum_acc"].update(sum_logits, batch["sum"].flatten())
         self.test_all_pairs["sum_consistency"].update(sum_consistency(logits, batch["number"].flatten()).float())
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test", self.test_metrics)
         self._log_epoch("test", self.test_all_pairs, suffix="_all_pairs")
 
+    def configure_callbacks(self) -> list:
+        return [PredictionsCSV()]  # predict writes predictions.csv, from Python as from the command line
+
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        logits = self(batch["image"], batch["number"])
-        digit_prob, digit = logits[:, :10].softmax(1).max(1)
-        sum_prob, sum_ = logits[:, 10:].softmax(1).max(1)
+        digit_logits, sum_logits = split_logits(self(batch["image"], batch["number"]))
+        digit_prob, digit = digit_logits.softmax(1).max(1)
+        sum_prob, sum_ = sum_logits.softmax(1).max(1)
         # which manifest row (a person's pictures), or which test image and its true digit and sum
         extra = {key: batch[key] for key in ("row", "index") if key in batch}
         if "digit" in batch:
@@ -231,10 +262,8 @@ class MNISTAdder(L.LightningModule):
                 "sum_prob": sum_prob, **extra}
 
     def setup(self, stage: str) -> None:
-        # ddp_spawn pickles this module into each process, which puts its CPU tensors in memory the processes
-        # share. Lightning copies parameters and buffers back out, not metric states: the in-place updates
-        # of MeanMetric and the confusion matrix then added every process's samples into one tensor, and two
-        # updates at once could lose one. A copy of each state keeps its value (setup runs before a restore).
+        # ddp_spawn leaves metric states in memory the processes share (Lightning copies out only parameters
+        # and buffers): each process's own copy keeps its updates apart. setup runs before a restore.
         for metric in self.modules():
             if isinstance(metric, Metric):
                 for name, state in metric.metric_state.items():
@@ -255,8 +284,7 @@ class MNISTAdder(L.LightningModule):
         optimizer = self.optimizer(self.parameters())
         if self.scheduler is None:
             return optimizer
-        needs_total = getattr(self.scheduler, "keywords", {}).get("total_steps", 0) is None
-        kwargs = {"total_steps": self._total_steps()} if needs_total else {}
+        kwargs = {"total_steps": self._total_steps()} if _takes_unset_total_steps(self.scheduler) else {}
         try:
             scheduler = self.scheduler(optimizer, **kwargs)
         except ZeroDivisionError:  # OneCycleLR's warm-up phase rounds to no step at all

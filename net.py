@@ -1,5 +1,7 @@
 """The dual-input, dual-output net as a plain nn.Module, and what its 29 logits say."""
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -8,9 +10,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def _stage(cin: int, cout: int, kernel: int, convs: int) -> list[nn.Module]:
-    # Pooling straight after the first conv: BatchNorm and ReLU then run on a quarter of the pixels
-    # (a measurably faster training step on CPU than conv-BN-ReLU-pool); further 3x3 convs work
-    # at the pooled size, so each costs a quarter of one before the pooling.
+    # Pooling right after the first conv: BatchNorm, ReLU and any further 3x3 convs run on a quarter of the pixels.
     layers = [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.MaxPool2d(2),
               nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
     for _ in range(convs - 1):
@@ -52,15 +52,25 @@ class DualInputNet(nn.Module):
         return self.logits(features.repeat_interleave(numbers.shape[1], dim=0), numbers.flatten())
 
 
+class SplitLogits(NamedTuple):
+    digit: torch.Tensor  # [..., 10]: digits 0..9
+    sum: torch.Tensor  # [..., 19]: sums 0..18
+
+
+def split_logits(logits: torch.Tensor) -> SplitLogits:
+    """The net's 29 logits (the last dimension) as the digit head's 10 and the sum head's 19."""
+    return SplitLogits(logits[..., :10], logits[..., 10:])
+
+
 def sum_consistency(logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
     """Per pair: does the predicted sum equal the predicted digit plus the number (does the sum head add)?"""
-    return logits[:, 10:].argmax(1) == logits[:, :10].argmax(1) + numbers
+    digit, sum_ = split_logits(logits)
+    return sum_.argmax(1) == digit.argmax(1) + numbers
 
 
 def logit_mismatch(logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
     """How far the sum head's logits of the ten sums number+0..number+9 are from the digit head's logits,
     each set centred on its mean: the mean squared difference (its gradient reaches both heads)."""
-    positions = torch.arange(10, device=numbers.device) + numbers[:, None]
-    reachable = logits[:, 10:].gather(1, positions)
-    digit = logits[:, :10]
+    digit, sum_ = split_logits(logits)
+    reachable = sum_.gather(1, torch.arange(10, device=numbers.device) + numbers[:, None])
     return (reachable - reachable.mean(1, keepdim=True) - digit + digit.mean(1, keepdim=True)).square().mean()

@@ -2,9 +2,13 @@
 
 import csv
 import io
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from mnist_files import write_atomic
 
 COLUMNS = ["file", "number", "digit", "digit_prob", "sum", "sum_prob", "error"]
 
@@ -57,10 +61,40 @@ def test_set_predictions(batches: list[dict]) -> tuple[bytes, str]:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(TEST_COLUMNS)
-    for row in zip(*columns.values()):
+    for row in zip(*columns.values(), strict=True):
         writer.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in row])
     n = len(columns["index"])
     digit = sum(map(int.__eq__, columns["digit"], columns["true_digit"])) / max(n, 1)
     sum_ = sum(map(int.__eq__, columns["sum"], columns["true_sum"])) / max(n, 1)
     return out.getvalue().encode(), (f"official MNIST test set, {n} images with one number each: "
                                      f"digit accuracy {100 * digit:.2f} %, sum accuracy {100 * sum_:.2f} %")
+
+
+class PredictionsCSV(BasePredictionWriter):
+    """Writes predictions.csv when `predict` ends, from Python as from the command line: the manifest's rows with
+    their predictions (and each unreadable row's reason), or the official test set's. Under DDP every process
+    predicts its share and rank 0 writes one complete file, atomically, to the data module's `predict_output`
+    or into the run's folder. `failed` then counts the manifest rows that could not be predicted."""
+
+    def __init__(self):
+        super().__init__(write_interval="epoch")
+        self.output, self.failed = None, 0
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        batches = gather_shards(predictions)
+        log_dir = trainer.log_dir  # a collective under DDP: every process asks
+        datamodule = trainer.datamodule
+        chosen = getattr(getattr(datamodule, "hparams", None), "predict_output", None)
+        self.output = Path(chosen or Path(log_dir or trainer.default_root_dir) / "predictions.csv")
+        rows = getattr(datamodule, "manifest_rows", None)
+        self.failed = sum(bool(row["error"]) for row in rows) if rows is not None else 0
+        if not trainer.is_global_zero:
+            return
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        if rows is None:
+            text, summary = test_set_predictions(batches)
+        else:
+            fill_predictions(rows, batches)
+            text, summary = predictions_csv(rows), predictions_table(rows) + "\n"
+        write_atomic(self.output, text)
+        print(f"{summary}\npredictions written to {self.output}")

@@ -1,4 +1,4 @@
-"""Benchmarks on this machine's CPU: `python benchmarks/bench.py` (13 minutes on two cores in its latest run;
+"""Benchmarks on this machine's CPU: `python benchmarks/bench.py` (about 13 minutes on two cores;
 `--quick` for a shorter, rougher look). Prints a table, rewrites the table in BENCHMARKS.md and writes
 benchmarks/results.json. Options not listed in `--help` (e.g. `--data.val_size 100`) are passed
 to every run's configuration, as on `cli.py`'s command line.
@@ -24,9 +24,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import to_99  # noqa: E402
 from cli import cli_main  # noqa: E402
 from datamodule import MNISTAdderData  # noqa: E402
-import to_99  # noqa: E402
 
 START, END = "<!-- bench:table:start -->", "<!-- bench:table:end -->"
 FIGURES = {"lightning_vs_torch_throughput_ratio": (">= 0.95", lambda v: v >= 0.95),
@@ -77,10 +77,10 @@ def plain_steps(model, data, epoch: int, total: int, device: torch.device, preci
         images = data.augment(batch["image"], data.train_set.augment_generator)  # as Lightning: before autocast
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=str(precision) == "bf16-mixed",
                             cache_enabled=False):
-            digit_loss, sum_loss = model.losses(net(images, batch["number"]), batch["digit"], batch["number"])
+            losses = model.losses(net(images, batch["number"]), batch["digit"], batch["number"])
         optimizer.zero_grad(set_to_none=True)
-        digit_loss.backward(retain_graph=True)
-        (sum_loss * model.sum_loss_weight).backward()
+        losses.digit_loss.backward(retain_graph=True)
+        (model.sum_loss_weight * (losses.sum_loss + losses.agreement)).backward()
         optimizer.step()
         scheduler.step()
         yield
@@ -150,9 +150,10 @@ def throughput_ratio(extra: list[str], config: str, rounds: int, warmup: int, st
             seconds = lockstep_seconds(lit, plain, warmup, steps, r, log_dir, accelerator)
             for kind, value in seconds.items():
                 times[kind].append(value)
-            print(f"  round {r + 1}/{rounds}  " + "  ".join(
-                f"{kind} {steps * batch_size / value:6.0f}" for kind, value in seconds.items()) + " samples/s", flush=True)
-    ratios = [torch_time / lightning_time for torch_time, lightning_time in zip(times["torch"], times["lightning"])]
+            rates = "  ".join(f"{kind} {steps * batch_size / value:6.0f}" for kind, value in seconds.items())
+            print(f"  round {r + 1}/{rounds}  {rates} samples/s", flush=True)
+    ratios = [torch_time / lightning_time for torch_time, lightning_time in zip(times["torch"], times["lightning"],
+                                                                                 strict=True)]
     return {"lightning_vs_torch_throughput_ratio": round(statistics.median(ratios), 3),
             "throughput_ratio_per_round": [round(r, 3) for r in ratios],
             "throughput": {kind: {"samples_per_second": round(steps * rounds * batch_size / sum(t), 1),
@@ -167,18 +168,21 @@ def compile_speedup(extra: list[str], config: str, rounds: int, warmup: int, ste
     compiled.model.net.compile()
     device = device_of(accelerator)
     start = time.perf_counter()
-    first = torch_seconds(compiled.model, compiled.datamodule, warmup, steps, 0, device, compiled.trainer.precision)  # compiles in its warmup
+    # the first timing compiles in its warmup
+    first = torch_seconds(compiled.model, compiled.datamodule, warmup, steps, 0, device, compiled.trainer.precision)
     compile_seconds = time.perf_counter() - start - first * (warmup + steps) / steps
     times = {"eager": [], "compiled": []}
     for r in range(rounds):
         for kind, cli in (("eager", eager), ("compiled", compiled))[::1 if r % 2 == 0 else -1]:
-            times[kind].append(torch_seconds(cli.model, cli.datamodule, warmup, steps, r, device, cli.trainer.precision))
+            times[kind].append(torch_seconds(cli.model, cli.datamodule, warmup, steps, r, device,
+                                             cli.trainer.precision))
             print(f"  round {r + 1}/{rounds} {kind:9s} {steps / times[kind][-1]:5.1f} steps/s", flush=True)
     return {"compile_step_speedup": round(sum(times["eager"]) / sum(times["compiled"]), 3),
             "compile_seconds": round(compile_seconds, 1), "compile_seconds_per_round": times}
 
 
-def to_99_over_seeds(extra: list[str], config: str, every: int, seeds: list[int], accelerator: str) -> tuple[dict, object]:
+def to_99_over_seeds(extra: list[str], config: str, every: int, seeds: list[int],
+                     accelerator: str) -> tuple[dict, object]:
     """For each seed, `to_99.run_to_99`, then the seconds to its step to 99 % from `to_99.seconds_to_step`;
     the per-seed figures, and the worst, which the targets are about."""
     runs = {}
@@ -196,7 +200,8 @@ def to_99_over_seeds(extra: list[str], config: str, every: int, seeds: list[int]
                 if min(timed["test_digit_acc"], timed["test_sum_acc"]) >= to_99.TARGET:  # the same run again
                     run["seconds_to_99"] = timed["seconds"]
                 else:  # e.g. nondeterministic GPU kernels
-                    print(f"  seed {seed}: the second run is below {to_99.TARGET:.0%} at that step: no seconds", flush=True)
+                    print(f"  seed {seed}: the second run is below {to_99.TARGET:.0%} at that step: no seconds",
+                          flush=True)
 
     def worst(key):
         values = [run[key] for run in runs.values()]
@@ -248,8 +253,8 @@ def machine(accelerator: str = "cpu") -> dict:
 
 def table(results: dict) -> str:
     m = results["machine"]
-    lines = [f"Measured {results['date']} with `{results['command']}` on {m['cpu']}, {m['cores']} cores, "
-             f"torch {m['torch']}, lightning {m['lightning']}, device {m['device']}.", "",
+    lines = [(f"Measured {results['date']} with `{results['command']}` on {m['cpu']}, {m['cores']} cores, "
+             f"torch {m['torch']}, lightning {m['lightning']}, device {m['device']}."), "",
              "| figure | value | target | met |", "|---|---|---|---|"]
     for key, (target, ok) in FIGURES.items():
         if key not in results:
@@ -290,11 +295,11 @@ def main(argv=None) -> dict:
     args, extra = parser.parse_known_args(argv)
     if any(n is not None and n < 1 for n in (args.rounds, args.steps, args.check_every)) or args.warmup < 0:
         parser.error("--rounds, --steps and --check-every must be >= 1, --warmup >= 0")
-    # Many short rounds: the machine's speed drifts less within a round's pair, and the median ignores the
-    # rounds where it did.
+    # many short rounds: the machine's speed drifts less within a round, and the median ignores rounds where it did
     rounds = args.rounds or (4 if args.quick else 20)
     steps = args.steps or (20 if args.quick else 50)
-    results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python benchmarks/bench.py", *(argv or sys.argv[1:])]),
+    command = " ".join(["python benchmarks/bench.py", *(argv or sys.argv[1:])])
+    results = {"date": time.strftime("%Y-%m-%d"), "command": command,
                "machine": machine(args.accelerator)}
     if args.only is None:
         print("Data preparation with the files in place", flush=True)
@@ -306,7 +311,8 @@ def main(argv=None) -> dict:
         print(f"Samples and time to 99 % on both heads with {args.config}", flush=True)
         to_99_figures, cli = to_99_over_seeds(extra, args.config, args.check_every, args.seeds, args.accelerator)
         results.update(to_99_figures)
-        results[f"{device_of(args.accelerator).type.replace('cuda', 'gpu')}_seconds_to_99"] = results.pop("seconds_to_99")
+        device = device_of(args.accelerator).type.replace("cuda", "gpu")
+        results[f"{device}_seconds_to_99"] = results.pop("seconds_to_99")
     if args.compile:
         print(f"torch.compile against eager, {rounds} rounds of {steps} steps", flush=True)
         results.update(compile_speedup(extra, args.throughput_config, rounds, args.warmup, steps, args.accelerator))

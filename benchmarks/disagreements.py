@@ -21,6 +21,7 @@ from checkpoints import read_checkpoint  # noqa: E402
 from datamodule import AllPairs, MNISTAdderData  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
 from mnist_files import MNISTUnavailable  # noqa: E402
+from net import split_logits  # noqa: E402
 
 
 def as_is(images: torch.Tensor) -> torch.Tensor:
@@ -40,15 +41,15 @@ def all_pair_logits(model: MNISTAdder, pairs: AllPairs,
 
 
 def report(logits: torch.Tensor, truth: dict) -> str:
-    digit_prob = logits[:, :10].softmax(1)
-    top2 = digit_prob.topk(2, dim=1)
-    digit_pred, sum_pred = top2.indices[:, 0], logits[:, 10:].argmax(1)
+    digit_logits, sum_logits = split_logits(logits)
+    top2 = digit_logits.softmax(1).topk(2, dim=1)
+    digit_pred, sum_pred = top2.indices[:, 0], sum_logits.argmax(1)
     number = truth["number"]
     disagree = sum_pred != digit_pred + number
     n = int(disagree.sum())
-    lines = [f"{n} of {len(logits)} pairs disagree ({100 * n / len(logits):.3f} %); "
+    lines = [(f"{n} of {len(logits)} pairs disagree ({100 * n / len(logits):.3f} %); "
              f"digit accuracy {100 * (digit_pred == truth['digit']).float().mean():.3f} %, "
-             f"sum accuracy {100 * (sum_pred == truth['sum']).float().mean():.3f} %"]
+             f"sum accuracy {100 * (sum_pred == truth['sum']).float().mean():.3f} %")]
     if n == 0:
         return lines[0]
     d, s = digit_pred[disagree] == truth["digit"][disagree], sum_pred[disagree] == truth["sum"][disagree]

@@ -3,13 +3,15 @@
 Trains the config once per seed (`python cli.py fit`, each run in a fresh folder), reads the figures
 that run wrote (`results.json`: the checkpoint chosen on validation, then tested on the official test
 set), and stores them with their mean, standard deviation and minimum under the config's name in
-benchmarks/seeds.json; then rewrites the README's results table from that file. Options not listed in
-`--help` (e.g. `--trainer.max_epochs 9`) go to every run, as on `cli.py`'s command line.
+benchmarks/seeds.json, with the commit they ran on; then rewrites the record (docs/experiments.md, every
+row) and the README's table of the shipped configs. Options not listed in `--help` (e.g.
+`--trainer.max_epochs 9`) go to every run, as on `cli.py`'s command line.
 """
 
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -17,11 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
+
+import torch
 from bench import ROOT, machine, write_report
 
-START, END = "<!-- seeds:table:start -->", "<!-- seeds:table:end -->"
+SHIPPED = ["default", "fast", "to_99", "best", "gpu", "ddp"]  # the README's table of configs, in this order
+CONFIGS_START, CONFIGS_END = "<!-- configs:table:start -->", "<!-- configs:table:end -->"
 # (key in seeds.json, key in a run's results.json): accuracies in percent
-FIGURES = {"val_sum_acc": "val_sum_acc", "test_digit_acc": "test/digit_acc",
+FIGURES = {"val_sum_acc": "val/sum_acc_best", "test_digit_acc": "test/digit_acc",
            "test_sum_acc_all_pairs": "test/sum_acc_all_pairs",
            "test_sum_consistency_all_pairs": "test/sum_consistency_all_pairs"}
 
@@ -51,26 +56,78 @@ def summarise(runs: list[dict]) -> dict:
             for key in [*FIGURES, "fit_seconds"] for values in [[run[key] for run in runs]]}
 
 
-def table(configs: dict, source: str) -> str:
-    lines = ["| name | command | seeds | val sum | test digit | test sum, all pairs | sum = digit + number "
-             "| fit | load |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, entry in configs.items():
-        s = entry["summary"]
+def commit() -> dict:
+    """The commit this checkout is at, and whether the tree differs from it (then the row is not exactly it)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD") or None, "clean": not git("status", "--porcelain")}
 
-        def cell(key):
-            return f"{s[key]['mean']:.2f} ± {s[key]['std']:.2f} (min {s[key]['min']:.2f})"
-        lines.append(f"| {name} | `{entry['command']}` | {', '.join(map(str, entry['seeds']))} | "
-                     f"{cell('val_sum_acc')} | {cell('test_digit_acc')} | {cell('test_sum_acc_all_pairs')} | "
-                     f"{cell('test_sum_consistency_all_pairs')} | {s['fit_seconds']['mean']:.0f} s | "
-                     f"{statistics.fmean(run['load_average_before'] for run in entry['runs']):.1f} |")
+
+def cell(summary: dict, key: str) -> str:
+    s = summary[key]
+    return f"{s['mean']:.2f} ± {s['std']:.2f} (min {s['min']:.2f})"
+
+
+def table(configs: dict, source: str) -> str:
+    """Every row, with the commit it ran on: `git checkout COMMIT`, then the row's command reproduces it."""
+    lines = ["| name | commit | command | seeds | val sum | test digit | test sum, all pairs | sum = digit + number "
+             "| fit |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in configs.items():
+        s, sha = entry["summary"], entry.get("commit")
+        where = "commit unknown" if not sha else f"`{sha[:7]}`" + ("" if entry.get("clean") is not False else " +")
+        lines.append(f"| {name} | {where} | `{entry['command']}` | {', '.join(map(str, entry['seeds']))} | "
+                     f"{cell(s, 'val_sum_acc')} | {cell(s, 'test_digit_acc')} | {cell(s, 'test_sum_acc_all_pairs')} | "
+                     f"{cell(s, 'test_sum_consistency_all_pairs')} | {s['fit_seconds']['mean']:.0f} s |")
+    machines = sorted({f"{e['machine'].get('cpu', '?')}, {e['machine'].get('cores', '?')} cores" for e in configs.values()})
     dates = sorted({entry["date"] for entry in configs.values()})
-    m = next(iter(configs.values()))["machine"] if configs else {}
     return "\n".join([*lines, "", f"Accuracies in %, mean ± standard deviation (minimum) over the seeds; fit: mean "
-                      f"seconds of `fit` (training and validation); load: the machine's 1-minute load average as "
-                      f"each run started (the run before keeps it near 2 by itself; higher means other work shared "
-                      f"the two cores and slowed the run). Written by `benchmarks/seeds.py` from "
-                      f"`{source}` ({', '.join(dates)}; {m.get('cpu', '?')}, {m.get('cores', '?')} "
-                      "cores)."])
+                      f"seconds of `fit` (training and validation), which drift with the machine's speed. A `+` after "
+                      f"the commit: the tree had uncommitted changes. Written by `benchmarks/seeds.py` from "
+                      f"`{source}` ({dates[0] if dates else ''} to {dates[-1] if dates else ''}; "
+                      f"{'; '.join(machines)})."])
+
+
+def purpose(config: Path) -> str:
+    """A config's first comment line: what it is for."""
+    return config.read_text().splitlines()[0].lstrip("# ").rstrip(".")
+
+
+def configs_table(seeds: dict, gpu_seeds: dict, results: dict) -> str:
+    """The shipped configs: what each is for, and its figures from the rows measured on it as it ships."""
+    lines = ["| config | for | fit time | val sum | test digit | test sum, all pairs |", "|---|---|---|---|---|---|"]
+    for config in (ROOT / "configs" / f"{name}.yaml" for name in SHIPPED):
+        entry = seeds.get(config.stem) or gpu_seeds.get(config.name)
+        if entry:
+            s, m = entry["summary"], entry["machine"]
+            where = f"{m.get('cores', '?')} CPU cores" if m.get("device") == "cpu" else m.get("device", "?")
+            figures = [f"{s['fit_seconds']['mean']:.0f} s ({where})",
+                       *(cell(s, key) for key in ("val_sum_acc", "test_digit_acc", "test_sum_acc_all_pairs"))]
+        elif config.stem == "to_99" and "samples_to_99" in results:
+            figures = [f"{results['cpu_seconds_to_99']} s to 99 % ({results['machine']['cores']} CPU cores)",
+                       f"99 % on both heads within {results['samples_to_99']:,} samples (worst seed, BENCHMARKS.md)",
+                       "", ""]
+        else:
+            figures = ["not measured", "", "", ""]
+        lines.append(f"| `{config.name}` | {purpose(config)} | " + " | ".join(figures) + " |")
+    return "\n".join([*lines, "", "Accuracies in %, mean ± standard deviation (minimum) over seeds 0, 1 and 2; "
+                       "written by `benchmarks/seeds.py` from `benchmarks/seeds.json`, `benchmarks/gpu_seeds.json` and "
+                       "`benchmarks/results.json`; every other experiment is in "
+                       "[docs/experiments.md](docs/experiments.md)."])
+
+
+def markers(results: Path) -> tuple[str, str]:
+    """Each results file has its own table in the record: seeds.json between the `seeds:table` markers."""
+    return f"<!-- {results.stem}:table:start -->", f"<!-- {results.stem}:table:end -->"
+
+
+def write_tables(results: Path, report: Path, readme: Path) -> None:
+    stored = json.loads(results.read_text())
+    write_report(report, table(stored, shown(results)), *markers(results))
+    bench = ROOT / "benchmarks"
+    if readme is not None:
+        write_report(readme, configs_table(*(json.loads((bench / name).read_text()) for name in
+                                             ("seeds.json", "gpu_seeds.json", "results.json"))),
+                     CONFIGS_START, CONFIGS_END)
 
 
 def shown(path: Path) -> str:
@@ -88,32 +145,35 @@ def main(argv=None) -> dict:
     parser.add_argument("--keep", type=Path, help="keep each run (checkpoints, TensorBoard logs) in KEEP/seed_N: "
                         "a new KEEP for each config")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "seeds.json")
-    parser.add_argument("--report", type=Path, default=ROOT / "README.md")
-    parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the results file")
+    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "experiments.md",
+                        help="where the table of every row goes")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md",
+                        help="where the table of the shipped configs goes")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite the tables from the results files")
     args, extra = parser.parse_known_args(argv)
     if args.table_only:
         if not args.results.is_file():
             sys.exit(f"error: no results file to write the table from: {args.results}")
-        write_report(args.report, table(json.loads(args.results.read_text()), shown(args.results)), START, END)
+        write_tables(args.results, args.report, args.readme)
         return {}
     if not (ROOT / args.config).is_file():
         sys.exit(f"error: no such config: {args.config}")
     name = args.name or Path(args.config).stem
-    command = " ".join(["python cli.py fit", *([] if args.config == "configs/default.yaml" else
-                                               ["--config", args.config]), *extra])
+    command = shlex.join(["python", "cli.py", "fit", *([] if args.config == "configs/default.yaml" else
+                                                       ["--config", args.config]), *extra])
+    source = commit()  # before the runs: the code they train with
     print(f"{name}: {command}, seeds {' '.join(map(str, args.seeds))}", flush=True)
     runs = [train(args.config, seed, extra, args.data_dir.resolve(), args.keep) for seed in args.seeds]
     stored = json.loads(args.results.read_text()) if args.results.exists() else {}
     stored[name] = {"command": command, "config": args.config, "extra": extra, "seeds": args.seeds,
-                    "date": time.strftime("%Y-%m-%d"), "machine": machine(), "runs": runs,
+                    "date": time.strftime("%Y-%m-%d"), **source,
+                    "machine": machine("gpu" if torch.cuda.is_available() else "cpu"), "runs": runs,
                     "summary": summarise(runs)}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(stored, indent=2) + "\n")
-    text = table(stored, shown(args.results))
-    print("\n" + text)
-    write_report(args.report, text, START, END)
+    write_tables(args.results, args.report, args.readme)
+    print("\n" + table(stored, shown(args.results)))
     return stored[name]
-
 
 if __name__ == "__main__":
     main()

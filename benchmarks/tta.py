@@ -11,14 +11,15 @@ without views, which flatters `none` a little.
 import argparse
 import statistics
 
-import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2.functional import affine
 
 from disagreements import ROOT, all_pair_logits, as_is, load  # also puts the repository on the import path
 
+# isort: split
 from datamodule import AllPairs  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
+from net import split_logits  # noqa: E402
 
 
 def _moved(angle: float = 0.0, dx: int = 0, dy: int = 0):
@@ -37,8 +38,9 @@ def accuracies(model: MNISTAdder, pairs: AllPairs, views: list) -> tuple[float, 
     """Digit and sum accuracy in % over all pairs, each head's softmax averaged over the views."""
     outputs = [all_pair_logits(model, pairs, view) for view in views]
     truth = outputs[0][1]
-    digit = sum(logits[:, :10].softmax(1) for logits, _ in outputs).argmax(1)
-    sum_ = sum(logits[:, 10:].softmax(1) for logits, _ in outputs).argmax(1)
+    heads = [split_logits(logits) for logits, _ in outputs]
+    digit = sum(head.digit.softmax(1) for head in heads).argmax(1)
+    sum_ = sum(head.sum.softmax(1) for head in heads).argmax(1)
     return (100 * (digit == truth["digit"]).float().mean().item(), 100 * (sum_ == truth["sum"]).float().mean().item())
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -114,21 +115,25 @@ def test_seeds_trains_each_seed_and_writes_the_table(real_data_dir, tmp_path):
     are patched into this process only)."""
     import seeds
 
-    report = tmp_path / "README.md"
-    report.write_text(f"# Results\n\n{seeds.START}\n{seeds.END}\n")
     results = tmp_path / "seeds.json"
+    report, readme = tmp_path / "experiments.md", tmp_path / "README.md"
+    report.write_text("# Record\n\n{}\n{}\n".format(*seeds.markers(results)))
+    readme.write_text(f"# Configs\n\n{seeds.CONFIGS_START}\n{seeds.CONFIGS_END}\n")
     entry = seeds.main(["--config", "configs/fast.yaml", "--seeds", "0", "1", "--name", "tiny", "--data-dir",
-                        str(real_data_dir), "--results", str(results), "--report", str(report), "--keep",
-                        str(tmp_path / "runs"), "--data.val_size", "100", "--model.channels", "[8, 16, 16]",
-                        "--trainer.limit_train_batches", "8"])
+                        str(real_data_dir), "--results", str(results), "--report", str(report), "--readme",
+                        str(readme), "--keep", str(tmp_path / "runs"), "--data.val_size", "100",
+                        "--model.channels", "[8, 16, 16]", "--trainer.limit_train_batches", "8"])
     assert [run["seed"] for run in entry["runs"]] == [0, 1]
     assert json.loads(results.read_text())["tiny"]["summary"] == entry["summary"]
+    assert entry["commit"] == seeds.commit()["commit"] and isinstance(entry["clean"], bool)
     for key in seeds.FIGURES:
         values = [run[key] for run in entry["runs"]]
         assert entry["summary"][key]["min"] == min(values) and 0 <= min(values) <= 100
     text = report.read_text()
-    assert "| tiny | `python cli.py fit --config configs/fast.yaml --data.val_size 100" in text
+    assert f"| tiny | `{entry['commit'][:7]}" in text
+    assert "`python cli.py fit --config configs/fast.yaml --data.val_size 100" in text
     assert f"from `{results.resolve()}`" in text  # the note names the file the table came from
+    assert "| `default.yaml` |" in readme.read_text()
     for seed in (0, 1):
         assert list((tmp_path / "runs" / f"seed_{seed}").glob("lightning_logs/version_0/checkpoints/best-*.ckpt"))
 
@@ -137,10 +142,35 @@ def test_seeds_table_only_without_a_results_file_says_so(tmp_path, capsys):
     import seeds
 
     report = tmp_path / "README.md"
-    report.write_text(f"{seeds.START}\nkept\n{seeds.END}\n")
+    report.write_text(f"{seeds.CONFIGS_START}\nkept\n{seeds.CONFIGS_END}\n")
     with pytest.raises(SystemExit, match="error: no results file to write the table from"):
         seeds.main(["--table-only", "--results", str(tmp_path / "missing.json"), "--report", str(report)])
     assert "kept" in report.read_text()
+
+
+def row(name: str, val: float, commit: str | None, clean: bool | None = True, device: str = "cpu") -> dict:
+    summary = {key: {"mean": val, "std": 0.1, "min": val - 0.1} for key in
+               ("val_sum_acc", "test_digit_acc", "test_sum_acc_all_pairs", "test_sum_consistency_all_pairs")}
+    return {"command": f"python cli.py fit --name-{name}", "seeds": [0, 1, 2], "date": "2026-12-03", "commit": commit,
+            "clean": clean, "machine": {"cpu": "X", "cores": 2, "device": device}, "runs": [],
+            "summary": {**summary, "fit_seconds": {"mean": 100.0, "std": 1.0, "min": 99.0}}}
+
+
+def test_the_record_gives_every_row_its_commit_and_the_readme_only_shipped_configs():
+    import seeds
+
+    rows = {"default": row("d", 99.6, "a" * 40), "old": row("o", 99.1, None, None),
+            "dirty": row("x", 99.2, "b" * 40, clean=False), "fast": row("f", 98.9, "c" * 40)}
+    record = seeds.table(rows, "seeds.json")
+    assert "| default | `aaaaaaa` | `python cli.py fit --name-d` | 0, 1, 2 | 99.60 ± 0.10 (min 99.50)" in record
+    assert "| old | commit unknown |" in record and "| dirty | `bbbbbbb` + |" in record
+    configs = seeds.configs_table(rows, {"gpu.yaml": row("g", 99.5, "d" * 40, device="NVIDIA H200")},
+                                  {"samples_to_99": 22656, "cpu_seconds_to_99": 14.3, "machine": {"cores": 2}})
+    names = re.findall(r"^\| `(\w+)\.yaml` \| ([^|]+) \|", configs, re.M)
+    assert [n for n, _ in names] == seeds.SHIPPED  # every shipped config, and no experiment row
+    assert all(purpose.strip() for _, purpose in names)
+    assert "| 100 s (NVIDIA H200) | 99.50" in configs and "within 22,656 samples" in configs
+    assert "| `ddp.yaml` | Several GPUs" in configs and "not measured" in configs
 
 
 def test_gpu_report_collects_each_step_into_results_and_its_table(tmp_path, monkeypatch):

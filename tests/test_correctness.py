@@ -98,7 +98,7 @@ class RecordPairs(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         epoch = self.numbers.setdefault(trainer.current_epoch, {})
-        epoch.update(zip(batch["index"].tolist(), batch["number"].tolist()))
+        epoch.update(zip(batch["index"].tolist(), batch["number"].tolist(), strict=True))
         self.order.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())
         assert torch.equal(batch["digit"], digit_in_pixels(trainer.datamodule.train_set.images[batch["index"]]))
 
@@ -173,9 +173,9 @@ def test_two_steps_match_plain_pytorch_sgd(tmp_path):
         F.cross_entropy(logits[:, :10], batch["digit"], label_smoothing=0.1).backward(retain_graph=True)
         (2.0 * F.cross_entropy(logits[:, 10:], batch["sum"], label_smoothing=0.1)).backward()
         optimizer.step()
-    for (name, trained), expected in zip(model.net.named_parameters(), reference.parameters()):
+    for (name, trained), expected in zip(model.net.named_parameters(), reference.parameters(), strict=True):
         assert torch.allclose(trained, expected, atol=1e-6), name
-    assert all(not torch.equal(a, b) for a, b in zip(model.net.parameters(), initial.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(model.net.parameters(), initial.parameters(), strict=True))
 
 
 def test_the_scheduler_steps_every_batch_and_every_epoch(tmp_path, synthetic_data_dir):
@@ -196,12 +196,12 @@ def test_mse_sum_loss_is_the_brier_score():
     sums = digits + numbers
     confident = torch.full((3, 29), -1e4)
     confident[torch.arange(3), 10 + sums] = 1e4
-    assert model.losses(confident, digits, numbers)[1].item() < 1e-6  # right and sure: 0
+    assert model.losses(confident, digits, numbers).sum_loss.item() < 1e-6  # right and sure: 0
     wrong = torch.full((3, 29), -1e4)
     wrong[torch.arange(3), 10 + (sums + 1) % 19] = 1e4
-    assert abs(model.losses(wrong, digits, numbers)[1].item() - 2.0) < 1e-6  # sure and wrong: 1 + 1
+    assert abs(model.losses(wrong, digits, numbers).sum_loss.item() - 2.0) < 1e-6  # sure and wrong: 1 + 1
     uniform = torch.zeros(3, 29)
-    assert abs(model.losses(uniform, digits, numbers)[1].item() - 18 / 19) < 1e-6  # (18/19)^2 + 18/19^2
+    assert abs(model.losses(uniform, digits, numbers).sum_loss.item() - 18 / 19) < 1e-6  # (18/19)^2 + 18/19^2
 
 
 def test_on_device_sets_keep_every_tensor_on_the_device(synthetic_data_dir):

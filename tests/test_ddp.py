@@ -97,10 +97,9 @@ def one_process_over_the_same_global_batches(data_dir, epochs, steps_per_epoch):
             optimizer.zero_grad()
             for indices in batches:
                 batch = data.train_set.__getitems__(indices)
-                digit_loss, sum_loss = model.losses(model(batch["image"], batch["number"]), batch["digit"],
-                                                    batch["number"])
-                (digit_loss / 2).backward(retain_graph=True)
-                (sum_loss / 2).backward()
+                losses = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["number"])
+                (losses.digit_loss / 2).backward(retain_graph=True)
+                (model.sum_loss_weight * (losses.sum_loss + losses.agreement) / 2).backward()
             optimizer.step()
     return model.state_dict()
 

@@ -1,13 +1,20 @@
+import pickle
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning import Trainer
+from jsonargparse import ArgumentParser
+from lightning import Callback, Trainer
+from lightning.pytorch.cli import LRSchedulerCallable
+from lightning.pytorch.plugins import MixedPrecision
+from torch.optim.lr_scheduler import OneCycleLR
 from torch.utils.data import DataLoader
 
 from conftest import synthetic_digits
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
-from net import sum_consistency
+from net import logit_mismatch, split_logits, sum_consistency
 
 
 def fixed_batches(count=2, size=32):
@@ -54,15 +61,24 @@ def test_manual_optimization_two_backwards_one_step_per_batch(tmp_path, syntheti
     assert model.backward_calls == [(step, retain) for step in range(batches) for retain in (True, False)]
 
 
-@pytest.mark.parametrize("sum_loss, weight, used", [("cross_entropy", None, 1.0), ("mse", None, 4.0), ("mse", 2.5, 2.5)])
-def test_sum_loss_weight_scales_the_second_backward(tmp_path, sum_loss, weight, used):
+@pytest.mark.parametrize("sum_loss, weight, used, agreement", [
+    ("cross_entropy", None, 1.0, 0.0), ("mse", None, 4.0, 0.0), ("mse", 2.5, 2.5, 0.0),
+    ("cross_entropy", 2.0, 2.0, 0.5)])
+def test_the_two_backwards_are_the_digit_loss_then_the_weighted_rest(tmp_path, sum_loss, weight, used, agreement):
+    """The first backward takes the digit loss, the second sum_loss_weight * (sum loss + agreement term);
+    together they are the objective logged per step as `loss`."""
     torch.manual_seed(0)
-    model = Recording(sum_loss=sum_loss, sum_loss_weight=weight, channels=(8, 16, 16))
+    model = Recording(sum_loss=sum_loss, sum_loss_weight=weight, agreement=agreement, channels=(8, 16, 16))
     batch = fixed_batches(count=1)[0]
     with torch.no_grad():
-        digit_loss, sum_loss_value = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["number"])
-    quiet_trainer(tmp_path, max_steps=1).fit(model, DataLoader([batch], batch_size=None))
-    assert torch.allclose(torch.stack(model.backward_losses), torch.stack([digit_loss, used * sum_loss_value]))
+        losses = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["number"])
+    trainer = quiet_trainer(tmp_path, max_steps=1, log_every_n_steps=1)
+    trainer.fit(model, DataLoader([batch], batch_size=None))
+    first, second = model.backward_losses
+    assert torch.allclose(first, losses.digit_loss)
+    assert torch.allclose(second, used * (losses.sum_loss + losses.agreement))
+    assert (losses.agreement > 0) == (agreement > 0)
+    assert torch.allclose(trainer.callback_metrics["loss"], first + second)
 
 
 @pytest.mark.parametrize("sum_loss", ["cross_entropy", "mse"])
@@ -79,12 +95,34 @@ def test_overfits_a_few_fixed_batches(tmp_path, sum_loss):
             assert torch.equal(logits[:, 10:].argmax(1), batch["sum"])
 
 
-def test_mse_is_the_brier_score_summed_over_classes():
-    model = MNISTAdder(sum_loss="mse")
-    logits, digits, numbers = torch.randn(4, 29), torch.tensor([0, 5, 9, 9]), torch.tensor([0, 0, 9, 0])
-    _, sum_loss = model.losses(logits, digits, numbers)
-    expected = ((logits[:, 10:].softmax(1) - F.one_hot(digits + numbers, 19)) ** 2).sum(1).mean()
-    assert torch.allclose(sum_loss, expected)
+def test_brier_sum_loss_rewards_probability_on_the_true_sum_and_nothing_else():
+    """sum_loss "mse" reads only the sum head's probabilities: it ignores the digit head and a shift of all sum
+    logits; it falls as the true sum's probability rises and, at a given one, when the rest is spread over the
+    wrong sums rather than piled on one (unlike cross-entropy); a step down its gradient raises the true sum's
+    probability. (test_correctness checks its values at 0, 2 and 18/19.)"""
+    brier = MNISTAdder(sum_loss="mse").losses
+    digits, numbers = torch.tensor([4]), torch.tensor([3])  # the true sum is 7
+
+    def logits(true, piled=False, digit_logits=None):
+        """The sum head puts `true` on 7 and the rest evenly on the other sums, or (`piled`) almost all on 0."""
+        probs = torch.full((19,), 1e-6 if piled else (1 - true) / 18)
+        probs[0] = 1 - true - 17e-6 if piled else probs[0]
+        probs[7] = true
+        return torch.cat([torch.zeros(10) if digit_logits is None else digit_logits, probs.log()])[None]
+
+    def loss(logits):
+        return brier(logits, digits, numbers).sum_loss.item()
+
+    falling = [loss(logits(p)) for p in (0.1, 0.4, 0.7, 0.95)]
+    assert falling == sorted(falling, reverse=True) and len(set(falling)) == 4
+    assert loss(logits(0.4)) < loss(logits(0.4, piled=True))
+    assert loss(logits(0.4, digit_logits=torch.randn(10))) == pytest.approx(loss(logits(0.4)))
+    shift = torch.cat([torch.zeros(10), torch.full((19,), 5.0)])
+    assert loss(logits(0.4) + shift) == pytest.approx(loss(logits(0.4)))
+    start = logits(0.4).requires_grad_()
+    brier(start, digits, numbers).sum_loss.backward()
+    stepped = start.detach() - 0.5 * start.grad
+    assert split_logits(stepped).sum.softmax(1)[0, 7] > 0.4 and loss(stepped) < loss(start.detach())
 
 
 def test_agreement_pulls_the_reachable_sum_logits_and_the_digit_logits_together():
@@ -96,11 +134,14 @@ def test_agreement_pulls_the_reachable_sum_logits_and_the_digit_logits_together(
     logits[0, 3], logits[0, 8] = 2.0, -1.0
     for row in range(4):
         logits[row, 10 + numbers[row]:20 + numbers[row]] = logits[row, :10] + row - 2
-    assert torch.allclose(model.losses(logits, digits, numbers)[1], plain.losses(logits, digits, numbers)[1])
+    assert model.losses(logits, digits, numbers).agreement.abs() < 1e-6
     swapped = logits.clone()
-    swapped[0, [10 + 5 + 3, 10 + 5 + 8]] = swapped[0, [10 + 5 + 8, 10 + 5 + 3]]  # the sum head ranks 3+5 and 8+5 otherwise
+    # the sum head ranks 3+5 and 8+5 the other way round
+    swapped[0, [10 + 5 + 3, 10 + 5 + 8]] = swapped[0, [10 + 5 + 8, 10 + 5 + 3]]
     swapped.requires_grad_()
-    extra = model.losses(swapped, digits, numbers)[1] - plain.losses(swapped, digits, numbers)[1]
+    losses, plain_losses = model.losses(swapped, digits, numbers), plain.losses(swapped, digits, numbers)
+    assert plain_losses.agreement == 0 and torch.equal(losses.sum_loss, plain_losses.sum_loss)  # kept apart
+    extra = losses.agreement
     assert extra > 1e-3
     extra.backward()
     # the heads meet halfway: the digit head ranks 3 above 8 and the sum head 8+5 above 3+5, so a step down
@@ -128,9 +169,9 @@ def test_shared_image_features_match_forward_on_every_pair():
     assert torch.allclose(shared, direct, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [{"sum_loss": "l1"}, {"hidden": 0}, {"gradient_clip_val": -1.0}, {"label_smoothing": 1.0},
-                                    {"dropout": 1.0}, {"sum_loss_weight": 0.0}, {"agreement": -0.5},
-                                    {"convs_per_stage": 0}])
+@pytest.mark.parametrize("kwargs", [{"sum_loss": "l1"}, {"hidden": 0}, {"gradient_clip_val": -1.0},
+                                    {"label_smoothing": 1.0}, {"dropout": 1.0}, {"sum_loss_weight": 0.0},
+                                    {"agreement": -0.5}, {"convs_per_stage": 0}])
 def test_bad_model_arguments(kwargs):
     with pytest.raises(ValueError):
         MNISTAdder(**kwargs)
@@ -139,22 +180,31 @@ def test_bad_model_arguments(kwargs):
 def test_sum_consistency_is_a_hand_count():
     logits = torch.full((4, 29), -5.0)
     digits, sums, numbers = [3, 0, 9, 5], [7, 2, 18, 5], torch.tensor([4, 1, 9, 0])
-    for k, (d, s) in enumerate(zip(digits, sums)):
+    for k, (d, s) in enumerate(zip(digits, sums, strict=True)):
         logits[k, d], logits[k, 10 + s] = 5.0, 5.0
     # 3+4=7 agrees, 0+1=1 is not 2, 9+9=18 agrees, 5+0=5 agrees
     assert sum_consistency(logits, numbers).tolist() == [True, False, True, True]
 
 
-def test_epoch_losses_weigh_every_sample_once(tmp_path):
-    """Batches of 30 and 2 samples: the logged mean loss is over the 32 samples, not the mean of two means."""
-    model = MNISTAdder(channels=(8, 16, 16), hidden=32).eval()
+@pytest.mark.parametrize("agreement", [0.0, 0.5])
+def test_epoch_losses_are_what_they_are_named_over_every_sample_once(tmp_path, agreement):
+    """Batches of 30 and 2 samples: each logged mean is over the 32 samples, not the mean of two means;
+    sum_loss is the sum head's cross-entropy alone, agreement the weighted term (logged only when on) and
+    loss the objective, both weighted by sum_loss_weight."""
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32, sum_loss_weight=2.0, agreement=agreement).eval()
     batch = fixed_batches(count=1)[0]
     small = {k: v[:2] for k, v in batch.items()}
     large = {k: v[2:] for k, v in batch.items()}
     result = quiet_trainer(tmp_path).validate(model, DataLoader([large, small], batch_size=None), verbose=False)[0]
     with torch.no_grad():
-        expected, _ = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["number"])
-    assert result["val/digit_loss"] == pytest.approx(expected.item(), rel=1e-5)
+        logits = model(batch["image"], batch["number"])
+    expected = {"val/digit_loss": F.cross_entropy(logits[:, :10], batch["digit"]).item(),
+                "val/sum_loss": F.cross_entropy(logits[:, 10:], batch["sum"]).item()}
+    term = agreement * logit_mismatch(logits, batch["number"]).item()
+    expected["val/loss"] = expected["val/digit_loss"] + 2.0 * (expected["val/sum_loss"] + term)
+    if agreement:
+        expected["val/agreement"] = term
+    assert {k: v for k, v in result.items() if k.endswith(("loss", "agreement"))} == pytest.approx(expected, rel=1e-5)
 
 
 def test_dropout_acts_in_training_only_and_is_absent_by_default():
@@ -174,8 +224,69 @@ def test_convs_per_stage_adds_3x3_convs_at_the_pooled_size():
     assert [c.kernel_size[0] for c in convs[1]] == [5, 3, 3, 3, 3, 3]
     assert [c.out_channels for c in convs[1]] == [8, 8, 16, 16, 16, 16]
     first_stage = [type(layer).__name__ for layer in two.net.image[:7]]
-    assert first_stage == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU"]  # after pooling
+    # the second conv works after the pooling
+    assert first_stage == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU"]
     images = torch.rand(2, 1, 28, 28)
     assert two.net.image_features(images).shape == one.net.image_features(images).shape == (2, 16 * 3 * 3)
     # one conv per stage keeps the layers' indices, so checkpoints written before the option load
     assert {"image.0.weight", "image.2.running_mean", "image.4.weight", "image.10.bias"} <= set(one.net.state_dict())
+
+
+def gradient_norm(parameters) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None])).item()
+
+
+class NormBeforeUpdate(Callback):
+    """The gradient norm that each optimizer update uses, seen by a hook on the torch optimizer's step."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_start(self, trainer, pl_module):
+        optimizer = trainer.optimizers[0]
+        optimizer.register_step_pre_hook(lambda *_: self.norms.append(gradient_norm(pl_module.parameters())))
+
+
+def test_gradient_clipping_acts_on_unscaled_gradients(tmp_path):
+    """16-mixed on the CPU, with a GradScaler that multiplies the loss by 1024: clipped before the scaler
+    unscales them, the update would see gradients of norm clip / 1024."""
+    torch.manual_seed(0)
+    model, record = MNISTAdder(channels=(8, 16, 16), hidden=32, gradient_clip_val=0.05), NormBeforeUpdate()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    quiet_trainer(tmp_path, max_steps=2, callbacks=[record], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+                  ).fit(model, DataLoader(fixed_batches(), batch_size=None))
+    assert scaler.get_scale() == 1024.0  # no step skipped for overflow
+    assert record.norms == pytest.approx([0.05, 0.05], rel=1e-3)
+
+
+def test_the_model_pickles_with_its_default_optimizer():
+    """ddp_spawn pickles the model into each process."""
+    model = pickle.loads(pickle.dumps(MNISTAdder()))
+    optimizer = model.configure_optimizers()
+    assert type(optimizer) is torch.optim.SGD
+    assert optimizer.defaults == MNISTAdder().configure_optimizers().defaults
+    assert {k: optimizer.defaults[k] for k in ("lr", "momentum", "nesterov")} == {"lr": 0.1, "momentum": 0.9,
+                                                                                  "nesterov": True}
+
+
+def cli_scheduler(**init_args):
+    """OneCycleLR as LightningCLI builds it from YAML: a callable that passes its keywords on to the class."""
+    parser = ArgumentParser()
+    parser.add_argument("--scheduler", type=LRSchedulerCallable)
+    config = parser.parse_object({"scheduler": {"class_path": "torch.optim.lr_scheduler.OneCycleLR",
+                                                "init_args": init_args}})
+    return parser.instantiate(config).scheduler
+
+
+@pytest.mark.parametrize("scheduler", [
+    partial(OneCycleLR, max_lr=0.1), partial(OneCycleLR, max_lr=0.1, total_steps=None), cli_scheduler(max_lr=0.1)],
+    ids=["partial", "total_steps=None", "cli"])
+def test_one_cycle_spans_the_run_unless_given_its_length(tmp_path, scheduler):
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32, scheduler=scheduler)
+    trainer = quiet_trainer(tmp_path, max_epochs=2)
+    trainer.fit(model, DataLoader(fixed_batches(), batch_size=None))
+    one_cycle = trainer.lr_scheduler_configs[0].scheduler
+    assert one_cycle.total_steps == one_cycle.last_epoch == 4  # 2 epochs of 2 batches
+    # given a length, no trainer is asked for one (none is attached here)
+    given = MNISTAdder(scheduler=partial(scheduler, total_steps=7)).configure_optimizers()
+    assert given["lr_scheduler"]["scheduler"].total_steps == 7

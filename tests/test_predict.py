@@ -3,14 +3,17 @@ import csv
 import numpy as np
 import pytest
 import torch
+from lightning import Trainer
 from PIL import Image
 
 from cli import cli_main
 from conftest import SYNTHETIC_SIZES, synthetic_digits
+from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
 from mnist_files import read_idx
 from phone import phone_photo
-from photos import to_mnist
+from photos import load_gray, to_mnist
+from net import split_logits
 from predictions import COLUMNS
 from printed import printed_digit
 from test_cli import SMALL
@@ -121,3 +124,33 @@ def test_predict_without_a_manifest_writes_the_test_set_with_its_accuracy(checkp
     assert all(int(r["true_sum"]) == int(r["true_digit"]) + int(r["number"]) for r in rows)
     digit_acc = np.mean([r["digit"] == r["true_digit"] for r in rows])
     assert f"digit accuracy {100 * digit_acc:.2f} %" in capsys.readouterr().out
+
+
+def test_trainer_predict_from_python_writes_each_rows_own_answer(checkpoint, tmp_path, synthetic_data_dir):
+    """A plain `Trainer.predict` (no command line) writes the CSV; with unreadable rows between readable ones,
+    every readable row carries its own picture's answer, and an unreadable one its reason and no answer."""
+    rng = np.random.default_rng(1)
+    lines, pictures = ["file,number"], {}
+    for k in range(6):
+        lines.append(f"missing{k}.png,{k}")  # unreadable rows between the readable ones
+        printed_digit(k, k, rng).save(tmp_path / f"{k}.png")
+        lines.append(f"{k}.png,{(3 * k) % 10}")
+        pictures[f"{k}.png"] = (3 * k) % 10
+    (tmp_path / "inputs.csv").write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out.csv"
+    model = MNISTAdder.load_from_checkpoint(checkpoint).eval()
+    data = MNISTAdderData(data_dir=str(synthetic_data_dir), predict_manifest=str(tmp_path / "inputs.csv"),
+                          predict_output=str(output))
+    Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).predict(model, datamodule=data)
+    rows = list(csv.DictReader(output.open()))
+    assert [row["file"] for row in rows] == [line.split(",")[0] for line in lines[1:]]
+    for row in rows:
+        if row["file"].startswith("missing"):
+            assert "no such file" in row["error"] and row["digit"] == row["digit_prob"] == ""
+            continue
+        image = to_mnist(load_gray(tmp_path / row["file"]))[None]
+        with torch.no_grad():
+            digit_logits, sum_logits = split_logits(model(image, torch.tensor([pictures[row["file"]]])))
+        digit_prob, digit = digit_logits.softmax(1).max(1)
+        assert (int(row["digit"]), float(row["digit_prob"])) == (digit.item(), pytest.approx(digit_prob.item(), abs=1e-4))
+        assert int(row["sum"]) == sum_logits.argmax(1).item() and row["error"] == ""

@@ -70,6 +70,66 @@ def test_evaluating_without_weights_names_the_newest_checkpoint(run_in_runs, tmp
     assert "none found" in message
 
 
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluating_a_runs_checkpoint_writes_into_that_run(run_in_runs, tmp_path, synthetic_data_dir, monkeypatch,
+                                                           subcommand):
+    """No new, nearly empty version folder; the run's own config.yaml stays the fit's; predictions land there."""
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = (run_in_runs / "config.yaml").read_bytes()
+    cli = cli_main([subcommand, "--ckpt_path", str(run_in_runs / "checkpoints" / "last.ckpt"), "--data.data_dir",
+                    str(synthetic_data_dir), *QUIET])
+    assert cli.trainer.log_dir == str(run_in_runs)
+    assert [p.name for p in run_in_runs.parent.iterdir()] == ["version_0"]
+    assert not list((tmp_path / "elsewhere").iterdir())
+    assert (run_in_runs / "config.yaml").read_bytes() == config
+    assert (run_in_runs / "predictions.csv").is_file() == (subcommand == "predict")
+
+
+def test_a_checkpoint_outside_any_run_makes_no_run_folder(run_in_runs, tmp_path, synthetic_data_dir, monkeypatch):
+    (tmp_path / "loose").mkdir()
+    loose = tmp_path / "loose" / "model.ckpt"
+    loose.write_bytes((run_in_runs / "checkpoints" / "last.ckpt").read_bytes())
+    monkeypatch.chdir(tmp_path / "loose")
+    cli_main(["test", "--ckpt_path", str(loose), "--data.data_dir", str(synthetic_data_dir), *QUIET])
+    assert [p.name for p in (tmp_path / "loose").iterdir()] == ["model.ckpt"]
+
+
+def test_logger_paths_the_user_sets_are_kept(tmp_path, synthetic_data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                    "--trainer.logger.init_args.save_dir", "mine", "--trainer.logger.init_args.name", "adder",
+                    "--trainer.default_root_dir", "runs", *QUIET])
+    assert cli.trainer.log_dir == "mine/adder/version_0"
+    assert (tmp_path / "mine" / "adder" / "version_0" / "results.json").is_file()
+
+
+def test_data_seed_is_the_one_seed(tmp_path, synthetic_data_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    message = ends_in_clear_error(["fit", "--data.seed", "5", *QUIET], capsys)
+    assert "seed_everything" in message
+    assert cli_main(["--seed_everything", "7", *QUIET], run=False).datamodule.hparams.seed == 7
+
+
+@pytest.mark.parametrize("monitor", ["val/sum_acc", "val/digit_loss"])
+def test_results_name_what_was_monitored_and_the_best_val_sum_accuracy_as_itself(tmp_path, synthetic_data_dir,
+                                                                                monkeypatch, monitor):
+    """The tested checkpoint is the monitored best (by default the epoch of the highest val/sum_acc); results.json
+    says what was monitored and gives val/sum_acc_best from the module's own record, whatever the monitor."""
+    monkeypatch.chdir(tmp_path)
+    chosen = [] if monitor == "val/sum_acc" else ["--checkpoint.monitor", monitor, "--checkpoint.mode", "min"]
+    cli_main(["fit", "--trainer.max_epochs", "3", *chosen, *QUIET])
+    run = tmp_path / "lightning_logs" / "version_0"
+    results = json.loads((run / "results.json").read_text())
+    curves = val_curve(run)
+    assert results["monitor"] == monitor
+    assert results["val/sum_acc_best"] == pytest.approx(max(curves["val/sum_acc"]))
+    pick = max if monitor.endswith("acc") else min
+    best_epoch = curves[monitor].index(pick(curves[monitor]))
+    assert results["checkpoint"].endswith(f"best-epoch={best_epoch:02d}.ckpt")
+    assert results["monitor_best"] == pytest.approx(curves[monitor][best_epoch])
+
+
 def test_gradient_clip_val_goes_to_the_manual_step(tmp_path, synthetic_data_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = cli_main(["fit", "--trainer.fast_dev_run", "1", "--trainer.gradient_clip_val", "0.5", *QUIET])

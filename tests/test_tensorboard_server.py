@@ -41,7 +41,7 @@ def test_tensorboard_server_serves_both_accuracies(tmp_path, synthetic_data_dir,
         hparams = {info["name"] for info in experiment["hparamInfos"]}
         metrics = {info["name"]["tag"] for info in experiment["metricInfos"]}
         assert {"optimizer.lr", "batch_size", "max_epochs", "seed", "sum_loss"} <= hparams
-        assert metrics == {"hp/val_sum_acc_best", "test/digit_acc", "test/sum_acc_all_pairs"}
+        assert metrics == {"val/sum_acc_best", "test/digit_acc", "test/sum_acc_all_pairs"}
     finally:
         server.terminate()
         server.wait(timeout=30)
