@@ -1,13 +1,18 @@
 """Checkpoints: a clear word on a bad one or a resume that cannot be exact, before any work; where they
 are; a last.ckpt after every epoch, and one when Ctrl-C or SIGTERM stops a fit."""
 
+import io
+import pickle
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from mnist_files import write_atomic
 
 LIGHTNING_NAMES = ("last", "best", "hpc", "registry")  # resolved by the Trainer itself
 
@@ -20,10 +25,20 @@ def read_checkpoint(path: str) -> dict | None:
         raise ValueError(f"ckpt_path {path!r}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # not a pickle of objects torch refuses: a damaged or foreign file
+            raise ValueError(
+                f"ckpt_path {path!r} is not a readable checkpoint (truncated or another kind of file)"
+            ) from None
+        raise ValueError(
+            f"ckpt_path {path!r} holds objects that a checkpoint of this project never holds, and loading them "
+            "could run code: it was not loaded"
+        ) from None
     except Exception as err:  # a damaged or foreign file fails in many ways; each means "unreadable"
         first_line = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-        raise ValueError(f"ckpt_path {path!r} is not a readable checkpoint (truncated or another kind "
-                         f"of file): {first_line}") from None
+        raise ValueError(
+            f"ckpt_path {path!r} is not a readable checkpoint (truncated or another kind of file): {first_line}"
+        ) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"ckpt_path {path!r} holds no Lightning state_dict")
     return checkpoint
@@ -40,9 +55,11 @@ def check_checkpoint(path: str, model: L.LightningModule) -> dict | None:
     found = {name: tuple(t.shape) for name, t in state.items()}
     if found != expected:
         differing = sorted(set(found) ^ set(expected)) or [n for n in expected if found[n] != expected[n]]
-        raise ValueError(f"ckpt_path {path!r} is a checkpoint of another model or other model settings "
-                         f"(it was saved with {checkpoint.get('hyper_parameters', {})}); differing: "
-                         f"{', '.join(differing[:3])}")
+        raise ValueError(
+            f"ckpt_path {path!r} is a checkpoint of another model or other model settings "
+            f"(it was saved with {checkpoint.get('hyper_parameters', {})}); differing: "
+            f"{', '.join(differing[:3])}"
+        )
     return checkpoint
 
 
@@ -54,12 +71,21 @@ def check_resume(checkpoint: dict, path: str, data_hparams) -> None:
     """Raise ValueError unless resuming from `checkpoint` (read from `path`) keeps the split and pairings
     the run was trained on."""
     saved = checkpoint.get("datamodule_hyper_parameters", {})
-    changed = [f"{key} {saved[key]} -> {data_hparams[key]}" for key in SPLIT_SETTINGS
-               if key in saved and saved[key] != data_hparams[key]]
+    changed = [
+        f"{key} {saved[key]} -> {data_hparams[key]}"
+        for key in SPLIT_SETTINGS
+        if key in saved and saved[key] != data_hparams[key]
+    ]
     if changed:
-        raise ValueError(f"ckpt_path {path!r} was trained on another split ({', '.join(changed)}): resume with "
-                         f"the run's own " + " and ".join(f"--{'seed_everything' if k == 'seed' else 'data.' + k} "
-                                                          f"{saved[k]}" for k in SPLIT_SETTINGS if k in saved))
+        raise ValueError(
+            f"ckpt_path {path!r} was trained on another split ({', '.join(changed)}): resume with "
+            f"the run's own "
+            + " and ".join(
+                f"--{'seed_everything' if k == 'seed' else 'data.' + k} {saved[k]}"
+                for k in SPLIT_SETTINGS
+                if k in saved
+            )
+        )
 
 
 def run_folder(checkpoint: Path) -> Path | None:
@@ -105,11 +131,42 @@ class SaveOnInterrupt(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         ckpt = trainer.checkpoint_callback
-        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.sanity_checking \
-                or ckpt is None or ckpt.dirpath is None or trainer.state.fn != "fit" or trainer.fast_dev_run:
+        if (
+            not isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+            or trainer.sanity_checking
+            or ckpt is None
+            or ckpt.dirpath is None
+            or trainer.state.fn != "fit"
+            or trainer.fast_dev_run
+        ):
             return
         path = Path(ckpt.dirpath) / "last.ckpt"
         trainer.save_checkpoint(path)
         cause = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
-        rank_zero_info(f"Stopped by {cause}: saved {path}\n"
-                       f"Resume with the same options plus: --ckpt_path {path}")
+        rank_zero_info(f"Stopped by {cause}: saved {path}\nResume with the same options plus: --ckpt_path {path}")
+
+
+class CheckpointNotWritten(Exception):
+    """A checkpoint could not be written (a full disk, a read-only folder): the message is one line."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Every checkpoint written whole or not at all, wherever it lives: serialised in memory, written to a temporary
+    file in its own folder, fsynced and renamed over its name (mnist_files.write_atomic). Lightning's own save
+    stages the file in the system's temp folder and moves it, which across filesystems is a copy that a full disk
+    or a crash can cut short under the checkpoint's name. Remote paths (a URL) keep Lightning's save."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, buffer.getvalue())
+        except OSError as err:
+            raise CheckpointNotWritten(
+                f"cannot write checkpoint {path.name} in {path.parent}: {err.strerror or err}; "
+                "the checkpoints already there are intact (free space, or set --trainer.default_root_dir)"
+            ) from None

@@ -9,21 +9,32 @@ from pathlib import Path
 
 import torch
 import yaml
+from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from jsonargparse import DefaultHelpFormatter
 
-from checkpoints import (BestAndLastCheckpoint, SaveOnInterrupt, check_checkpoint, check_resume, newest_checkpoint,
-                         read_checkpoint, run_folder)
+from checkpoints import (
+    AtomicCheckpointIO,
+    BestAndLastCheckpoint,
+    CheckpointNotWritten,
+    SaveOnInterrupt,
+    check_checkpoint,
+    check_resume,
+    newest_checkpoint,
+    read_checkpoint,
+    run_folder,
+)
 from dashboard import HPARAM_METRICS, Dashboard, run_hparams
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
 from mnist_files import MNISTUnavailable, write_atomic
-from progress import EpochLog, ProgressBar
 from predictions import PredictionsCSV
+from progress import EpochLog, ProgressBar
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -71,8 +82,14 @@ class SaveFitConfig(SaveConfigCallback):
 class AdderCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/sum_acc", "checkpoint.mode": "max",
-                             "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch:02d}"})
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/sum_acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch:02d}",
+            }
+        )
         # One seed decides the initial weights, the augmentation, the split and every pairing: --data.seed is
         # not an option of its own. `--seed_everything true` draws its seed later, in before_instantiate_classes.
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_data_seed)
@@ -84,24 +101,52 @@ class AdderCLI(LightningCLI):
         if not isinstance(config.seed_everything, bool):  # the seed `--seed_everything true` drew by now
             config.data.seed = config.seed_everything
         if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-            raise ValueError("trainer.accelerator is 'gpu' (configs/gpu.yaml) but this machine has no usable GPU: "
-                             "run `python cli.py fit` (any machine) or add --trainer.accelerator cpu")
+            raise ValueError(
+                "trainer.accelerator is 'gpu' (configs/gpu.yaml) but this machine has no usable GPU: "
+                "run `python cli.py fit` (any machine) or add --trainer.accelerator cpu"
+            )
+        if trainer.gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(
+                "trainer.gradient_clip_algorithm: this model clips the gradients' norm only (its "
+                "manual-optimization step); leave it unset and set --model.gradient_clip_val"
+            )
         if trainer.gradient_clip_val:  # the manual-optimization step clips; Lightning's own clipping cannot
+            if config.model.gradient_clip_val not in (0, trainer.gradient_clip_val):
+                raise ValueError(
+                    f"trainer.gradient_clip_val {trainer.gradient_clip_val} and model.gradient_clip_val "
+                    f"{config.model.gradient_clip_val} differ: set one of them"
+                )
             config.model.gradient_clip_val = float(trainer.gradient_clip_val)
             trainer.gradient_clip_val = None
             rank_zero_info(f"gradient clipping: model.gradient_clip_val = {config.model.gradient_clip_val}")
         if trainer.accumulate_grad_batches not in (None, 1):
-            raise ValueError("trainer.accumulate_grad_batches does not apply to this model's manual-optimization "
-                             "step; for larger effective batches raise --data.batch_size")
+            raise ValueError(
+                "trainer.accumulate_grad_batches does not apply to this model's manual-optimization "
+                "step; for larger effective batches raise --data.batch_size"
+            )
         ckpt_path = config.get("ckpt_path")
         if self.subcommand in ("validate", "test", "predict") and not ckpt_path and not trainer.fast_dev_run:
             newest = newest_checkpoint(Path(trainer.default_root_dir or "."))
-            raise ValueError(f"{self.subcommand} needs trained weights: add --ckpt_path CHECKPOINT" + (
-                f" (the newest here: --ckpt_path {newest})" if newest else
-                " (none found under lightning_logs/: train with `python cli.py fit` first)"))
+            raise ValueError(
+                f"{self.subcommand} needs trained weights: add --ckpt_path CHECKPOINT"
+                + (
+                    f" (the newest here: --ckpt_path {newest})"
+                    if newest
+                    else " (none found under lightning_logs/: train with `python cli.py fit` first)"
+                )
+            )
         self._place_logs(config, ckpt_path)
         show_bar = trainer.enable_progress_bar is not False and sys.stdout.isatty()
         self.trainer_defaults["callbacks"].append(ProgressBar() if show_bar else EpochLog())
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """Checkpoints are written whole (AtomicCheckpointIO), unless the user brings a CheckpointIO plugin."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        plugins = config.trainer.plugins or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
     def _place_logs(self, config, ckpt_path) -> None:
         """Unless the user placed them, the logs go to DEFAULT_ROOT_DIR/lightning_logs/version_N as absolute paths;
@@ -146,22 +191,33 @@ class AdderCLI(LightningCLI):
         best_val = self.trainer.callback_metrics.get("val/sum_acc_best")  # the module's, before the test reloads it
         results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
         metrics = {k: v for result in results for k, v in result.items()}
-        summary = {"checkpoint": best or None, "fit_seconds": round(fit_seconds, 1),
-                   "val/sum_acc_best": None if best_val is None else float(best_val),
-                   "monitor": callback.monitor if callback else None,
-                   "monitor_best": float(callback.best_model_score) if callback and best else None,
-                   "seed": self.datamodule.hparams.seed, **metrics}
+        summary = {
+            "checkpoint": best or None,
+            "fit_seconds": round(fit_seconds, 1),
+            "val/sum_acc_best": None if best_val is None else float(best_val),
+            "monitor": callback.monitor if callback else None,
+            "monitor_best": float(callback.best_model_score) if callback and best else None,
+            "seed": self.datamodule.hparams.seed,
+            **metrics,
+        }
         rows = [("checkpoint", best or "(weights at the end of fit)"), ("fit time", f"{fit_seconds:.1f} s")]
-        rows += [(label, f"{100 * metrics[key]:.2f} %") for key, label in (
-            ("test/digit_acc", "digit accuracy (fixed pairs)"), ("test/sum_acc", "sum accuracy (fixed pairs)"),
-            ("test/sum_acc_all_pairs", "sum accuracy (each image with all 10 numbers)"),
-            ("test/sum_consistency_all_pairs", "sum = predicted digit + number (all pairs)")) if key in metrics]
+        rows += [
+            (label, f"{100 * metrics[key]:.2f} %")
+            for key, label in (
+                ("test/digit_acc", "digit accuracy (fixed pairs)"),
+                ("test/sum_acc", "sum accuracy (fixed pairs)"),
+                ("test/sum_acc_all_pairs", "sum accuracy (each image with all 10 numbers)"),
+                ("test/sum_consistency_all_pairs", "sum = predicted digit + number (all pairs)"),
+            )
+            if key in metrics
+        ]
         width = max(len(label) for label, _ in rows)
         log_dir = self.trainer.log_dir  # a collective under DDP: every process asks
         if isinstance(self.trainer.logger, TensorBoardLogger) and best_val is not None:
             shown = {key: summary[key] for key in HPARAM_METRICS if summary.get(key) is not None}
-            self.trainer.logger.log_hyperparams(run_hparams(self.config.fit, self.model), shown,
-                                                self.trainer.global_step)
+            self.trainer.logger.log_hyperparams(
+                run_hparams(self.config.fit, self.model), shown, self.trainer.global_step
+            )
         if self.trainer.is_global_zero:
             print("\n".join(["", "Official MNIST test set", *(f"  {a:<{width}}  {b}" for a, b in rows)]))
             if log_dir:
@@ -179,23 +235,34 @@ def cli_main(args=None, run: bool = True) -> AdderCLI:
     """``run=False`` only builds the model, data module and trainer from the configs (no subcommand)."""
     args = sys.argv[1:] if args is None else list(args)
     defaults = {"default_config_files": [str(DEFAULT_CONFIG)]}  # the base of every run; --config overrides it
-    parser_kwargs = ({"description": DESCRIPTION, "formatter_class": HelpFormatter,
-                      **{name: defaults for name in SUBCOMMANDS}} if run else defaults)
+    parser_kwargs = (
+        {"description": DESCRIPTION, "formatter_class": HelpFormatter, **{name: defaults for name in SUBCOMMANDS}}
+        if run
+        else defaults
+    )
     for message in UNACTIONABLE_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     try:
         for option, value in zip(args, args[1:] + [""]):  # read before LightningCLI takes hyperparameters from it
             if option.startswith("--ckpt_path"):
                 read_checkpoint(option.partition("=")[2] or value)
-        return AdderCLI(MNISTAdder, MNISTAdderData, args=args, run=run, seed_everything_default=0,
-                        parser_class=ShortErrorParser, parser_kwargs=parser_kwargs, auto_configure_optimizers=False,
-                        save_config_callback=SaveFitConfig,
-                        save_config_kwargs={"overwrite": True},  # a resumed run writes on into its own folder
-                        trainer_defaults={"callbacks": [SaveOnInterrupt(), LearningRateMonitor("step"), Dashboard()]})
+        return AdderCLI(
+            MNISTAdder,
+            MNISTAdderData,
+            args=args,
+            run=run,
+            seed_everything_default=0,
+            parser_class=ShortErrorParser,
+            parser_kwargs=parser_kwargs,
+            auto_configure_optimizers=False,
+            save_config_callback=SaveFitConfig,
+            save_config_kwargs={"overwrite": True},  # a resumed run writes on into its own folder
+            trainer_defaults={"callbacks": [SaveOnInterrupt(), LearningRateMonitor("step"), Dashboard()]},
+        )
     except SIGTERMException:
         print("error: stopped by SIGTERM", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
-    except (ValueError, FloatingPointError, MNISTUnavailable) as err:
+    except (ValueError, FloatingPointError, MNISTUnavailable, CheckpointNotWritten) as err:
         sys.exit(f"error: {err}")
     except MisconfigurationException as err:  # Lightning's word on a Trainer setting: its first line says it
         sys.exit(f"error: {str(err).strip().splitlines()[0]}")

@@ -8,8 +8,20 @@ CHARTS = [
     ("digit accuracy", ["train/digit_acc", "val/digit_acc"]),
     ("sum accuracy", ["train/sum_acc", "val/sum_acc", "val/sum_acc_best"]),
     # loss: the objective minimised, per logged step; {stage}/loss: its epoch mean; then its parts
-    ("losses", ["loss", "train/loss", "train/digit_loss", "train/sum_loss", "train/agreement",
-                "val/loss", "val/digit_loss", "val/sum_loss", "val/agreement"]),
+    (
+        "losses",
+        [
+            "loss",
+            "train/loss",
+            "train/digit_loss",
+            "train/sum_loss",
+            "train/agreement",
+            "val/loss",
+            "val/digit_loss",
+            "val/sum_loss",
+            "val/agreement",
+        ],
+    ),
     ("learning rate", ["lr-.*"]),
     ("sum = predicted digit + number", ["val/sum_consistency", "test/sum_consistency_all_pairs"]),
 ]
@@ -23,7 +35,8 @@ class Dashboard(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero:
             trainer.logger.experiment.add_custom_scalars(
-                {"mnist-adder": {title: ["Multiline", [f"^{tag}$" for tag in tags]] for title, tags in CHARTS}})
+                {"mnist-adder": {title: ["Multiline", [f"^{tag}$" for tag in tags]] for title, tags in CHARTS}}
+            )
 
 
 def run_hparams(config, model) -> dict:
@@ -34,7 +47,9 @@ def run_hparams(config, model) -> dict:
         for key, value in vars(section).items():
             if hasattr(value, "class_path"):  # optimizer, scheduler
                 params[key] = value.class_path.rsplit(".", 1)[-1]
-                params.update({f"{key}.{k}": v for k, v in vars(value.init_args).items() if isinstance(v, (int, float))})
+                params.update(
+                    {f"{key}.{k}": v for k, v in vars(value.init_args).items() if isinstance(v, (int, float))}
+                )
             elif value is not None and key not in ("data_dir", "predict_manifest", "predict_output"):
                 params[key] = str(list(value)) if isinstance(value, (list, tuple)) else value
     params["sum_loss_weight"] = model.sum_loss_weight  # the weight in effect, where the config leaves it unset

@@ -1,6 +1,7 @@
 """MNIST images paired with random numbers 0-9, held as tensors and served a whole batch at a time."""
 
 import hashlib
+import itertools
 import math
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mnist_files import OFFICIAL_MD5, ensure_mnist, read_idx
 from photos import read_manifest
+from predictions import RESERVED
 
 TestPairs = Literal["all", "fixed", "both"]
 
@@ -44,8 +46,13 @@ class Pairs(Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices, device=self.images.device)
         number, digit = self.numbers[idx], self.digits[idx]
-        return {"image": self.images[idx].unsqueeze(1).float().div_(255), "number": number, "digit": digit,
-                "sum": digit.view(-1, *[1] * (number.dim() - 1)) + number, "index": idx}
+        return {
+            "image": self.images[idx].unsqueeze(1).float().div_(255),
+            "number": number,
+            "digit": digit,
+            "sum": digit.view(-1, *[1] * (number.dim() - 1)) + number,
+            "index": idx,
+        }
 
     def to(self, device: torch.device) -> "Pairs":
         self.images, self.digits, self.numbers = (t.to(device) for t in (self.images, self.digits, self.numbers))
@@ -54,16 +61,51 @@ class Pairs(Dataset):
 
 class TrainPairs(Pairs):
     """Fresh numbers every epoch, drawn from (seed, epoch) alone, and the augmentation's random stream,
-    from (seed, epoch, rank): a run resumed at an epoch's start sees what the uninterrupted run saw."""
+    from (seed, epoch, rank): a run resumed at an epoch's start sees what the uninterrupted run saw.
+    `batches_trained` counts the epoch's batches that reached the model (the data module counts them)."""
 
     def __init__(self, images: torch.Tensor, digits: torch.Tensor, seed: int):
         self.seed = seed
         super().__init__(images, digits, draw_numbers(len(digits), "train", seed, 0))
         self.augment_generator = _seeded("augment", seed, 0, 0)
+        self.epoch = self.batches_trained = 0
+        self.resume = None  # a ResumableLoader state to go on from
 
     def set_epoch(self, epoch: int, rank: int = 0) -> None:
         self.numbers = draw_numbers(len(self.digits), "train", self.seed, epoch).to(self.images.device)
         self.augment_generator = _seeded("augment", self.seed, epoch, rank)
+        self.epoch, self.batches_trained = epoch, 0
+
+
+def augment_draws(n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The uniform numbers in [0, 1) that one batch of n images takes from the augmentation stream, in order:
+    angle, zoom and the (x, y) shift."""
+    return torch.rand(n, generator=generator), torch.rand(n, generator=generator), torch.rand(n, 2, generator=generator)
+
+
+class ResumableLoader(DataLoader):
+    """The train loader, resumable mid-epoch through Lightning's state_dict / load_state_dict interface: its state
+    is the epoch and how many of its batches were trained. Resumed in that epoch, it skips them in the epoch's own
+    order and replays their draws from the augmentation stream, so it goes on as the uninterrupted run did."""
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.dataset.epoch, "batches_trained": self.dataset.batches_trained}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.resume = state
+
+    def __iter__(self):
+        batches, resume = super().__iter__(), self.dataset.resume
+        self.dataset.resume = None
+
+        def resumed():  # runs at the first batch, once Lightning has set the epoch (a resume iterates before that)
+            skip = resume["batches_trained"] if resume and resume["epoch"] == self.dataset.epoch else 0
+            for _ in range(skip):
+                augment_draws(self.batch_size, self.dataset.augment_generator)
+            self.dataset.batches_trained = skip
+            yield from itertools.islice(batches, skip, None)
+
+        return resumed()
 
 
 class AllPairs(Pairs):
@@ -120,10 +162,20 @@ class MNISTAdderData(L.LightningDataModule):
         predict_output: where ``predict`` writes its CSV (default: ``predictions.csv`` in the run's folder).
     """
 
-    def __init__(self, data_dir: str = "data", batch_size: int = 128, seed: int = 0, val_size: int = 5000,
-                 test_pairs: TestPairs = "both", rotate: float = 10.0, translate: float = 0.05,
-                 scale: float = 0.1, on_device: bool = False, predict_manifest: str | None = None,
-                 predict_output: str | None = None):
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 128,
+        seed: int = 0,
+        val_size: int = 5000,
+        test_pairs: TestPairs = "both",
+        rotate: float = 10.0,
+        translate: float = 0.05,
+        scale: float = 0.1,
+        on_device: bool = False,
+        predict_manifest: str | None = None,
+        predict_output: str | None = None,
+    ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -145,7 +197,7 @@ class MNISTAdderData(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "predict" and self.hparams.predict_manifest:
-            self.manifest_rows = read_manifest(Path(self.hparams.predict_manifest))
+            self.manifest_columns, self.manifest_rows = read_manifest(Path(self.hparams.predict_manifest), RESERVED)
             return
         if not hasattr(self, "test_set"):
             self._load()
@@ -160,7 +212,7 @@ class MNISTAdderData(L.LightningDataModule):
         if hp.val_size >= len(digits):
             raise ValueError(f"val_size {hp.val_size} leaves no training images out of {len(digits)}")
         order = torch.randperm(len(digits), generator=_seeded("split", hp.seed))
-        train, val = order[hp.val_size:], order[:hp.val_size]
+        train, val = order[hp.val_size :], order[: hp.val_size]
         test_images = read_idx(self.raw_dir / "t10k-images-idx3-ubyte")
         test_digits = read_idx(self.raw_dir / "t10k-labels-idx1-ubyte").long()
         self.train_set = TrainPairs(images[train], digits[train], hp.seed)
@@ -173,8 +225,14 @@ class MNISTAdderData(L.LightningDataModule):
         return {"num_replicas": trainer.world_size if trainer else 1, "rank": trainer.global_rank if trainer else 0}
 
     def _loader(self, dataset: Pairs, batch_size: int, sampler, drop_last: bool = False) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_whole_batch, drop_last=drop_last,
-                          pin_memory=self._pin_memory())
+        return (ResumableLoader if isinstance(dataset, TrainPairs) else DataLoader)(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=_whole_batch,
+            drop_last=drop_last,
+            pin_memory=self._pin_memory(),
+        )
 
     def _pin_memory(self) -> bool:
         """Page-locked host batches speed up copies to a GPU: only when this run trains on one, from the host."""
@@ -194,17 +252,31 @@ class MNISTAdderData(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         choice = self.hparams.test_pairs
-        return ([self._eval_loader(self.test_set)] * (choice != "all")
-                + [self._eval_loader(self.all_pairs_set, 250)] * (choice != "fixed"))
+        return [self._eval_loader(self.test_set)] * (choice != "all") + [self._eval_loader(self.all_pairs_set, 250)] * (
+            choice != "fixed"
+        )
 
     def predict_dataloader(self) -> DataLoader:
         if self.hparams.predict_manifest:
             return self._eval_loader(ManifestPictures(self.manifest_rows))
         return self._eval_loader(self.test_set)
 
+    def state_dict(self) -> dict:
+        """The train loader's state, kept here as well: Lightning sets the loader up before it restores a checkpoint
+        (the schedule needs the run's length), and then does not hand the loader its saved state."""
+        return {"train_loader": self.trainer.train_dataloader.state_dict()} if self._fitting() else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "train_loader" in state and self.trainer is not None and self.trainer.state.fn == "fit":
+            self.train_set.resume = state["train_loader"]
+
+    def _fitting(self) -> bool:
+        return self.trainer is not None and isinstance(self.trainer.train_dataloader, ResumableLoader)
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is not None and self.trainer.training:
             batch["image"] = self.augment(batch["image"], self.train_set.augment_generator)
+            self.train_set.batches_trained += 1  # this batch reaches the model: the loader's resume point
         return batch
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -213,15 +285,12 @@ class MNISTAdderData(L.LightningDataModule):
         hp = self.hparams
         if hp.rotate == hp.translate == hp.scale == 0:
             return images
-        n = len(images)
-
-        def uniform(*shape):
-            return (torch.rand(*shape, generator=generator) * 2 - 1).to(images.device, non_blocking=True)
-
-        angle = uniform(n) * math.radians(hp.rotate)
-        zoom = 1 + uniform(n) * hp.scale
+        angle, zoom, shift = (
+            (u * 2 - 1).to(images.device, non_blocking=True) for u in augment_draws(len(images), generator)
+        )
+        angle, zoom = angle * math.radians(hp.rotate), 1 + zoom * hp.scale
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        shift = uniform(n, 2) * hp.translate * 2  # affine_grid spans [-1, 1]: the image is 2 units wide
+        shift = shift * hp.translate * 2  # affine_grid spans [-1, 1]: the image is 2 units wide
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         return F.grid_sample(images, grid, align_corners=False)

@@ -18,8 +18,10 @@ from lightning_module import MNISTAdder  # noqa: E402
 from net import split_logits  # noqa: E402
 from photos import PhotoError, gray_levels, to_mnist  # noqa: E402
 
-INTRO = ("# mnist-adder\nDraw a digit (or upload a photo of one: dark ink on light paper is fine), pick a "
-         "number, and the net predicts the digit and the sum.")
+INTRO = (
+    "# mnist-adder\nDraw a digit (or upload a photo of one: dark ink on light paper is fine), pick a "
+    "number, and the net predicts the digit and the sum."
+)
 
 
 def predictor(model: MNISTAdder):
@@ -39,10 +41,17 @@ def predictor(model: MNISTAdder):
         logits = model(image.unsqueeze(0), torch.tensor([int(number)]))[0]
         digits, sums = (head.softmax(0) for head in split_logits(logits))
         digit, total = int(digits.argmax()), int(sums.argmax())
-        line = (f"digit {digit} ({100 * digits[digit]:.1f} %) + number {int(number)} -> "
-                f"sum {total} ({100 * sums[total]:.1f} %)")
-        return (line, {str(k): float(p) for k, p in enumerate(digits)}, {str(k): float(p) for k, p in enumerate(sums)},
-                Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).resize((112, 112), Image.Resampling.NEAREST))
+        line = (
+            f"digit {digit} ({100 * digits[digit]:.1f} %) + number {int(number)} -> "
+            f"sum {total} ({100 * sums[total]:.1f} %)"
+        )
+        return (
+            line,
+            {str(k): float(p) for k, p in enumerate(digits)},
+            {str(k): float(p) for k, p in enumerate(sums)},
+            Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).resize((112, 112), Image.Resampling.NEAREST),
+        )
+
     return predict
 
 
@@ -52,11 +61,16 @@ def build_page(model: MNISTAdder) -> gr.Blocks:
         with gr.Row():
             with gr.Column():
                 with gr.Tab("Draw"):
-                    drawing = gr.Sketchpad(type="pil", image_mode="RGBA", label="draw a digit",
-                                           brush=gr.Brush(default_size=18, colors=["#000000"]))
+                    drawing = gr.Sketchpad(
+                        type="pil",
+                        image_mode="RGBA",
+                        label="draw a digit",
+                        brush=gr.Brush(default_size=18, colors=["#000000"]),
+                    )
                 with gr.Tab("Upload a photo"):
-                    photo = gr.Image(type="pil", sources=["upload", "clipboard"], label="photo of a digit",
-                                     elem_id="photo")
+                    photo = gr.Image(
+                        type="pil", sources=["upload", "clipboard"], label="photo of a digit", elem_id="photo"
+                    )
                 number = gr.Radio([str(n) for n in range(10)], value="7", label="number", elem_id="number")
                 button = gr.Button("Predict", variant="primary", elem_id="predict")
             with gr.Column():

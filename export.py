@@ -26,9 +26,16 @@ def export(ckpt_path: str, output: Path) -> Path:
     net = model.net.to(memory_format=torch.contiguous_format)
     example = (torch.rand(2, 1, 28, 28), torch.tensor([3, 7]))
     batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(net, example, input_names=["images", "numbers"], output_names=["logits"],
-                                dynamic_shapes={"images": {0: batch}, "numbers": {0: batch}}, opset_version=OPSET,
-                                dynamo=True, verbose=False)
+    program = torch.onnx.export(
+        net,
+        example,
+        input_names=["images", "numbers"],
+        output_names=["logits"],
+        dynamic_shapes={"images": {0: batch}, "numbers": {0: batch}},
+        opset_version=OPSET,
+        dynamo=True,
+        verbose=False,
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, program.model_proto.SerializeToString())
     return output

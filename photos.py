@@ -59,7 +59,7 @@ def to_mnist(gray: np.ndarray) -> torch.Tensor:
     ink = np.clip((ink - level / 2) / (np.percentile(ink[ink >= level], 90) - level / 2), 0, 1)
     top, bottom = _span(ink.sum(1))
     left, right = _span(ink.sum(0))
-    ink = ink[top:bottom + 1, left:right + 1]
+    ink = ink[top : bottom + 1, left : right + 1]
     height, width = ink.shape
     scale = 20 / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -70,7 +70,7 @@ def to_mnist(gray: np.ndarray) -> torch.Tensor:
     top = int(np.clip(round(13.5 - centre_y), 0, 28 - ink.shape[0]))
     left = int(np.clip(round(13.5 - centre_x), 0, 28 - ink.shape[1]))
     canvas = np.zeros((28, 28), dtype=np.float32)
-    canvas[top:top + ink.shape[0], left:left + ink.shape[1]] = ink
+    canvas[top : top + ink.shape[0], left : left + ink.shape[1]] = ink
     return torch.from_numpy(canvas).unsqueeze(0)
 
 
@@ -109,27 +109,39 @@ def _span(mass: np.ndarray, trim: float = 0.005) -> tuple[int, int]:
     return int(np.searchsorted(cumulative, trim)), int(np.searchsorted(cumulative, 1 - trim))
 
 
-def read_manifest(path: Path) -> list[dict]:
-    """Rows of a CSV with the columns file,number: {"file", "number" (int or None), "image", "error"}."""
+def read_manifest(path: Path, reserved: tuple[str, ...] = ()) -> tuple[list[str], list[dict]]:
+    """The columns of a CSV with at least file,number, and its rows: {"columns" (the row as written), "file",
+    "number" (an int; as written where it is not 0..9), "image", "error"}. A column named as one of `reserved`
+    is refused."""
     if not path.is_file():
         raise PhotoError(f"predict_manifest {str(path)!r}: no such file")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(f)
-            missing = {"file", "number"} - {name.strip() for name in reader.fieldnames or []}
+            columns = list(reader.fieldnames or [])
+            names = {name.strip(): name for name in columns}
+            missing = {"file", "number"} - set(names)
             if missing:
-                raise PhotoError(f"predict_manifest {str(path)!r} lacks the column(s) {', '.join(sorted(missing))} "
-                                 "(it needs a header line: file,number)")
-            rows = [{key.strip(): (value or "").strip() for key, value in row.items() if key} for row in reader]
+                raise PhotoError(
+                    f"predict_manifest {str(path)!r} lacks the column(s) {', '.join(sorted(missing))} "
+                    "(it needs a header line: file,number)"
+                )
+            if clash := [name for name in reserved if name in names]:
+                raise PhotoError(
+                    f"predict_manifest {str(path)!r} has the column(s) {', '.join(clash)}, the names the "
+                    "predictions are written under: rename them"
+                )
+            rows = [{"columns": {k: row.get(k) or "" for k in columns}} for row in reader]
     except (UnicodeDecodeError, csv.Error) as err:
         raise PhotoError(f"predict_manifest {str(path)!r} is not a UTF-8 CSV file ({err})") from None
     for row in rows:
-        row["image"], row["error"] = None, ""
+        number = row["columns"][names["number"]].strip()
+        row.update(file=row["columns"][names["file"]].strip(), number=number, image=None, error="")
         try:
-            if row["number"] not in NUMBERS:
-                raise PhotoError(f"number must be an integer 0..9, got {row['number']!r}")
-            row["number"] = int(row["number"])
+            if number not in NUMBERS:
+                raise PhotoError(f"number must be an integer 0..9, got {number!r}")
+            row["number"] = int(number)
             row["image"] = to_mnist(load_gray(path.parent / row["file"]))
         except Exception as err:  # whatever a row's picture does wrong, it fails that row alone
             row["error"] = str(err) if isinstance(err, PhotoError) else f"{type(err).__name__}: {err}"
-    return rows
+    return columns, rows

@@ -10,7 +10,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from mnist_files import write_atomic
 
-COLUMNS = ["file", "number", "digit", "digit_prob", "sum", "sum_prob", "error"]
+# What predict_step returns for each picture, and the CSV columns it is written under: named so that no column
+# of a person's manifest (their own digit, say) is taken for a prediction, or overwritten by one.
+PREDICTED = {"digit": "pred_digit", "digit_prob": "pred_digit_prob", "sum": "pred_sum", "sum_prob": "pred_sum_prob"}
+RESERVED = (*PREDICTED.values(), "error")  # a manifest with a column of these names is refused
 
 
 def gather_shards(batches: list[dict]) -> list[dict]:
@@ -23,34 +26,42 @@ def gather_shards(batches: list[dict]) -> list[dict]:
 
 
 def fill_predictions(rows: list[dict], batches: list[dict]) -> None:
-    """Write each batch's predictions into the manifest rows they belong to."""
+    """Write each batch's predictions into the manifest rows they belong to (each batch names its rows)."""
     for batch in batches:
         for k, row in enumerate(batch["row"].tolist()):
-            rows[row].update({key: batch[key][k].item() for key in ("digit", "digit_prob", "sum", "sum_prob")})
+            rows[row].update({name: batch[key][k].item() for key, name in PREDICTED.items()})
 
 
-def predictions_csv(rows: list[dict]) -> bytes:
+def predictions_csv(columns: list[str], rows: list[dict]) -> bytes:
+    """The manifest's own columns as written, then the predictions (empty where a row failed) and `error`."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(out, [*columns, *RESERVED], lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**row, **{p: f"{row[p]:.4f}" for p in ("digit_prob", "sum_prob") if p in row}})
+        predicted = {
+            name: f"{row[name]:.4f}" if name.endswith("prob") else row[name]
+            for name in PREDICTED.values()
+            if name in row
+        }
+        writer.writerow({**row["columns"], **predicted, "error": row["error"]})
     return out.getvalue().encode()
 
 
 def predictions_table(rows: list[dict]) -> str:
     width = max([4] + [len(row["file"]) for row in rows])
-    lines = [f"{'file':<{width}}  number  digit  prob   sum  prob   error"]
+    lines = [f"{'file':<{width}}  number  pred_digit  prob  pred_sum  prob  error"]
     for row in rows:
         if row["error"]:
-            lines.append(f"{row['file']:<{width}}  {str(row['number']):>6}  {'':33}{row['error']}")
+            lines.append(f"{row['file']:<{width}}  {str(row['number']):>6}  {'':34}{row['error']}")
         else:
-            lines.append(f"{row['file']:<{width}}  {row['number']:>6}  {row['digit']:>5}  {row['digit_prob']:.2f}"
-                         f"  {row['sum']:>4}  {row['sum_prob']:.2f}")
+            lines.append(
+                f"{row['file']:<{width}}  {row['number']:>6}  {row['pred_digit']:>10}  {row['pred_digit_prob']:.2f}"
+                f"  {row['pred_sum']:>8}  {row['pred_sum_prob']:.2f}"
+            )
     return "\n".join(lines)
 
 
-TEST_COLUMNS = ["index", "number", "digit", "digit_prob", "sum", "sum_prob", "true_digit", "true_sum"]
+TEST_COLUMNS = ["index", "number", *PREDICTED, "true_digit", "true_sum"]  # written with PREDICTED's names
 
 
 def test_set_predictions(batches: list[dict]) -> tuple[bytes, str]:
@@ -60,14 +71,16 @@ def test_set_predictions(batches: list[dict]) -> tuple[bytes, str]:
     columns = {key: values[order].tolist() for key, values in columns.items()}
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(TEST_COLUMNS)
+    writer.writerow([PREDICTED.get(key, key) for key in TEST_COLUMNS])
     for row in zip(*columns.values(), strict=True):
         writer.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in row])
     n = len(columns["index"])
     digit = sum(map(int.__eq__, columns["digit"], columns["true_digit"])) / max(n, 1)
     sum_ = sum(map(int.__eq__, columns["sum"], columns["true_sum"])) / max(n, 1)
-    return out.getvalue().encode(), (f"official MNIST test set, {n} images with one number each: "
-                                     f"digit accuracy {100 * digit:.2f} %, sum accuracy {100 * sum_:.2f} %")
+    return out.getvalue().encode(), (
+        f"official MNIST test set, {n} images with one number each: "
+        f"digit accuracy {100 * digit:.2f} %, sum accuracy {100 * sum_:.2f} %"
+    )
 
 
 class PredictionsCSV(BasePredictionWriter):
@@ -95,6 +108,6 @@ class PredictionsCSV(BasePredictionWriter):
             text, summary = test_set_predictions(batches)
         else:
             fill_predictions(rows, batches)
-            text, summary = predictions_csv(rows), predictions_table(rows) + "\n"
+            text, summary = predictions_csv(datamodule.manifest_columns, rows), predictions_table(rows) + "\n"
         write_atomic(self.output, text)
         print(f"{summary}\npredictions written to {self.output}")

@@ -22,13 +22,21 @@ def confusion_image(matrix: torch.Tensor) -> torch.Tensor:
             shade = int(255 * (1 - rates[i, j].item()) ** 0.3)  # a few errors still show
             box = ((j + 1) * CELL, (i + 1) * CELL, (j + 2) * CELL - 1, (i + 2) * CELL - 1)
             draw.rectangle(box, fill=(shade, shade, 255))
-            draw.text((box[0] + 3, box[1] + 8), str(counts[i, j].item()), fill="black" if shade > 128 else "white",
-                      font=FONT)
+            draw.text(
+                (box[0] + 3, box[1] + 8), str(counts[i, j].item()), fill="black" if shade > 128 else "white", font=FONT
+            )
     return _to_tensor(canvas)
 
 
-def sample_grid(image: torch.Tensor, number: torch.Tensor, digit: torch.Tensor, sum: torch.Tensor,
-                digit_pred: torch.Tensor, sum_pred: torch.Tensor, columns: int = 6) -> torch.Tensor:
+def sample_grid(
+    image: torch.Tensor,
+    number: torch.Tensor,
+    digit: torch.Tensor,
+    sum: torch.Tensor,
+    digit_pred: torch.Tensor,
+    sum_pred: torch.Tensor,
+    columns: int = 6,
+) -> torch.Tensor:
     """Each sample drawn 3x with 'true <digit>+<number>=<sum>' and, in red, 'net <digit>, <sum>' under it."""
     size, label = 84, 40
     rows = max(1, -(-len(image) // columns))

@@ -27,16 +27,20 @@ sys.path.insert(0, str(ROOT))
 import to_99  # noqa: E402
 from cli import cli_main  # noqa: E402
 from datamodule import MNISTAdderData  # noqa: E402
+from losses import weighted_sum_loss  # noqa: E402
 
 START, END = "<!-- bench:table:start -->", "<!-- bench:table:end -->"
-FIGURES = {"lightning_vs_torch_throughput_ratio": (">= 0.95", lambda v: v >= 0.95),
-           "samples_to_99": ("<= 25000", lambda v: v is not None and v <= 25_000),
-           "cpu_seconds_to_99": ("<= 15", lambda v: v is not None and v <= 15),
-           "gpu_seconds_to_99": ("<= 3", lambda v: v is not None and v <= 3),
-           "val_samples_to_99": ("", None),
-           "prepare_seconds_cached": ("< 1", lambda v: v < 1),
-           "predict_images_per_second": ("", None),
-           "compile_step_speedup": ("", None), "compile_seconds": ("", None)}
+FIGURES = {
+    "lightning_vs_torch_throughput_ratio": (">= 0.95", lambda v: v >= 0.95),
+    "samples_to_99": ("<= 25000", lambda v: v is not None and v <= 25_000),
+    "cpu_seconds_to_99": ("<= 15", lambda v: v is not None and v <= 15),
+    "gpu_seconds_to_99": ("<= 3", lambda v: v is not None and v <= 3),
+    "val_samples_to_99": ("", None),
+    "prepare_seconds_cached": ("< 1", lambda v: v < 1),
+    "predict_images_per_second": ("", None),
+    "compile_step_speedup": ("", None),
+    "compile_seconds": ("", None),
+}
 
 
 def build(extra: list[str], *configs: str):
@@ -49,8 +53,10 @@ def prepared(extra: list[str], config: str):
     `data.on_device`, on its device, and pinned only where the batches travel to a GPU)."""
     cli = build(extra, config)
     if str(cli.trainer.precision) not in ("32-true", "bf16-mixed"):  # what `plain_steps` can do as Lightning does
-        sys.exit(f"error: the plain loop does what Lightning does for precision 32-true and bf16-mixed only, "
-                 f"not {cli.trainer.precision}")
+        sys.exit(
+            f"error: the plain loop does what Lightning does for precision 32-true and bf16-mixed only, "
+            f"not {cli.trainer.precision}"
+        )
     cli.datamodule.trainer = cli.trainer
     cli.datamodule.prepare_data()
     cli.datamodule.setup("fit")
@@ -75,12 +81,13 @@ def plain_steps(model, data, epoch: int, total: int, device: torch.device, preci
     for batch in itertools.islice(loader, total):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         images = data.augment(batch["image"], data.train_set.augment_generator)  # as Lightning: before autocast
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=str(precision) == "bf16-mixed",
-                            cache_enabled=False):
+        with torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=str(precision) == "bf16-mixed", cache_enabled=False
+        ):
             losses = model.losses(net(images, batch["number"]), batch["digit"], batch["number"])
         optimizer.zero_grad(set_to_none=True)
         losses.digit_loss.backward(retain_graph=True)
-        (model.sum_loss_weight * (losses.sum_loss + losses.agreement)).backward()
+        weighted_sum_loss(losses.sum_loss, losses.agreement, model.sum_loss_weight).backward()
         optimizer.step()
         scheduler.step()
         yield
@@ -127,12 +134,24 @@ def lockstep_seconds(lit, plain, warmup: int, steps: int, epoch: int, log_dir: s
     for `steps` steps after `warmup` + 1 untimed ones."""
     device = device_of(accelerator)
     precision = lit.trainer.precision
-    lockstep = InLockstep(plain_steps(plain.model, plain.datamodule, epoch, warmup + steps + 1, device, precision),
-                          warmup, device)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, max_epochs=1,
-                        limit_train_batches=warmup + steps + 1, limit_val_batches=0, num_sanity_val_steps=0,
-                        log_every_n_steps=50, logger=TensorBoardLogger(log_dir), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[lockstep])
+    lockstep = InLockstep(
+        plain_steps(plain.model, plain.datamodule, epoch, warmup + steps + 1, device, precision), warmup, device
+    )
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_epochs=1,
+        limit_train_batches=warmup + steps + 1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=50,
+        logger=TensorBoardLogger(log_dir),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[lockstep],
+    )
     trainer.fit(lit.model, datamodule=lit.datamodule)
     return lockstep.seconds
 
@@ -152,14 +171,25 @@ def throughput_ratio(extra: list[str], config: str, rounds: int, warmup: int, st
                 times[kind].append(value)
             rates = "  ".join(f"{kind} {steps * batch_size / value:6.0f}" for kind, value in seconds.items())
             print(f"  round {r + 1}/{rounds}  {rates} samples/s", flush=True)
-    ratios = [torch_time / lightning_time for torch_time, lightning_time in zip(times["torch"], times["lightning"],
-                                                                                 strict=True)]
-    return {"lightning_vs_torch_throughput_ratio": round(statistics.median(ratios), 3),
-            "throughput_ratio_per_round": [round(r, 3) for r in ratios],
-            "throughput": {kind: {"samples_per_second": round(steps * rounds * batch_size / sum(t), 1),
-                                  "seconds_per_round": t} for kind, t in times.items()},
-            "throughput_setup": {"rounds": rounds, "warmup_steps": warmup, "timed_steps": steps,
-                                 "batch_size": batch_size, "precision": str(lit.trainer.precision)}}
+    ratios = [
+        torch_time / lightning_time
+        for torch_time, lightning_time in zip(times["torch"], times["lightning"], strict=True)
+    ]
+    return {
+        "lightning_vs_torch_throughput_ratio": round(statistics.median(ratios), 3),
+        "throughput_ratio_per_round": [round(r, 3) for r in ratios],
+        "throughput": {
+            kind: {"samples_per_second": round(steps * rounds * batch_size / sum(t), 1), "seconds_per_round": t}
+            for kind, t in times.items()
+        },
+        "throughput_setup": {
+            "rounds": rounds,
+            "warmup_steps": warmup,
+            "timed_steps": steps,
+            "batch_size": batch_size,
+            "precision": str(lit.trainer.precision),
+        },
+    }
 
 
 def compile_speedup(extra: list[str], config: str, rounds: int, warmup: int, steps: int, accelerator: str) -> dict:
@@ -173,25 +203,35 @@ def compile_speedup(extra: list[str], config: str, rounds: int, warmup: int, ste
     compile_seconds = time.perf_counter() - start - first * (warmup + steps) / steps
     times = {"eager": [], "compiled": []}
     for r in range(rounds):
-        for kind, cli in (("eager", eager), ("compiled", compiled))[::1 if r % 2 == 0 else -1]:
-            times[kind].append(torch_seconds(cli.model, cli.datamodule, warmup, steps, r, device,
-                                             cli.trainer.precision))
+        for kind, cli in (("eager", eager), ("compiled", compiled))[:: 1 if r % 2 == 0 else -1]:
+            times[kind].append(
+                torch_seconds(cli.model, cli.datamodule, warmup, steps, r, device, cli.trainer.precision)
+            )
             print(f"  round {r + 1}/{rounds} {kind:9s} {steps / times[kind][-1]:5.1f} steps/s", flush=True)
-    return {"compile_step_speedup": round(sum(times["eager"]) / sum(times["compiled"]), 3),
-            "compile_seconds": round(compile_seconds, 1), "compile_seconds_per_round": times}
+    return {
+        "compile_step_speedup": round(sum(times["eager"]) / sum(times["compiled"]), 3),
+        "compile_seconds": round(compile_seconds, 1),
+        "compile_seconds_per_round": times,
+    }
 
 
-def to_99_over_seeds(extra: list[str], config: str, every: int, seeds: list[int],
-                     accelerator: str) -> tuple[dict, object]:
+def to_99_over_seeds(
+    extra: list[str], config: str, every: int, seeds: list[int], accelerator: str
+) -> tuple[dict, object]:
     """For each seed, `to_99.run_to_99`, then the seconds to its step to 99 % from `to_99.seconds_to_step`;
     the per-seed figures, and the worst, which the targets are about."""
     runs = {}
     for seed in seeds:
         print(f"  seed {seed}", flush=True)
         with tempfile.TemporaryDirectory() as root:
-            args = [f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-                    "--trainer.enable_model_summary=false", f"--trainer.accelerator={accelerator}",
-                    f"--seed_everything={seed}", *extra]
+            args = [
+                f"--trainer.default_root_dir={root}",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                f"--trainer.accelerator={accelerator}",
+                f"--seed_everything={seed}",
+                *extra,
+            ]
             runs[str(seed)] = run = to_99.run_to_99(cli := build(args, config), every)
             run["seconds_to_99"] = None
             if run["step_to_99"] is not None:
@@ -200,14 +240,22 @@ def to_99_over_seeds(extra: list[str], config: str, every: int, seeds: list[int]
                 if min(timed["test_digit_acc"], timed["test_sum_acc"]) >= to_99.TARGET:  # the same run again
                     run["seconds_to_99"] = timed["seconds"]
                 else:  # e.g. nondeterministic GPU kernels
-                    print(f"  seed {seed}: the second run is below {to_99.TARGET:.0%} at that step: no seconds",
-                          flush=True)
+                    print(
+                        f"  seed {seed}: the second run is below {to_99.TARGET:.0%} at that step: no seconds",
+                        flush=True,
+                    )
 
     def worst(key):
         values = [run[key] for run in runs.values()]
         return None if None in values else max(values)
-    return {"samples_to_99": worst("samples_to_99"), "seconds_to_99": worst("seconds_to_99"),
-            "val_samples_to_99": worst("val_samples_to_99"), "to_99_config": config, "to_99_runs": runs}, cli
+
+    return {
+        "samples_to_99": worst("samples_to_99"),
+        "seconds_to_99": worst("seconds_to_99"),
+        "val_samples_to_99": worst("val_samples_to_99"),
+        "to_99_config": config,
+        "to_99_runs": runs,
+    }, cli
 
 
 def prepare_seconds(extra: list[str], repeats: int) -> dict:
@@ -231,7 +279,7 @@ def predict_throughput(model, data, repeats: int) -> dict:
     for _ in range(repeats):
         start = time.perf_counter()
         for i in range(0, len(images), 1000):
-            model(images[i:i + 1000], numbers[i:i + 1000])
+            model(images[i : i + 1000], numbers[i : i + 1000])
         synchronize(model.device)
         times.append(time.perf_counter() - start)
     return {"predict_images_per_second": round(len(images) / statistics.median(times)), "predict_batch_size": 1000}
@@ -242,26 +290,48 @@ def device_of(accelerator: str) -> torch.device:
 
 
 def machine(accelerator: str = "cpu") -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
         else platform.processor()
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "lightning": L.__version__,
-            "python": platform.python_version(),
-            "device": torch.cuda.get_device_name() if device_of(accelerator).type == "cuda" else "cpu"}
+    )
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if device_of(accelerator).type == "cuda" else "cpu",
+    }
 
 
 def table(results: dict) -> str:
     m = results["machine"]
-    lines = [(f"Measured {results['date']} with `{results['command']}` on {m['cpu']}, {m['cores']} cores, "
-             f"torch {m['torch']}, lightning {m['lightning']}, device {m['device']}."), "",
-             "| figure | value | target | met |", "|---|---|---|---|"]
+    lines = [
+        (
+            f"Measured {results['date']} with `{results['command']}` on {m['cpu']}, {m['cores']} cores, "
+            f"torch {m['torch']}, lightning {m['lightning']}, device {m['device']}."
+        ),
+        "",
+        "| figure | value | target | met |",
+        "|---|---|---|---|",
+    ]
     for key, (target, ok) in FIGURES.items():
         if key not in results:
             continue
         value = results[key]
-        lines.append(f"| `{key}` | {'not reached' if value is None else value} | {target} | "
-                     f"{'' if ok is None else 'yes' if ok(value) else 'no'} |")
+        lines.append(
+            f"| `{key}` | {'not reached' if value is None else value} | {target} | "
+            f"{'' if ok is None else 'yes' if ok(value) else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -278,18 +348,27 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 rounds of 20 steps instead of 20 of 50")
     parser.add_argument("--rounds", type=int, help="throughput rounds, one fit each (default 20; quick 4)")
-    parser.add_argument("--steps", type=int, help="timed steps per round (default 50, so that Lightning's "
-                        "logger writes once in each, as every 50 steps in a run; quick 20)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="timed steps per round (default 50, so that Lightning's "
+        "logger writes once in each, as every 50 steps in a run; quick 20)",
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each round")
-    parser.add_argument("--check-every", type=int, default=12,
-                        help="steps between the time-to-99 test checks (384 samples at to_99.yaml's batch 32)")
+    parser.add_argument(
+        "--check-every",
+        type=int,
+        default=12,
+        help="steps between the time-to-99 test checks (384 samples at to_99.yaml's batch 32)",
+    )
     parser.add_argument("--config", default="configs/to_99.yaml", help="the time-to-99 run's config")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the time-to-99 runs' seeds")
     parser.add_argument("--throughput-config", default="configs/default.yaml", help="the throughput runs' config")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"], help="where every figure is measured")
     parser.add_argument("--only", choices=["throughput", "to_99"], help="measure only this")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time the plain loop with the net torch.compiled against eager")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the plain loop with the net torch.compiled against eager"
+    )
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results.json")
     parser.add_argument("--report", type=Path, default=ROOT / "BENCHMARKS.md")
     args, extra = parser.parse_known_args(argv)
@@ -299,8 +378,7 @@ def main(argv=None) -> dict:
     rounds = args.rounds or (4 if args.quick else 20)
     steps = args.steps or (20 if args.quick else 50)
     command = " ".join(["python benchmarks/bench.py", *(argv or sys.argv[1:])])
-    results = {"date": time.strftime("%Y-%m-%d"), "command": command,
-               "machine": machine(args.accelerator)}
+    results = {"date": time.strftime("%Y-%m-%d"), "command": command, "machine": machine(args.accelerator)}
     if args.only is None:
         print("Data preparation with the files in place", flush=True)
         results.update(prepare_seconds(extra, 3 if args.quick else 5))

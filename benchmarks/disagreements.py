@@ -29,15 +29,23 @@ def as_is(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_pair_logits(model: MNISTAdder, pairs: AllPairs,
-                    view: Callable[[torch.Tensor], torch.Tensor] = as_is) -> tuple[torch.Tensor, dict]:
+def all_pair_logits(
+    model: MNISTAdder, pairs: AllPairs, view: Callable[[torch.Tensor], torch.Tensor] = as_is
+) -> tuple[torch.Tensor, dict]:
     """Logits [N*10, 29] of every image (as `view` shows it) with every number, and the pairs' number, digit
     and sum [N*10]."""
     batch = pairs.__getitems__(list(range(len(pairs))))
-    logits = torch.cat([model.net.paired_logits(view(batch["image"][i:i + 1000]), batch["number"][i:i + 1000])
-                        for i in range(0, len(pairs), 1000)])
-    return logits, {"number": batch["number"].flatten(), "digit": batch["digit"].repeat_interleave(10),
-                    "sum": batch["sum"].flatten()}
+    logits = torch.cat(
+        [
+            model.net.paired_logits(view(batch["image"][i : i + 1000]), batch["number"][i : i + 1000])
+            for i in range(0, len(pairs), 1000)
+        ]
+    )
+    return logits, {
+        "number": batch["number"].flatten(),
+        "digit": batch["digit"].repeat_interleave(10),
+        "sum": batch["sum"].flatten(),
+    }
 
 
 def report(logits: torch.Tensor, truth: dict) -> str:
@@ -47,23 +55,33 @@ def report(logits: torch.Tensor, truth: dict) -> str:
     number = truth["number"]
     disagree = sum_pred != digit_pred + number
     n = int(disagree.sum())
-    lines = [(f"{n} of {len(logits)} pairs disagree ({100 * n / len(logits):.3f} %); "
-             f"digit accuracy {100 * (digit_pred == truth['digit']).float().mean():.3f} %, "
-             f"sum accuracy {100 * (sum_pred == truth['sum']).float().mean():.3f} %")]
+    lines = [
+        (
+            f"{n} of {len(logits)} pairs disagree ({100 * n / len(logits):.3f} %); "
+            f"digit accuracy {100 * (digit_pred == truth['digit']).float().mean():.3f} %, "
+            f"sum accuracy {100 * (sum_pred == truth['sum']).float().mean():.3f} %"
+        )
+    ]
     if n == 0:
         return lines[0]
     d, s = digit_pred[disagree] == truth["digit"][disagree], sum_pred[disagree] == truth["sum"][disagree]
-    lines.append(f"  digit right, sum wrong: {int((d & ~s).sum())}; digit wrong, sum right: {int((~d & s).sum())}; "
-                 f"both wrong: {int((~d & ~s).sum())}")
+    lines.append(
+        f"  digit right, sum wrong: {int((d & ~s).sum())}; digit wrong, sum right: {int((~d & s).sum())}; "
+        f"both wrong: {int((~d & ~s).sum())}"
+    )
     second = sum_pred[disagree] == top2.indices[disagree, 1] + number[disagree]
     lines.append(f"  the sum head chose the digit head's second choice plus the number: {int(second.sum())} of {n}")
     confidence = top2.values[disagree, 0]
-    lines.append(f"  the digit head's top probability on these pairs: median {confidence.median():.3f}, "
-                 f"below 0.6 on {int((confidence < 0.6).sum())}; on all pairs below 0.6 on "
-                 f"{int((top2.values[:, 0] < 0.6).sum())}")
+    lines.append(
+        f"  the digit head's top probability on these pairs: median {confidence.median():.3f}, "
+        f"below 0.6 on {int((confidence < 0.6).sum())}; on all pairs below 0.6 on "
+        f"{int((top2.values[:, 0] < 0.6).sum())}"
+    )
     images = torch.div(torch.nonzero(disagree).flatten(), 10, rounding_mode="floor")
-    lines.append(f"  distinct images: {len(images.unique())}; pairs per image: "
-                 f"{dict(sorted(Counter(Counter(images.tolist()).values()).items()))}")
+    lines.append(
+        f"  distinct images: {len(images.unique())}; pairs per image: "
+        f"{dict(sorted(Counter(Counter(images.tolist()).values()).items()))}"
+    )
     for name, values in (("number", number[disagree]), ("true digit", truth["digit"][disagree])):
         lines.append(f"  by {name}: {dict(sorted(Counter(values.tolist()).items()))}")
     return "\n".join(lines)
@@ -75,8 +93,7 @@ def load(checkpoint: str, data_dir: str, split: str) -> tuple[MNISTAdder, AllPai
     try:
         data_hparams = (read_checkpoint(checkpoint) or {}).get("datamodule_hyper_parameters")
         if not data_hparams:
-            raise ValueError(f"{checkpoint} does not say which split it was trained on (no datamodule "
-                             "hyperparameters)")
+            raise ValueError(f"{checkpoint} does not say which split it was trained on (no datamodule hyperparameters)")
         data = MNISTAdderData(data_dir=data_dir, seed=data_hparams["seed"], val_size=data_hparams["val_size"])
         data.prepare_data()
         data.setup("fit")

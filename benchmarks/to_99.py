@@ -53,18 +53,30 @@ class To99(Callback):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - self.start - self.paused
         data = trainer.datamodule
-        accuracy = {"val": accuracies(pl_module, data.val_set, paired=False),
-                    "test": accuracies(pl_module, data.all_pairs_set, paired=True)}
+        accuracy = {
+            "val": accuracies(pl_module, data.val_set, paired=False),
+            "test": accuracies(pl_module, data.all_pairs_set, paired=True),
+        }
         self.paused = time.perf_counter() - self.start - elapsed
         samples = trainer.global_step * data.hparams.batch_size * trainer.world_size
-        check = {"step": trainer.global_step, "samples": samples, "seconds": round(elapsed, 2),
-                 **{f"{split}_{head}_acc": value for split, (digit, sum_) in accuracy.items()
-                    for head, value in (("digit", digit), ("sum", sum_))}}
+        check = {
+            "step": trainer.global_step,
+            "samples": samples,
+            "seconds": round(elapsed, 2),
+            **{
+                f"{split}_{head}_acc": value
+                for split, (digit, sum_) in accuracy.items()
+                for head, value in (("digit", digit), ("sum", sum_))
+            },
+        }
         self.history.append(check)
-        print(f"  step {trainer.global_step:4d}  {samples:6d} samples  {elapsed:6.1f} s  "
-              f"val {100 * accuracy['val'][0]:.2f} / {100 * accuracy['val'][1]:.2f} %  "
-              f"test (all pairs) {100 * accuracy['test'][0]:.2f} / "
-              f"{100 * accuracy['test'][1]:.2f} %", flush=True)
+        print(
+            f"  step {trainer.global_step:4d}  {samples:6d} samples  {elapsed:6.1f} s  "
+            f"val {100 * accuracy['val'][0]:.2f} / {100 * accuracy['val'][1]:.2f} %  "
+            f"test (all pairs) {100 * accuracy['test'][0]:.2f} / "
+            f"{100 * accuracy['test'][1]:.2f} %",
+            flush=True,
+        )
         for split, (digit, sum_) in accuracy.items():
             if self.reached[split] is None and min(digit, sum_) >= TARGET:
                 self.reached[split] = {"step": trainer.global_step, "samples": samples, "seconds": round(elapsed, 2)}
@@ -87,9 +99,13 @@ def run_to_99(cli, every: int) -> dict:
     cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     test, val = clock.reached["test"] or {}, clock.reached["val"] or {}
-    return {"samples_to_99": test.get("samples"), "step_to_99": test.get("step"),
-            "seconds_with_checks": test.get("seconds"), "val_samples_to_99": val.get("samples"),
-            "checks": clock.history}
+    return {
+        "samples_to_99": test.get("samples"),
+        "step_to_99": test.get("step"),
+        "seconds_with_checks": test.get("seconds"),
+        "val_samples_to_99": val.get("samples"),
+        "checks": clock.history,
+    }
 
 
 def seconds_to_step(cli, step: int) -> dict:

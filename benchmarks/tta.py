@@ -23,8 +23,9 @@ from net import split_logits  # noqa: E402
 
 
 def _moved(angle: float = 0.0, dx: int = 0, dy: int = 0):
-    return lambda images: affine(images, angle=angle, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0],
-                                 interpolation=InterpolationMode.BILINEAR)
+    return lambda images: affine(
+        images, angle=angle, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0], interpolation=InterpolationMode.BILINEAR
+    )
 
 
 VIEWS = {
@@ -60,8 +61,13 @@ def main(argv=None) -> None:
             cells.append(f"{name} {table[name][-1][0]:.3f} / {table[name][-1][1]:.3f}")
         print(f"{checkpoint}: " + ", ".join(cells), flush=True)
     if len(args.checkpoints) > 1:
-        print("mean ± std: " + ", ".join(f"{name} {_spread([r[0] for r in rows])} / {_spread([r[1] for r in rows])}"
-                                         for name, rows in table.items()))
+        print(
+            "mean ± std: "
+            + ", ".join(
+                f"{name} {_spread([r[0] for r in rows])} / {_spread([r[1] for r in rows])}"
+                for name, rows in table.items()
+            )
+        )
 
 
 def _spread(values: list[float]) -> str:

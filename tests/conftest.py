@@ -15,7 +15,7 @@ def synthetic_digits(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     labels = rng.integers(0, 10, count).astype(np.uint8)
     images = rng.integers(0, 60, (count, 28, 28)).astype(np.uint8)
     for i, d in enumerate(labels):
-        images[i, 2 + 2 * d: 4 + 2 * d, 4:24] = 255
+        images[i, 2 + 2 * d : 4 + 2 * d, 4:24] = 255
     return images, labels
 
 
@@ -40,8 +40,10 @@ def synthetic_data_dir(tmp_path, monkeypatch):
 @pytest.fixture
 def no_sources(monkeypatch):
     """Every download source fails at once, as on a machine without internet."""
+
     def offline(raw_dir):
         raise ConnectionError("no network in tests")
+
     monkeypatch.setattr(mnist_files, "SOURCES", {"offline stand-in": offline})
 
 
@@ -62,6 +64,15 @@ def default_checkpoint(tmp_path_factory, real_data_dir):
     from cli import cli_main
 
     root = tmp_path_factory.mktemp("default_run")
-    cli_main(["fit", "--data.data_dir", str(real_data_dir), "--trainer.default_root_dir", str(root),
-              "--trainer.enable_progress_bar", "false"])
+    cli_main(
+        [
+            "fit",
+            "--data.data_dir",
+            str(real_data_dir),
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     return next((root / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))

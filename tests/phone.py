@@ -15,13 +15,13 @@ def phone_photo(digit: np.ndarray, rng: np.random.Generator, gradient: float | N
     width, height = (int(ink.width * rng.uniform(1.5, 2.5)) for _ in range(2))
     alpha = np.zeros((height, width), np.float32)
     top, left = int(rng.integers(0, height - ink.height)), int(rng.integers(0, width - ink.width))
-    alpha[top:top + ink.height, left:left + ink.width] = np.asarray(ink, np.float32) / 255
+    alpha[top : top + ink.height, left : left + ink.width] = np.asarray(ink, np.float32) / 255
     paper = rng.uniform(0.75, 0.95) * rng.uniform(0.88, 1.0, 3)  # tinted
     pen = rng.uniform(0.05, 0.3) * rng.uniform(0.7, 1.0, 3)
     pixels = paper * (1 - alpha[..., None]) + pen * alpha[..., None]
     angle = rng.uniform(0, 2 * np.pi)  # light falls off across the sheet, by up to `gradient`
     ys, xs = np.mgrid[0:height, 0:width]
-    ramp = (np.cos(angle) * xs / width + np.sin(angle) * ys / height)
+    ramp = np.cos(angle) * xs / width + np.sin(angle) * ys / height
     ramp = (ramp - ramp.min()) / (ramp.max() - ramp.min())
     pixels *= (1 - (rng.uniform(0.1, 0.4) if gradient is None else gradient) * ramp)[..., None]
     picture = Image.fromarray((pixels.clip(0, 1) * 255).astype(np.uint8))

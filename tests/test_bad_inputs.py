@@ -19,8 +19,11 @@ BAD_FIT_OPTIONS = [
     (["--data.test_pairs", "some"], "test_pairs"),
     (["--data.rotate", "-5"], "rotate, translate and scale must be >= 0"),
     (["--ckpt_path", "missing.ckpt"], "no such file"),
-    pytest.param(["--config", str(ROOT / "configs" / "gpu.yaml")], "no usable GPU: run `python cli.py fit`",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    pytest.param(
+        ["--config", str(ROOT / "configs" / "gpu.yaml")],
+        "no usable GPU: run `python cli.py fit`",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+    ),
     (["--trainer.devices", "0"], "devices"),
     (["--trainer.max_epochs", "-5"], "max_epochs"),
     (["--trainer.max_epochs", "-1"], "needs the run's length"),
@@ -66,8 +69,10 @@ def test_corrupted_idx_file_offline(tmp_path, synthetic_data_dir, no_sources, mo
 
 def test_diverging_run_stops_with_a_clear_message(tmp_path, synthetic_data_dir, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    message = ends_in_clear_error(["fit", *SMALL, "--model.optimizer.lr", "1e30", "--model.scheduler", "null",
-                                   "--trainer.max_epochs", "5"], capsys)
+    message = ends_in_clear_error(
+        ["fit", *SMALL, "--model.optimizer.lr", "1e30", "--model.scheduler", "null", "--trainer.max_epochs", "5"],
+        capsys,
+    )
     assert "non-finite loss" in message
     for checkpoint in (tmp_path / "lightning_logs").rglob("*.ckpt"):  # whatever was kept is finite
         state = torch.load(checkpoint, weights_only=True)["state_dict"]

@@ -9,8 +9,26 @@ from benchmarks import bench, disagreements, tta
 from datamodule import AllPairs
 from lightning_module import MNISTAdder
 
-TINY = ["--quick", "--rounds", "2", "--steps", "12", "--warmup", "2", "--check-every", "10", "--seeds", "0", "1", "--data.val_size", "100",
-        "--data.batch_size", "16", "--model.channels", "[8, 16, 16]"]
+TINY = [
+    "--quick",
+    "--rounds",
+    "2",
+    "--steps",
+    "12",
+    "--warmup",
+    "2",
+    "--check-every",
+    "10",
+    "--seeds",
+    "0",
+    "1",
+    "--data.val_size",
+    "100",
+    "--data.batch_size",
+    "16",
+    "--model.channels",
+    "[8, 16, 16]",
+]
 
 
 def test_bench_writes_results_and_rewrites_only_its_table(synthetic_data_dir, tmp_path, monkeypatch):
@@ -19,22 +37,34 @@ def test_bench_writes_results_and_rewrites_only_its_table(synthetic_data_dir, tm
     report = tmp_path / "BENCHMARKS.md"
     report.write_text(f"# Benchmarks\n\nintro\n\n{bench.START}\nold table\n{bench.END}\n\nnotes\n")
     results_path = tmp_path / "results.json"
-    bench.main([*TINY, "--data.data_dir", str(synthetic_data_dir), "--results", str(results_path),
-                "--report", str(report)])
+    bench.main(
+        [*TINY, "--data.data_dir", str(synthetic_data_dir), "--results", str(results_path), "--report", str(report)]
+    )
     results = json.loads(results_path.read_text())
-    assert {"lightning_vs_torch_throughput_ratio", "samples_to_99", "cpu_seconds_to_99", "val_samples_to_99",
-            "prepare_seconds_cached", "predict_images_per_second"} <= set(results)
+    assert {
+        "lightning_vs_torch_throughput_ratio",
+        "samples_to_99",
+        "cpu_seconds_to_99",
+        "val_samples_to_99",
+        "prepare_seconds_cached",
+        "predict_images_per_second",
+    } <= set(results)
     assert {"cpu", "cores", "torch"} <= set(results["machine"]) and results["machine"]["device"] == "cpu"
     assert results["lightning_vs_torch_throughput_ratio"] > 0 and results["predict_images_per_second"] > 0
     assert len(results["throughput_ratio_per_round"]) == 2 and all(
-        len(t["seconds_per_round"]) == 2 and all(s > 0 for s in t["seconds_per_round"]) for t in results["throughput"].values())
+        len(t["seconds_per_round"]) == 2 and all(s > 0 for s in t["seconds_per_round"])
+        for t in results["throughput"].values()
+    )
     assert set(results["to_99_runs"]) == {"0", "1"}
     for run in results["to_99_runs"].values():
         checks = run["checks"]
-        assert [c["step"] for c in checks] == [10, 20, 30, 31][:len(checks)]  # every 10 steps, then the epoch's end
+        assert [c["step"] for c in checks] == [10, 20, 30, 31][: len(checks)]  # every 10 steps, then the epoch's end
         assert [c["samples"] for c in checks] == [16 * c["step"] for c in checks]
-        assert all(0 <= c[key] <= 1 for c in checks for key in ("val_digit_acc", "val_sum_acc", "test_digit_acc",
-                                                                  "test_sum_acc"))
+        assert all(
+            0 <= c[key] <= 1
+            for c in checks
+            for key in ("val_digit_acc", "val_sum_acc", "test_digit_acc", "test_sum_acc")
+        )
         first = next((c for c in checks if min(c["test_digit_acc"], c["test_sum_acc"]) >= target), None)
         assert run["samples_to_99"] == (first and first["samples"])
         if first:  # the seconds come from the seed run again up to that step, checked there only
@@ -58,16 +88,38 @@ def test_bench_refuses_counts_it_cannot_time(bad, capsys, tmp_path):
 def test_bench_refuses_a_precision_the_plain_loop_cannot_match(synthetic_data_dir, tmp_path):
     with pytest.raises(SystemExit, match="32-true and bf16-mixed only, not bf16-true"):  # before any fit, whose
         # bf16-true run would end in a traceback
-        bench.main(["--only", "throughput", "--trainer.precision", "bf16-true", "--data.data_dir", str(synthetic_data_dir),
-                    "--results", str(tmp_path / "r.json"), "--report", str(tmp_path / "r.md")])
+        bench.main(
+            [
+                "--only",
+                "throughput",
+                "--trainer.precision",
+                "bf16-true",
+                "--data.data_dir",
+                str(synthetic_data_dir),
+                "--results",
+                str(tmp_path / "r.json"),
+                "--report",
+                str(tmp_path / "r.md"),
+            ]
+        )
     assert not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.slow
 def test_bench_compile_figures(synthetic_data_dir, tmp_path):
     results_path = tmp_path / "results.json"
-    bench.main([*TINY, "--compile", "--data.data_dir", str(synthetic_data_dir), "--results", str(results_path),
-                "--report", str(tmp_path / "BENCHMARKS.md")])
+    bench.main(
+        [
+            *TINY,
+            "--compile",
+            "--data.data_dir",
+            str(synthetic_data_dir),
+            "--results",
+            str(results_path),
+            "--report",
+            str(tmp_path / "BENCHMARKS.md"),
+        ]
+    )
     results = json.loads(results_path.read_text())
     assert results["compile_step_speedup"] > 0 and len(results["compile_seconds_per_round"]["compiled"]) == 2
     assert "| `compile_step_speedup` |" in (tmp_path / "BENCHMARKS.md").read_text()
@@ -83,8 +135,9 @@ def test_disagreements_counts_the_pairs_where_the_sum_does_not_add():
     sum_logits[torch.arange(20), digits + numbers] = 3.0
     for pair in (12, 17):
         sum_logits[pair, 4 + numbers[pair]] = 4.0
-    text = disagreements.report(torch.cat([digit_logits, sum_logits], 1),
-                                {"number": numbers, "digit": digits, "sum": digits + numbers})
+    text = disagreements.report(
+        torch.cat([digit_logits, sum_logits], 1), {"number": numbers, "digit": digits, "sum": digits + numbers}
+    )
     assert text.startswith("2 of 20 pairs disagree (10.000 %); digit accuracy 100.000 %, sum accuracy 90.000 %")
     assert "digit right, sum wrong: 2; digit wrong, sum right: 0; both wrong: 0" in text
     assert "second choice plus the number: 2 of 2" in text
@@ -103,8 +156,10 @@ def test_tta_accuracy_without_views_is_the_plain_all_pairs_accuracy():
     model = MNISTAdder(channels=(4, 8, 8), number_features=8, hidden=16).eval()
     pairs = AllPairs(torch.randint(0, 256, (30, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (30,)))
     logits, truth = disagreements.all_pair_logits(model, pairs)
-    plain = [100 * (logits[:, :10].argmax(1) == truth["digit"]).float().mean().item(),
-             100 * (logits[:, 10:].argmax(1) == truth["sum"]).float().mean().item()]
+    plain = [
+        100 * (logits[:, :10].argmax(1) == truth["digit"]).float().mean().item(),
+        100 * (logits[:, 10:].argmax(1) == truth["sum"]).float().mean().item(),
+    ]
     assert tta.accuracies(model, pairs, tta.VIEWS["none"]) == pytest.approx(plain, abs=1e-4)
     assert tta.accuracies(model, pairs, tta.VIEWS["rotate"]) != pytest.approx(plain, abs=1e-4)
 
@@ -119,10 +174,33 @@ def test_seeds_trains_each_seed_and_writes_the_table(real_data_dir, tmp_path):
     report, readme = tmp_path / "experiments.md", tmp_path / "README.md"
     report.write_text("# Record\n\n{}\n{}\n".format(*seeds.markers(results)))
     readme.write_text(f"# Configs\n\n{seeds.CONFIGS_START}\n{seeds.CONFIGS_END}\n")
-    entry = seeds.main(["--config", "configs/fast.yaml", "--seeds", "0", "1", "--name", "tiny", "--data-dir",
-                        str(real_data_dir), "--results", str(results), "--report", str(report), "--readme",
-                        str(readme), "--keep", str(tmp_path / "runs"), "--data.val_size", "100",
-                        "--model.channels", "[8, 16, 16]", "--trainer.limit_train_batches", "8"])
+    entry = seeds.main(
+        [
+            "--config",
+            "configs/fast.yaml",
+            "--seeds",
+            "0",
+            "1",
+            "--name",
+            "tiny",
+            "--data-dir",
+            str(real_data_dir),
+            "--results",
+            str(results),
+            "--report",
+            str(report),
+            "--readme",
+            str(readme),
+            "--keep",
+            str(tmp_path / "runs"),
+            "--data.val_size",
+            "100",
+            "--model.channels",
+            "[8, 16, 16]",
+            "--trainer.limit_train_batches",
+            "8",
+        ]
+    )
     assert [run["seed"] for run in entry["runs"]] == [0, 1]
     assert json.loads(results.read_text())["tiny"]["summary"] == entry["summary"]
     assert entry["commit"] == seeds.commit()["commit"] and isinstance(entry["clean"], bool)
@@ -149,23 +227,39 @@ def test_seeds_table_only_without_a_results_file_says_so(tmp_path, capsys):
 
 
 def row(name: str, val: float, commit: str | None, clean: bool | None = True, device: str = "cpu") -> dict:
-    summary = {key: {"mean": val, "std": 0.1, "min": val - 0.1} for key in
-               ("val_sum_acc", "test_digit_acc", "test_sum_acc_all_pairs", "test_sum_consistency_all_pairs")}
-    return {"command": f"python cli.py fit --name-{name}", "seeds": [0, 1, 2], "date": "2026-12-03", "commit": commit,
-            "clean": clean, "machine": {"cpu": "X", "cores": 2, "device": device}, "runs": [],
-            "summary": {**summary, "fit_seconds": {"mean": 100.0, "std": 1.0, "min": 99.0}}}
+    summary = {
+        key: {"mean": val, "std": 0.1, "min": val - 0.1}
+        for key in ("val_sum_acc", "test_digit_acc", "test_sum_acc_all_pairs", "test_sum_consistency_all_pairs")
+    }
+    return {
+        "command": f"python cli.py fit --name-{name}",
+        "seeds": [0, 1, 2],
+        "date": "2026-12-03",
+        "commit": commit,
+        "clean": clean,
+        "machine": {"cpu": "X", "cores": 2, "device": device},
+        "runs": [],
+        "summary": {**summary, "fit_seconds": {"mean": 100.0, "std": 1.0, "min": 99.0}},
+    }
 
 
 def test_the_record_gives_every_row_its_commit_and_the_readme_only_shipped_configs():
     import seeds
 
-    rows = {"default": row("d", 99.6, "a" * 40), "old": row("o", 99.1, None, None),
-            "dirty": row("x", 99.2, "b" * 40, clean=False), "fast": row("f", 98.9, "c" * 40)}
+    rows = {
+        "default": row("d", 99.6, "a" * 40),
+        "old": row("o", 99.1, None, None),
+        "dirty": row("x", 99.2, "b" * 40, clean=False),
+        "fast": row("f", 98.9, "c" * 40),
+    }
     record = seeds.table(rows, "seeds.json")
     assert "| default | `aaaaaaa` | `python cli.py fit --name-d` | 0, 1, 2 | 99.60 ± 0.10 (min 99.50)" in record
     assert "| old | commit unknown |" in record and "| dirty | `bbbbbbb` + |" in record
-    configs = seeds.configs_table(rows, {"gpu.yaml": row("g", 99.5, "d" * 40, device="NVIDIA H200")},
-                                  {"samples_to_99": 22656, "cpu_seconds_to_99": 14.3, "machine": {"cores": 2}})
+    configs = seeds.configs_table(
+        rows,
+        {"gpu.yaml": row("g", 99.5, "d" * 40, device="NVIDIA H200")},
+        {"samples_to_99": 22656, "cpu_seconds_to_99": 14.3, "machine": {"cores": 2}},
+    )
     names = re.findall(r"^\| `(\w+)\.yaml` \| ([^|]+) \|", configs, re.M)
     assert [n for n, _ in names] == seeds.SHIPPED  # every shipped config, and no experiment row
     assert all(purpose.strip() for _, purpose in names)
@@ -178,12 +272,23 @@ def test_gpu_report_collects_each_step_into_results_and_its_table(tmp_path, monk
 
     out = tmp_path / "gpu"
     (out / "fit" / "lightning_logs" / "version_0").mkdir(parents=True)
-    (out / "fit" / "lightning_logs" / "version_0" / "results.json").write_text(json.dumps(
-        {"fit_seconds": 31.4, "test/digit_acc": 0.9952, "test/sum_acc": 0.9956, "test/sum_acc_all_pairs": 0.99547}))
+    (out / "fit" / "lightning_logs" / "version_0" / "results.json").write_text(
+        json.dumps(
+            {"fit_seconds": 31.4, "test/digit_acc": 0.9952, "test/sum_acc": 0.9956, "test/sum_acc_all_pairs": 0.99547}
+        )
+    )
     (out / "fit_wall_seconds").write_text("53\n")
-    (out / "bench.json").write_text(json.dumps(
-        {"machine": {"device": "Some GPU", "torch": "2.x"}, "samples_to_99": 102400, "gpu_seconds_to_99": 4.25,
-         "lightning_vs_torch_throughput_ratio": 1.127, "predict_images_per_second": 45553}))
+    (out / "bench.json").write_text(
+        json.dumps(
+            {
+                "machine": {"device": "Some GPU", "torch": "2.x"},
+                "samples_to_99": 102400,
+                "gpu_seconds_to_99": 4.25,
+                "lightning_vs_torch_throughput_ratio": 1.127,
+                "predict_images_per_second": 45553,
+            }
+        )
+    )
     for name, speed in [("gpu.yaml", 25525.7), ("compile true", 23936.6)]:
         throughput = {"throughput": {"lightning": {"samples_per_second": speed}}}
         (out / f"throughput {name}.json").write_text(json.dumps(throughput))

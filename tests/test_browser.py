@@ -19,8 +19,15 @@ from test_cli import ROOT
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
-QUIET_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync"]
+QUIET_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -64,6 +71,7 @@ def serve():
     def start(command: list[str], url: str) -> None:
         processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_until_served(url, processes[-1])
+
     yield start
     for process in processes:
         process.terminate()
@@ -91,8 +99,20 @@ def test_demo_page_reads_an_uploaded_digit_and_adds(tmp_path, default_checkpoint
 def test_tensorboard_opens_on_the_dashboard_after_a_default_run(default_checkpoint, browser_page, serve):
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    serve([sys.executable, "-m", "tensorboard.main", "--logdir", str(default_checkpoint.parents[2]),
-            "--host", "127.0.0.1", "--port", str(port)], url)
+    serve(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(default_checkpoint.parents[2]),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        url,
+    )
     page = browser_page
     page.goto(url + "#custom_scalars")
     for title in ("digit accuracy", "sum accuracy", "losses", "learning rate", "sum = predicted digit + number"):

@@ -1,12 +1,17 @@
+import errno
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from lightning import Callback
 
+import mnist_files
 from cli import cli_main
 from test_bad_inputs import ends_in_clear_error
 from test_cli import SMALL
+
+QUIET = ["--trainer.enable_progress_bar", "false", *SMALL]
 
 
 @pytest.fixture
@@ -40,19 +45,34 @@ def test_ctrl_c_in_fit_saves_last_then_resume_finishes(tmp_path, synthetic_data_
 def test_last_ckpt_follows_every_epoch_not_only_a_new_best(tmp_path, synthetic_data_dir, monkeypatch):
     """Monitored for its minimum, only epoch 0 is a best; a kill after epoch 2 must still resume from epoch 2."""
     monkeypatch.chdir(tmp_path)
-    cli_main(["fit", "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false",
-              "--checkpoint.monitor", "epoch", "--checkpoint.mode", "min", *SMALL])
+    cli_main(
+        [
+            "fit",
+            "--trainer.max_epochs",
+            "3",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--checkpoint.monitor",
+            "epoch",
+            "--checkpoint.mode",
+            "min",
+            *SMALL,
+        ]
+    )
     folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["best-epoch=00.ckpt", "last.ckpt"]
     assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 2
 
 
-@pytest.mark.parametrize("damage, expected", [
-    ("missing", "no such file"),
-    ("truncated", "not a readable checkpoint"),
-    ("text", "not a readable checkpoint"),
-    ("other_model", "another model"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("missing", "no such file"),
+        ("truncated", "not a readable checkpoint"),
+        ("text", "not a readable checkpoint"),
+        ("other_model", "another model"),
+    ],
+)
 def test_bad_checkpoints_give_one_clear_error(trained, capsys, damage, expected):
     bad = trained.with_name("bad.ckpt")
     if damage == "truncated":
@@ -72,3 +92,120 @@ def test_checkpoint_of_other_settings_is_named(trained, capsys):
     torch.save(checkpoint, stripped)
     message = ends_in_clear_error(["validate", "--ckpt_path", str(stripped), *SMALL[:-1], "[8, 16, 32]"], capsys)
     assert "other model settings" in message
+
+
+BREAK = {"how": None}  # how the next checkpoint write fails, once FailFromSecondEpoch arms it
+
+
+class FailFromSecondEpoch(Callback):
+    """Epoch 0's checkpoints are written as usual; every checkpoint write after that fails as BREAK says."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            BREAK["armed"] = True
+
+
+def checkpoint_write(path, mode="r", *args, **kwargs):
+    """open() as mnist_files sees it: a checkpoint's temporary file fails half-way through its write when armed."""
+    f = open(path, mode, *args, **kwargs)
+    if BREAK.get("armed") and BREAK["how"] == "disk full" and ".ckpt." in str(path) and "w" in mode:
+
+        class HalfThenFull:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+            def write(self, data):
+                f.write(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return HalfThenFull()
+    return f
+
+
+REPLACE = os.replace
+
+
+def replace_or_die(src, dst):
+    if BREAK.get("armed") and BREAK["how"] == "killed before rename":
+        raise RuntimeError("killed between writing and renaming")
+    REPLACE(src, dst)
+
+
+@pytest.mark.parametrize("how", ["disk full", "killed before rename"])
+def test_a_failed_checkpoint_write_leaves_every_checkpoint_whole(
+    tmp_path, synthetic_data_dir, monkeypatch, how, capsys
+):
+    """No partial file under a checkpoint's name, no temporary file left, last.ckpt still epoch 0's; a full disk
+    ends the run in one line that names the folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(BREAK, "how", how)
+    monkeypatch.setitem(BREAK, "armed", False)
+    monkeypatch.setattr(mnist_files, "open", checkpoint_write, raising=False)
+    monkeypatch.setattr(mnist_files.os, "replace", replace_or_die)
+    run = ["fit", "--trainer.max_epochs", "3", "--trainer.callbacks+=test_checkpoints.FailFromSecondEpoch", *QUIET]
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    if how == "disk full":
+        message = ends_in_clear_error(run, capsys)
+        assert message.startswith("error: cannot write checkpoint") and str(folder) in message
+        assert len(message.strip().splitlines()) == 1
+    else:
+        with pytest.raises(RuntimeError, match="killed between writing and renaming"):
+            cli_main(run)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["best-epoch=00.ckpt", "last.ckpt"]  # nothing half-written, no temporary file
+    for name in names:
+        assert torch.load(folder / name, weights_only=True)["epoch"] == 0
+
+
+def test_a_temporary_file_left_by_a_killed_write_goes_with_the_next_write(trained):
+    leftover = trained.with_name(".last.ckpt.99999.tmp")
+    leftover.write_bytes(b"half a checkpoint")
+    mnist_files.write_atomic(trained, trained.read_bytes())
+    assert not leftover.exists() and torch.load(trained, weights_only=True)["epoch"] == 0
+
+
+class RunsCode:
+    """What a malicious checkpoint may hold: unpickling it would create the file MARKER names."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.fixture
+def code_checkpoint(trained, tmp_path):
+    checkpoint = torch.load(trained, weights_only=True)
+    checkpoint["hyper_parameters"]["payload"] = RunsCode(tmp_path / "ran")
+    torch.save(checkpoint, tmp_path / "model.ckpt")
+    return tmp_path / "model.ckpt"
+
+
+def run_script(script: str, *args: str) -> None:
+    import runpy
+    import sys
+
+    sys.argv = [script, *args]
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / script), run_name="__main__")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["fit", "validate", "test", "predict", "export.py", "demo.py", "benchmarks/disagreements.py", "benchmarks/tta.py"],
+)
+def test_a_checkpoint_that_would_run_code_is_refused_on_every_path(code_checkpoint, tmp_path, monkeypatch, entry):
+    """The message says why, and never suggests loading it anyway (torch's own text does)."""
+    monkeypatch.setattr("sys.argv", list())  # run_script sets it; restored after
+    with pytest.raises(SystemExit) as end:
+        if entry.endswith(".py"):
+            run_script(entry, *(["--ckpt_path"] if entry in ("export.py", "demo.py") else []), str(code_checkpoint))
+        else:
+            cli_main([entry, "--ckpt_path", str(code_checkpoint), *QUIET])
+    message = str(end.value.code)
+    assert "never holds, and loading them could run code: it was not loaded" in message
+    assert "weights_only" not in message and len(message.splitlines()) == 1
+    assert not (tmp_path / "ran").exists()

@@ -9,8 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from progress import ProgressBar
 from cli import DEFAULT_CONFIG, DESCRIPTION, cli_main
+from progress import ProgressBar
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data.val_size", "100", "--data.batch_size", "50", "--model.channels", "[8, 16, 16]"]
@@ -59,16 +59,39 @@ def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
     assert list(charts)[:4] == ["digit accuracy", "sum accuracy", "losses", "learning rate"]
     assert charts["digit accuracy"] == ["^train/digit_acc$", "^val/digit_acc$"]
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
-        events.SummaryMetadata("_hparams_/experiment").plugin_data.content).experiment
+        events.SummaryMetadata("_hparams_/experiment").plugin_data.content
+    ).experiment
     names = {info.name for info in experiment.hparam_infos}
-    assert {"optimizer", "optimizer.lr", "scheduler.max_lr", "batch_size", "max_epochs", "seed", "rotate",
-            "sum_loss", "sum_loss_weight", "agreement", "channels", "convs_per_stage", "hidden", "dropout",
-            "number_features", "scheduler_interval", "gradient_clip_val", "val_size", "label_smoothing"} <= names
+    assert {
+        "optimizer",
+        "optimizer.lr",
+        "scheduler.max_lr",
+        "batch_size",
+        "max_epochs",
+        "seed",
+        "rotate",
+        "sum_loss",
+        "sum_loss_weight",
+        "agreement",
+        "channels",
+        "convs_per_stage",
+        "hidden",
+        "dropout",
+        "number_features",
+        "scheduler_interval",
+        "gradient_clip_val",
+        "val_size",
+        "label_smoothing",
+    } <= names
     assert not any(name.startswith("_") for name in names)
-    assert [m.name.tag for m in experiment.metric_infos] == ["val/sum_acc_best", "test/digit_acc",
-                                                             "test/sum_acc_all_pairs"]
+    assert [m.name.tag for m in experiment.metric_infos] == [
+        "val/sum_acc_best",
+        "test/digit_acc",
+        "test/sum_acc_all_pairs",
+    ]
     session = plugin_data_pb2.HParamsPluginData.FromString(
-        events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
+        events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    ).session_start_info
     assert session.hparams["batch_size"].number_value == 50 and session.hparams["max_epochs"].number_value == 2
 
 
@@ -86,8 +109,12 @@ def test_a_plain_fit_uses_default_yaml_and_help_says_so(capsys):
         cli_main(["fit", "--print_config"])
     parsed = yaml.safe_load(capsys.readouterr().out)
     default = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    for section, key in [("trainer", "max_epochs"), ("model", "label_smoothing"), ("model", "channels"),
-                         ("data", "batch_size")]:
+    for section, key in [
+        ("trainer", "max_epochs"),
+        ("model", "label_smoothing"),
+        ("model", "channels"),
+        ("data", "batch_size"),
+    ]:
         assert parsed[section][key] == default[section][key], (section, key)
     with pytest.raises(SystemExit):
         cli_main(["fit", "--help"])
@@ -103,8 +130,12 @@ def test_top_level_help_shows_the_subcommand_list_as_written(capsys):
 
 
 def test_script_entry_point_reports_bad_value_without_traceback(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--data.batch_size", "0"],
-                          cwd=tmp_path, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "fit", "--data.batch_size", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 0
     assert "batch_size must be >= 1" in done.stderr and "Traceback" not in done.stderr
 
@@ -120,8 +151,22 @@ def test_same_seed_gives_identical_validation_every_epoch(tmp_path, synthetic_da
         (tmp_path / name).mkdir()
         monkeypatch.chdir(tmp_path / name)
         seed = "1" if name == "c" else "0"
-        cli_main(["fit", "--trainer.max_epochs", "3", "--trainer.deterministic", "true", "--seed_everything", seed,
-                  "--data.data_dir", str(synthetic_data_dir), "--trainer.enable_progress_bar", "false", *SMALL])
+        cli_main(
+            [
+                "fit",
+                "--trainer.max_epochs",
+                "3",
+                "--trainer.deterministic",
+                "true",
+                "--seed_everything",
+                seed,
+                "--data.data_dir",
+                str(synthetic_data_dir),
+                "--trainer.enable_progress_bar",
+                "false",
+                *SMALL,
+            ]
+        )
         curves.append(val_curve(tmp_path / name / "lightning_logs" / "version_0"))
     assert len(curves[0]["val/sum_loss"]) == 3
     assert curves[0] == curves[1]
@@ -134,7 +179,21 @@ def test_on_device_data_gives_the_same_run(tmp_path, synthetic_data_dir, monkeyp
     for on_device in ("false", "true"):
         (tmp_path / on_device).mkdir()
         monkeypatch.chdir(tmp_path / on_device)
-        cli_main(["fit", "--trainer.max_epochs", "2", "--trainer.deterministic", "true", "--data.on_device", on_device,
-                  "--data.data_dir", str(synthetic_data_dir), "--trainer.enable_progress_bar", "false", *SMALL])
+        cli_main(
+            [
+                "fit",
+                "--trainer.max_epochs",
+                "2",
+                "--trainer.deterministic",
+                "true",
+                "--data.on_device",
+                on_device,
+                "--data.data_dir",
+                str(synthetic_data_dir),
+                "--trainer.enable_progress_bar",
+                "false",
+                *SMALL,
+            ]
+        )
         curves.append(val_curve(tmp_path / on_device / "lightning_logs" / "version_0"))
     assert len(curves[0]["val/sum_loss"]) == 2 and curves[0] == curves[1]

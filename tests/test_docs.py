@@ -26,7 +26,7 @@ def shell_commands(markdown: str) -> list[list[str]]:
 
 def cli_args(words: list[str]) -> list[str] | None:
     """The arguments after `cli.py`, whoever runs it (python, .venv/bin/python, torchrun, srun)."""
-    return words[words.index("cli.py") + 1:] if "cli.py" in words else None
+    return words[words.index("cli.py") + 1 :] if "cli.py" in words else None
 
 
 def scripts(words: list[str]) -> list[str]:

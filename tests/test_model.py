@@ -22,13 +22,27 @@ def fixed_batches(count=2, size=32):
     numbers = torch.arange(count * size) % 10
     images = torch.from_numpy(images).float().div(255).unsqueeze(1)
     digits = torch.from_numpy(digits).long()
-    return [{"image": images[k::count], "number": numbers[k::count], "digit": digits[k::count],
-             "sum": digits[k::count] + numbers[k::count]} for k in range(count)]
+    return [
+        {
+            "image": images[k::count],
+            "number": numbers[k::count],
+            "digit": digits[k::count],
+            "sum": digits[k::count] + numbers[k::count],
+        }
+        for k in range(count)
+    ]
 
 
 def quiet_trainer(tmp_path, **kwargs):
-    return Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def test_forward_contract():
@@ -61,9 +75,15 @@ def test_manual_optimization_two_backwards_one_step_per_batch(tmp_path, syntheti
     assert model.backward_calls == [(step, retain) for step in range(batches) for retain in (True, False)]
 
 
-@pytest.mark.parametrize("sum_loss, weight, used, agreement", [
-    ("cross_entropy", None, 1.0, 0.0), ("mse", None, 4.0, 0.0), ("mse", 2.5, 2.5, 0.0),
-    ("cross_entropy", 2.0, 2.0, 0.5)])
+@pytest.mark.parametrize(
+    "sum_loss, weight, used, agreement",
+    [
+        ("cross_entropy", None, 1.0, 0.0),
+        ("mse", None, 4.0, 0.0),
+        ("mse", 2.5, 2.5, 0.0),
+        ("cross_entropy", 2.0, 2.0, 0.5),
+    ],
+)
 def test_the_two_backwards_are_the_digit_loss_then_the_weighted_rest(tmp_path, sum_loss, weight, used, agreement):
     """The first backward takes the digit loss, the second sum_loss_weight * (sum loss + agreement term);
     together they are the objective logged per step as `loss`."""
@@ -133,7 +153,7 @@ def test_agreement_pulls_the_reachable_sum_logits_and_the_digit_logits_together(
     logits = torch.randn(4, 29)
     logits[0, 3], logits[0, 8] = 2.0, -1.0
     for row in range(4):
-        logits[row, 10 + numbers[row]:20 + numbers[row]] = logits[row, :10] + row - 2
+        logits[row, 10 + numbers[row] : 20 + numbers[row]] = logits[row, :10] + row - 2
     assert model.losses(logits, digits, numbers).agreement.abs() < 1e-6
     swapped = logits.clone()
     # the sum head ranks 3+5 and 8+5 the other way round
@@ -169,9 +189,19 @@ def test_shared_image_features_match_forward_on_every_pair():
     assert torch.allclose(shared, direct, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [{"sum_loss": "l1"}, {"hidden": 0}, {"gradient_clip_val": -1.0},
-                                    {"label_smoothing": 1.0}, {"dropout": 1.0}, {"sum_loss_weight": 0.0},
-                                    {"agreement": -0.5}, {"convs_per_stage": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"sum_loss": "l1"},
+        {"hidden": 0},
+        {"gradient_clip_val": -1.0},
+        {"label_smoothing": 1.0},
+        {"dropout": 1.0},
+        {"sum_loss_weight": 0.0},
+        {"agreement": -0.5},
+        {"convs_per_stage": 0},
+    ],
+)
 def test_bad_model_arguments(kwargs):
     with pytest.raises(ValueError):
         MNISTAdder(**kwargs)
@@ -198,8 +228,10 @@ def test_epoch_losses_are_what_they_are_named_over_every_sample_once(tmp_path, a
     result = quiet_trainer(tmp_path).validate(model, DataLoader([large, small], batch_size=None), verbose=False)[0]
     with torch.no_grad():
         logits = model(batch["image"], batch["number"])
-    expected = {"val/digit_loss": F.cross_entropy(logits[:, :10], batch["digit"]).item(),
-                "val/sum_loss": F.cross_entropy(logits[:, 10:], batch["sum"]).item()}
+    expected = {
+        "val/digit_loss": F.cross_entropy(logits[:, :10], batch["digit"]).item(),
+        "val/sum_loss": F.cross_entropy(logits[:, 10:], batch["sum"]).item(),
+    }
     term = agreement * logit_mismatch(logits, batch["number"]).item()
     expected["val/loss"] = expected["val/digit_loss"] + 2.0 * (expected["val/sum_loss"] + term)
     if agreement:
@@ -253,8 +285,9 @@ def test_gradient_clipping_acts_on_unscaled_gradients(tmp_path):
     torch.manual_seed(0)
     model, record = MNISTAdder(channels=(8, 16, 16), hidden=32, gradient_clip_val=0.05), NormBeforeUpdate()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    quiet_trainer(tmp_path, max_steps=2, callbacks=[record], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]
-                  ).fit(model, DataLoader(fixed_batches(), batch_size=None))
+    quiet_trainer(
+        tmp_path, max_steps=2, callbacks=[record], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+    ).fit(model, DataLoader(fixed_batches(), batch_size=None))
     assert scaler.get_scale() == 1024.0  # no step skipped for overflow
     assert record.norms == pytest.approx([0.05, 0.05], rel=1e-3)
 
@@ -265,22 +298,28 @@ def test_the_model_pickles_with_its_default_optimizer():
     optimizer = model.configure_optimizers()
     assert type(optimizer) is torch.optim.SGD
     assert optimizer.defaults == MNISTAdder().configure_optimizers().defaults
-    assert {k: optimizer.defaults[k] for k in ("lr", "momentum", "nesterov")} == {"lr": 0.1, "momentum": 0.9,
-                                                                                  "nesterov": True}
+    assert {k: optimizer.defaults[k] for k in ("lr", "momentum", "nesterov")} == {
+        "lr": 0.1,
+        "momentum": 0.9,
+        "nesterov": True,
+    }
 
 
 def cli_scheduler(**init_args):
     """OneCycleLR as LightningCLI builds it from YAML: a callable that passes its keywords on to the class."""
     parser = ArgumentParser()
     parser.add_argument("--scheduler", type=LRSchedulerCallable)
-    config = parser.parse_object({"scheduler": {"class_path": "torch.optim.lr_scheduler.OneCycleLR",
-                                                "init_args": init_args}})
+    config = parser.parse_object(
+        {"scheduler": {"class_path": "torch.optim.lr_scheduler.OneCycleLR", "init_args": init_args}}
+    )
     return parser.instantiate(config).scheduler
 
 
-@pytest.mark.parametrize("scheduler", [
-    partial(OneCycleLR, max_lr=0.1), partial(OneCycleLR, max_lr=0.1, total_steps=None), cli_scheduler(max_lr=0.1)],
-    ids=["partial", "total_steps=None", "cli"])
+@pytest.mark.parametrize(
+    "scheduler",
+    [partial(OneCycleLR, max_lr=0.1), partial(OneCycleLR, max_lr=0.1, total_steps=None), cli_scheduler(max_lr=0.1)],
+    ids=["partial", "total_steps=None", "cli"],
+)
 def test_one_cycle_spans_the_run_unless_given_its_length(tmp_path, scheduler):
     model = MNISTAdder(channels=(8, 16, 16), hidden=32, scheduler=scheduler)
     trainer = quiet_trainer(tmp_path, max_epochs=2)

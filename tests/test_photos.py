@@ -4,20 +4,33 @@ import torch
 from PIL import Image
 
 from conftest import synthetic_digits
-from photos import PhotoError, load_gray, read_manifest, to_mnist
 from phone import phone_photo
+from photos import PhotoError, load_gray, read_manifest, to_mnist
 from printed import printed_digit
 
 MNIST_LIKE = torch.from_numpy(synthetic_digits(1, 3)[0][0])
 MNIST_LIKE[MNIST_LIKE < 100] = 0  # white ink on pure black, 28x28
 
 
-@pytest.mark.parametrize("suffix, mode", [(".png", "L"), (".png", "RGB"), (".png", "LA"), (".png", "RGBA"), (".jpg", "RGB"),
-                                          (".bmp", "RGB"), (".tiff", "L"), (".gif", "P")])
+@pytest.mark.parametrize(
+    "suffix, mode",
+    [
+        (".png", "L"),
+        (".png", "RGB"),
+        (".png", "LA"),
+        (".png", "RGBA"),
+        (".jpg", "RGB"),
+        (".bmp", "RGB"),
+        (".tiff", "L"),
+        (".gif", "P"),
+    ],
+)
 def test_each_format_and_mode_reads(tmp_path, suffix, mode):
     picture = printed_digit(4, 0, np.random.default_rng(0))
     if mode == "LA":  # ink as opacity on a transparent background
-        picture = Image.merge("LA", [Image.new("L", picture.size, 0), Image.eval(picture.convert("L"), lambda v: 255 - v)])
+        picture = Image.merge(
+            "LA", [Image.new("L", picture.size, 0), Image.eval(picture.convert("L"), lambda v: 255 - v)]
+        )
     picture.convert(mode).save(tmp_path / f"digit{suffix}")
     image = to_mnist(load_gray(tmp_path / f"digit{suffix}"))
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32
@@ -59,9 +72,10 @@ def test_manifest_rows_each_get_their_own_error(tmp_path):
     printed_digit(5, 0, np.random.default_rng(4)).save(tmp_path / "five.png")
     Image.new("RGB", (30, 30), "white").save(tmp_path / "blank.png")
     (tmp_path / "notes.png").write_text("not a picture")
-    (tmp_path / "inputs.csv").write_text("file,number\nfive.png,3\nmissing.png,1\nnotes.png,2\nblank.png,4\n"
-                                         "five.png,12\nfive.png,x\n")
-    rows = read_manifest(tmp_path / "inputs.csv")
+    (tmp_path / "inputs.csv").write_text(
+        "file,number\nfive.png,3\nmissing.png,1\nnotes.png,2\nblank.png,4\nfive.png,12\nfive.png,x\n"
+    )
+    _, rows = read_manifest(tmp_path / "inputs.csv")
     assert [bool(r["error"]) for r in rows] == [False, True, True, True, True, True]
     assert rows[0]["number"] == 3 and rows[0]["image"].shape == (1, 28, 28)
     for row, expected in zip(rows[1:], ["no such file", "not a readable image", "no ink", "0..9", "0..9"]):
@@ -83,14 +97,15 @@ def test_manifest_from_a_spreadsheet_and_odd_rows(tmp_path, monkeypatch):
     Image.new("L", (1500, 1500), 255).save(tmp_path / "huge.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # 1500x1500 is over twice the limit
     (tmp_path / "inputs.csv").write_bytes("\ufefffile,number\nfive.png,2\nfive.png,²\nhuge.png,1\n".encode())
-    rows = read_manifest(tmp_path / "inputs.csv")
+    _, rows = read_manifest(tmp_path / "inputs.csv")
     assert rows[0]["error"] == "" and rows[0]["number"] == 2
     assert "0..9" in rows[1]["error"] and "too many pixels" in rows[2]["error"]
 
     def broken_decoder(path):
         raise ZeroDivisionError("inside the decoder")
+
     monkeypatch.setattr("photos.load_gray", broken_decoder)
-    rows = read_manifest(tmp_path / "inputs.csv")
+    _, rows = read_manifest(tmp_path / "inputs.csv")
     assert rows[0]["error"] == "ZeroDivisionError: inside the decoder" and rows[0]["image"] is None
 
 

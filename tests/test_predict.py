@@ -11,10 +11,10 @@ from conftest import SYNTHETIC_SIZES, synthetic_digits
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
 from mnist_files import read_idx
+from net import split_logits
 from phone import phone_photo
 from photos import load_gray, to_mnist
-from net import split_logits
-from predictions import COLUMNS
+from predictions import RESERVED
 from printed import printed_digit
 from test_cli import SMALL
 
@@ -27,8 +27,18 @@ def checkpoint(tmp_path, synthetic_data_dir, monkeypatch):
 
 
 def predict(checkpoint, manifest, *extra):
-    return cli_main(["predict", "--ckpt_path", str(checkpoint), "--data.predict_manifest", str(manifest),
-                     "--trainer.enable_progress_bar", "false", *extra])
+    return cli_main(
+        [
+            "predict",
+            "--ckpt_path",
+            str(checkpoint),
+            "--data.predict_manifest",
+            str(manifest),
+            "--trainer.enable_progress_bar",
+            "false",
+            *extra,
+        ]
+    )
 
 
 def test_png_round_trip_matches_forward_on_tensors(checkpoint, tmp_path, capsys):
@@ -44,12 +54,12 @@ def test_png_round_trip_matches_forward_on_tensors(checkpoint, tmp_path, capsys)
     output = tmp_path / "out" / "predictions.csv"
     predict(checkpoint, folder / "inputs.csv", "--data.predict_output", str(output))
     rows = list(csv.DictReader(output.open()))
-    assert list(rows[0]) == COLUMNS and len(rows) == 12
+    assert list(rows[0]) == ["file", "number", *RESERVED] and len(rows) == 12
     model = MNISTAdder.load_from_checkpoint(checkpoint).eval()
     with torch.no_grad():
         logits = model(torch.from_numpy(images).float().div(255).unsqueeze(1), torch.arange(12) % 10)
-    assert [int(r["digit"]) for r in rows] == logits[:, :10].argmax(1).tolist()
-    assert [int(r["sum"]) for r in rows] == logits[:, 10:].argmax(1).tolist()
+    assert [int(r["pred_digit"]) for r in rows] == logits[:, :10].argmax(1).tolist()
+    assert [int(r["pred_sum"]) for r in rows] == logits[:, 10:].argmax(1).tolist()
     out = capsys.readouterr().out
     assert f"predictions written to {output}" in out and "0.png" in out
 
@@ -62,7 +72,7 @@ def test_bad_rows_are_reported_and_the_rest_predicted(checkpoint, tmp_path, caps
     assert "2 of 3 rows could not be predicted" in str(end.value.code)
     written = sorted((tmp_path / "lightning_logs").rglob("predictions.csv"))
     rows = list(csv.DictReader(written[-1].open()))
-    assert rows[0]["digit"] != "" and rows[0]["error"] == ""
+    assert rows[0]["pred_digit"] != "" and rows[0]["error"] == ""
     assert "no such file" in rows[1]["error"] and "0..9" in rows[2]["error"]
     assert "no such file" in capsys.readouterr().out
 
@@ -89,8 +99,8 @@ def test_printed_digits_floor_with_a_default_run(tmp_path, default_checkpoint):
     (tmp_path / "inputs.csv").write_text("\n".join(lines) + "\n")
     predict(default_checkpoint, tmp_path / "inputs.csv", "--data.predict_output", str(tmp_path / "p.csv"))
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
-    digit_acc = np.mean([int(r["digit"]) == d for r, (d, _) in zip(rows, truth)])
-    sum_acc = np.mean([int(r["sum"]) == s for r, (_, s) in zip(rows, truth)])
+    digit_acc = np.mean([int(r["pred_digit"]) == d for r, (d, _) in zip(rows, truth)])
+    sum_acc = np.mean([int(r["pred_sum"]) == s for r, (_, s) in zip(rows, truth)])
     print(f"printed digits: digit accuracy {digit_acc:.3f}, sum accuracy {sum_acc:.3f}")
     assert digit_acc >= 0.95 and sum_acc >= 0.95
 
@@ -103,8 +113,9 @@ def test_phone_photos_of_test_digits_within_a_point_of_the_clean_digits(default_
     digits = read_idx(real_data_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")[:1000].long()
     numbers = torch.arange(1000) % 10
     rng = np.random.default_rng(0)
-    photos = torch.stack([to_mnist(np.asarray(phone_photo(image.numpy(), rng).convert("L"), np.float32) / 255)
-                          for image in images])
+    photos = torch.stack(
+        [to_mnist(np.asarray(phone_photo(image.numpy(), rng).convert("L"), np.float32) / 255) for image in images]
+    )
     model = MNISTAdder.load_from_checkpoint(default_checkpoint, map_location="cpu").eval()
     with torch.no_grad():
         clean = (model(images.unsqueeze(1), numbers)[:, :10].argmax(1) == digits).float().mean().item()
@@ -112,45 +123,78 @@ def test_phone_photos_of_test_digits_within_a_point_of_the_clean_digits(default_
     print(f"digit accuracy: clean {100 * clean:.2f} %, phone-like photos {100 * photo:.2f} %")
     assert photo >= clean - 0.01
 
+
 def test_predict_without_a_manifest_writes_the_test_set_with_its_accuracy(checkpoint, tmp_path, capsys):
     output = tmp_path / "test_predictions.csv"
-    cli_main(["predict", "--ckpt_path", str(checkpoint), "--data.predict_output", str(output),
-              "--trainer.enable_progress_bar", "false", *SMALL])
+    cli_main(
+        [
+            "predict",
+            "--ckpt_path",
+            str(checkpoint),
+            "--data.predict_output",
+            str(output),
+            "--trainer.enable_progress_bar",
+            "false",
+            *SMALL,
+        ]
+    )
     rows = list(csv.DictReader(output.open()))
-    assert list(rows[0]) == ["index", "number", "digit", "digit_prob", "sum", "sum_prob", "true_digit", "true_sum"]
+    assert list(rows[0]) == [
+        "index",
+        "number",
+        "pred_digit",
+        "pred_digit_prob",
+        "pred_sum",
+        "pred_sum_prob",
+        "true_digit",
+        "true_sum",
+    ]
     assert [int(r["index"]) for r in rows] == list(range(SYNTHETIC_SIZES["t10k"]))
     images, labels = synthetic_digits(SYNTHETIC_SIZES["t10k"], seed=len("t10k"))  # as conftest writes them
     assert [int(r["true_digit"]) for r in rows] == labels.tolist()
     assert all(int(r["true_sum"]) == int(r["true_digit"]) + int(r["number"]) for r in rows)
-    digit_acc = np.mean([r["digit"] == r["true_digit"] for r in rows])
+    digit_acc = np.mean([r["pred_digit"] == r["true_digit"] for r in rows])
     assert f"digit accuracy {100 * digit_acc:.2f} %" in capsys.readouterr().out
 
 
 def test_trainer_predict_from_python_writes_each_rows_own_answer(checkpoint, tmp_path, synthetic_data_dir):
-    """A plain `Trainer.predict` (no command line) writes the CSV; with unreadable rows between readable ones,
-    every readable row carries its own picture's answer, and an unreadable one its reason and no answer."""
+    """A plain `Trainer.predict` (no command line) writes the CSV. A manifest file,digit,number,id with unreadable
+    rows between readable ones: the person's four columns come through as written, in their order; each readable
+    row carries its own picture's answer; an unreadable one its reason and empty prediction columns."""
     rng = np.random.default_rng(1)
-    lines, pictures = ["file,number"], {}
+    lines = ["file,digit,number,id"]
     for k in range(6):
-        lines.append(f"missing{k}.png,{k}")  # unreadable rows between the readable ones
+        lines.append(f"missing{k}.png,{k},{k},m{k}")  # unreadable rows between the readable ones
         printed_digit(k, k, rng).save(tmp_path / f"{k}.png")
-        lines.append(f"{k}.png,{(3 * k) % 10}")
-        pictures[f"{k}.png"] = (3 * k) % 10
+        lines.append(f"{k}.png,{k},{(3 * k) % 10}, id {k}")
     (tmp_path / "inputs.csv").write_text("\n".join(lines) + "\n")
     output = tmp_path / "out.csv"
     model = MNISTAdder.load_from_checkpoint(checkpoint).eval()
-    data = MNISTAdderData(data_dir=str(synthetic_data_dir), predict_manifest=str(tmp_path / "inputs.csv"),
-                          predict_output=str(output))
+    data = MNISTAdderData(
+        data_dir=str(synthetic_data_dir), predict_manifest=str(tmp_path / "inputs.csv"), predict_output=str(output)
+    )
     Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).predict(model, datamodule=data)
     rows = list(csv.DictReader(output.open()))
-    assert [row["file"] for row in rows] == [line.split(",")[0] for line in lines[1:]]
+    assert list(rows[0]) == ["file", "digit", "number", "id", *RESERVED]
+    assert [[row[c] for c in ("file", "digit", "number", "id")] for row in rows] == [
+        line.split(",") for line in lines[1:]
+    ]
     for row in rows:
         if row["file"].startswith("missing"):
-            assert "no such file" in row["error"] and row["digit"] == row["digit_prob"] == ""
+            assert "no such file" in row["error"]
+            assert row["pred_digit"] == row["pred_digit_prob"] == row["pred_sum"] == row["pred_sum_prob"] == ""
             continue
         image = to_mnist(load_gray(tmp_path / row["file"]))[None]
         with torch.no_grad():
-            digit_logits, sum_logits = split_logits(model(image, torch.tensor([pictures[row["file"]]])))
+            digit_logits, sum_logits = split_logits(model(image, torch.tensor([int(row["number"])])))
         digit_prob, digit = digit_logits.softmax(1).max(1)
-        assert (int(row["digit"]), float(row["digit_prob"])) == (digit.item(), pytest.approx(digit_prob.item(), abs=1e-4))
-        assert int(row["sum"]) == sum_logits.argmax(1).item() and row["error"] == ""
+        assert int(row["pred_digit"]) == digit.item() and row["error"] == ""
+        assert float(row["pred_digit_prob"]) == pytest.approx(digit_prob.item(), abs=1e-4)
+        assert int(row["pred_sum"]) == sum_logits.argmax(1).item()
+
+
+def test_a_manifest_column_named_as_a_prediction_is_refused(checkpoint, tmp_path, capsys):
+    (tmp_path / "inputs.csv").write_text("file,number,pred_digit\nx.png,1,3\n")
+    with pytest.raises(SystemExit) as end:
+        predict(checkpoint, tmp_path / "inputs.csv")
+    assert "has the column(s) pred_digit" in str(end.value.code)

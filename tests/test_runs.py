@@ -19,8 +19,18 @@ def run_in_runs(tmp_path, synthetic_data_dir, monkeypatch):
     """A one-epoch fit with --trainer.default_root_dir runs, started in tmp_path/start; returns the run folder."""
     (tmp_path / "start").mkdir()
     monkeypatch.chdir(tmp_path / "start")
-    cli_main(["fit", "--trainer.max_epochs", "1", "--trainer.default_root_dir", "runs",
-              "--data.data_dir", str(synthetic_data_dir), *QUIET])
+    cli_main(
+        [
+            "fit",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.default_root_dir",
+            "runs",
+            "--data.data_dir",
+            str(synthetic_data_dir),
+            *QUIET,
+        ]
+    )
     return tmp_path / "start" / "runs" / "lightning_logs" / "version_0"
 
 
@@ -32,32 +42,67 @@ def test_default_root_dir_holds_everything_a_run_writes(run_in_runs, tmp_path):
     assert results["checkpoint"].startswith(str(run_in_runs)) and 0 <= results["test/sum_acc_all_pairs"] <= 1
 
 
-def test_resume_from_another_folder_writes_on_into_the_run(run_in_runs, tmp_path, synthetic_data_dir, monkeypatch,
-                                                          capsys):
+def test_resume_from_another_folder_writes_on_into_the_run(
+    run_in_runs, tmp_path, synthetic_data_dir, monkeypatch, capsys
+):
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     last = run_in_runs / "checkpoints" / "last.ckpt"
-    cli = cli_main(["fit", "--ckpt_path", str(last), "--trainer.max_epochs", "1", "--data.data_dir",
-                    str(synthetic_data_dir), *QUIET])
+    cli = cli_main(
+        [
+            "fit",
+            "--ckpt_path",
+            str(last),
+            "--trainer.max_epochs",
+            "1",
+            "--data.data_dir",
+            str(synthetic_data_dir),
+            *QUIET,
+        ]
+    )
     assert cli.trainer.log_dir == str(run_in_runs)
     assert "Official MNIST test set" in capsys.readouterr().out  # the stored best path still resolves
     assert not (tmp_path / "elsewhere" / "lightning_logs").exists()
 
 
-@pytest.mark.parametrize("change, expected", [(["--seed_everything", "1"], "seed 0 -> 1"),
-                                              (["--data.val_size", "50"], "val_size 100 -> 50")])
+@pytest.mark.parametrize(
+    "change, expected", [(["--seed_everything", "1"], "seed 0 -> 1"), (["--data.val_size", "50"], "val_size 100 -> 50")]
+)
 def test_resume_with_another_split_is_refused(run_in_runs, synthetic_data_dir, capsys, change, expected):
     last = run_in_runs / "checkpoints" / "last.ckpt"
-    message = ends_in_clear_error(["fit", "--ckpt_path", str(last), "--trainer.max_epochs", "1",
-                                   "--data.data_dir", str(synthetic_data_dir), *QUIET, *change], capsys)
+    message = ends_in_clear_error(
+        [
+            "fit",
+            "--ckpt_path",
+            str(last),
+            "--trainer.max_epochs",
+            "1",
+            "--data.data_dir",
+            str(synthetic_data_dir),
+            *QUIET,
+            *change,
+        ],
+        capsys,
+    )
     assert expected in message and "another split" in message
 
 
 def test_extending_a_finished_run_stops_before_training_with_a_command(run_in_runs, synthetic_data_dir, capsys):
     last = run_in_runs / "checkpoints" / "last.ckpt"
     before = last.stat().st_mtime_ns
-    message = ends_in_clear_error(["fit", "--ckpt_path", str(last), "--trainer.max_epochs", "3",
-                                   "--data.data_dir", str(synthetic_data_dir), *QUIET], capsys)
+    message = ends_in_clear_error(
+        [
+            "fit",
+            "--ckpt_path",
+            str(last),
+            "--trainer.max_epochs",
+            "3",
+            "--data.data_dir",
+            str(synthetic_data_dir),
+            *QUIET,
+        ],
+        capsys,
+    )
     assert "spans 10 steps, this run 30" in message and "python cli.py fit --trainer.max_epochs N" in message
     assert last.stat().st_mtime_ns == before
 
@@ -71,14 +116,23 @@ def test_evaluating_without_weights_names_the_newest_checkpoint(run_in_runs, tmp
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
-def test_evaluating_a_runs_checkpoint_writes_into_that_run(run_in_runs, tmp_path, synthetic_data_dir, monkeypatch,
-                                                           subcommand):
+def test_evaluating_a_runs_checkpoint_writes_into_that_run(
+    run_in_runs, tmp_path, synthetic_data_dir, monkeypatch, subcommand
+):
     """No new, nearly empty version folder; the run's own config.yaml stays the fit's; predictions land there."""
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     config = (run_in_runs / "config.yaml").read_bytes()
-    cli = cli_main([subcommand, "--ckpt_path", str(run_in_runs / "checkpoints" / "last.ckpt"), "--data.data_dir",
-                    str(synthetic_data_dir), *QUIET])
+    cli = cli_main(
+        [
+            subcommand,
+            "--ckpt_path",
+            str(run_in_runs / "checkpoints" / "last.ckpt"),
+            "--data.data_dir",
+            str(synthetic_data_dir),
+            *QUIET,
+        ]
+    )
     assert cli.trainer.log_dir == str(run_in_runs)
     assert [p.name for p in run_in_runs.parent.iterdir()] == ["version_0"]
     assert not list((tmp_path / "elsewhere").iterdir())
@@ -97,9 +151,22 @@ def test_a_checkpoint_outside_any_run_makes_no_run_folder(run_in_runs, tmp_path,
 
 def test_logger_paths_the_user_sets_are_kept(tmp_path, synthetic_data_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(["fit", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-                    "--trainer.logger.init_args.save_dir", "mine", "--trainer.logger.init_args.name", "adder",
-                    "--trainer.default_root_dir", "runs", *QUIET])
+    cli = cli_main(
+        [
+            "fit",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "2",
+            "--trainer.logger.init_args.save_dir",
+            "mine",
+            "--trainer.logger.init_args.name",
+            "adder",
+            "--trainer.default_root_dir",
+            "runs",
+            *QUIET,
+        ]
+    )
     assert cli.trainer.log_dir == "mine/adder/version_0"
     assert (tmp_path / "mine" / "adder" / "version_0" / "results.json").is_file()
 
@@ -112,8 +179,9 @@ def test_data_seed_is_the_one_seed(tmp_path, synthetic_data_dir, monkeypatch, ca
 
 
 @pytest.mark.parametrize("monitor", ["val/sum_acc", "val/digit_loss"])
-def test_results_name_what_was_monitored_and_the_best_val_sum_accuracy_as_itself(tmp_path, synthetic_data_dir,
-                                                                                monkeypatch, monitor):
+def test_results_name_what_was_monitored_and_the_best_val_sum_accuracy_as_itself(
+    tmp_path, synthetic_data_dir, monkeypatch, monitor
+):
     """The tested checkpoint is the monitored best (by default the epoch of the highest val/sum_acc); results.json
     says what was monitored and gives val/sum_acc_best from the module's own record, whatever the monitor."""
     monkeypatch.chdir(tmp_path)
@@ -136,6 +204,18 @@ def test_gradient_clip_val_goes_to_the_manual_step(tmp_path, synthetic_data_dir,
     assert cli.model.hparams.gradient_clip_val == 0.5 and not cli.trainer.gradient_clip_val
 
 
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        (["--trainer.gradient_clip_val", "0.5", "--model.gradient_clip_val", "2"], "differ: set one of them"),
+        (["--trainer.gradient_clip_val", "0.5", "--trainer.gradient_clip_algorithm", "value"], "norm only"),
+    ],
+)
+def test_clipping_options_the_manual_step_cannot_honour_are_refused(tmp_path, monkeypatch, capsys, option, expected):
+    monkeypatch.chdir(tmp_path)
+    assert expected in ends_in_clear_error(["fit", "--trainer.fast_dev_run", "1", *option, *QUIET], capsys)
+
+
 @pytest.mark.parametrize("value", ["true", "false"])
 def test_seed_everything_true_and_false(tmp_path, synthetic_data_dir, monkeypatch, value):
     monkeypatch.chdir(tmp_path)
@@ -148,8 +228,16 @@ def test_seed_everything_true_and_false(tmp_path, synthetic_data_dir, monkeypatc
 def test_resumed_run_logs_what_the_uninterrupted_run_logged(tmp_path, synthetic_data_dir, monkeypatch):
     """With augmentation on and deterministic: crash after epoch 1 of 3, resume, and every later
     validation figure equals the uninterrupted run's."""
-    run = ["fit", "--trainer.max_epochs", "3", "--trainer.deterministic", "true", "--data.data_dir",
-           str(synthetic_data_dir), *QUIET]
+    run = [
+        "fit",
+        "--trainer.max_epochs",
+        "3",
+        "--trainer.deterministic",
+        "true",
+        "--data.data_dir",
+        str(synthetic_data_dir),
+        *QUIET,
+    ]
     (tmp_path / "whole").mkdir()
     monkeypatch.chdir(tmp_path / "whole")
     cli_main(run)
@@ -173,3 +261,50 @@ class CrashAtSecondEpoch(Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == 1:
             raise RuntimeError("simulated crash")
+
+
+class CrashMidEpoch(Callback):
+    """Dies like a killed process would in the middle of epoch 1, after the checkpoint of step 14 (4 of its 10
+    batches) and two batches more."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 16:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_run_resumed_mid_epoch_trains_on_what_the_uninterrupted_run_trained(
+    tmp_path, synthetic_data_dir, monkeypatch, recwarn
+):
+    """With augmentation on: the resumed epoch skips the 4 batches already trained, in the epoch's own order, and
+    replays their augmentation draws, so every later validation figure equals the uninterrupted run's; Lightning
+    finds the train loader resumable and does not warn."""
+    run = [
+        "fit",
+        "--trainer.max_epochs",
+        "3",
+        "--trainer.deterministic",
+        "true",
+        "--checkpoint.every_n_train_steps",
+        "7",
+        "--data.data_dir",
+        str(synthetic_data_dir),
+        *QUIET,
+    ]
+    (tmp_path / "whole").mkdir()
+    monkeypatch.chdir(tmp_path / "whole")
+    cli_main(run)
+    (tmp_path / "stopped").mkdir()
+    monkeypatch.chdir(tmp_path / "stopped")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli_main([*run, "--trainer.callbacks+=test_runs.CrashMidEpoch"])
+    last = tmp_path / "stopped" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (1, 14)
+    recwarn.clear()
+    cli_main([*run, "--ckpt_path", str(last)])
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
+    whole = val_curve(tmp_path / "whole" / "lightning_logs" / "version_0")
+    resumed = val_curve(tmp_path / "stopped" / "lightning_logs" / "version_0")
+    assert len(whole["val/sum_loss"]) == 3 and whole.keys() == resumed.keys()
+    for tag in whole:
+        assert resumed[tag] == pytest.approx(whole[tag], abs=1e-6), tag

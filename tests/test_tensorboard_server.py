@@ -13,11 +13,38 @@ from cli import cli_main
 @pytest.mark.slow
 def test_tensorboard_server_serves_both_accuracies(tmp_path, synthetic_data_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli_main(["fit", "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "5", "--data.val_size", "100",
-              "--data.batch_size", "50",
-              "--model.channels", "[8, 16, 16]", "--trainer.enable_progress_bar", "false"])
-    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "lightning_logs"),
-                               "--host", "127.0.0.1", "--port", "0"], stderr=subprocess.PIPE, text=True)
+    cli_main(
+        [
+            "fit",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.log_every_n_steps",
+            "5",
+            "--data.val_size",
+            "100",
+            "--data.batch_size",
+            "50",
+            "--model.channels",
+            "[8, 16, 16]",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(tmp_path / "lightning_logs"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline, url = time.monotonic() + 60, None
         while url is None and time.monotonic() < deadline:
@@ -34,8 +61,11 @@ def test_tensorboard_server_serves_both_accuracies(tmp_path, synthetic_data_dir,
             layout = json.load(response)
         charts = [chart["title"] for category in layout["category"] for chart in category["chart"]]
         assert charts == ["digit accuracy", "sum accuracy", "losses", "learning rate", "sum = predicted digit + number"]
-        request = urllib.request.Request(f"{url}/data/plugin/hparams/experiment", data=b'{"experimentName": ""}',
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{url}/data/plugin/hparams/experiment",
+            data=b'{"experimentName": ""}',
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             experiment = json.load(response)
         hparams = {info["name"] for info in experiment["hparamInfos"]}

@@ -13,9 +13,23 @@ from test_cli import ROOT
 
 @pytest.mark.slow
 def test_to_99_recipe_trains_on_24960_samples_and_learns(tmp_path, real_data_dir):
-    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs" / "to_99.yaml"),
-                           "--data.data_dir", str(real_data_dir), "--trainer.enable_progress_bar", "false"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "to_99.yaml"),
+            "--data.data_dir",
+            str(real_data_dir),
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(next(tmp_path.glob("lightning_logs/version_0/results.json")).read_text())
     checkpoint = torch.load(results["checkpoint"], map_location="cpu", weights_only=False)

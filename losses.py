@@ -1,0 +1,47 @@
+"""The two heads' losses, a plain function of the 29 logits: what the manual-optimization step minimises."""
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from net import logit_mismatch, split_logits
+
+SumLoss = Literal["cross_entropy", "mse"]
+# The Brier score's gradients are smaller than cross-entropy's, so its default weight is larger (docs/experiments.md).
+DEFAULT_SUM_LOSS_WEIGHT = {"cross_entropy": 1.0, "mse": 4.0}
+
+
+class Losses(NamedTuple):
+    """A batch's losses, as logged: `loss` = `digit_loss` + sum_loss_weight * (`sum_loss` + `agreement`)."""
+
+    loss: torch.Tensor  # the objective the training step minimises
+    digit_loss: torch.Tensor  # the digit head's cross-entropy
+    sum_loss: torch.Tensor  # the sum head's own loss: cross-entropy, or the Brier score for `mse`
+    agreement: torch.Tensor  # `agreement` * logit_mismatch (0 when the weight is 0)
+
+
+def compute_losses(
+    logits: torch.Tensor,
+    digits: torch.Tensor,
+    numbers: torch.Tensor,
+    sum_loss: SumLoss,
+    sum_loss_weight: float,
+    label_smoothing: float,
+    agreement: float,
+) -> Losses:
+    sums = digits + numbers
+    digit_logits, sum_logits = split_logits(logits)
+    digit_loss = F.cross_entropy(digit_logits, digits, label_smoothing=label_smoothing)
+    if sum_loss == "mse":
+        target = F.one_hot(sums, 19).to(logits.dtype)
+        own = (sum_logits.softmax(dim=1) - target).square().sum(dim=1).mean()
+    else:
+        own = F.cross_entropy(sum_logits, sums, label_smoothing=label_smoothing)
+    term = agreement * logit_mismatch(logits, numbers) if agreement else logits.new_zeros(())
+    return Losses(digit_loss + weighted_sum_loss(own, term, sum_loss_weight), digit_loss, own, term)
+
+
+def weighted_sum_loss(sum_loss: torch.Tensor, agreement: torch.Tensor, sum_loss_weight: float) -> torch.Tensor:
+    """The objective's part that the second backward pass takes."""
+    return sum_loss_weight * (sum_loss + agreement)
