@@ -65,11 +65,17 @@ def check_checkpoint(path: str, model: L.LightningModule) -> dict | None:
 
 # The data module's settings that decide the split and every pairing: a resume must keep them.
 SPLIT_SETTINGS = ("seed", "val_size")
+# Settings a resume may change: where the data lives and how it is held, what is tested or predicted, compilation.
+FREE_ON_RESUME = ("data_dir", "on_device", "test_pairs", "predict_manifest", "predict_output", "compile")
 
 
-def check_resume(checkpoint: dict, path: str, data_hparams) -> None:
-    """Raise ValueError unless resuming from `checkpoint` (read from `path`) keeps the split and pairings
-    the run was trained on."""
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_resume(checkpoint: dict, path: str, model_hparams, data_hparams) -> None:
+    """Raise ValueError unless resuming from `checkpoint` (read from `path`) keeps the model and the data it was
+    trained with: every model and data setting but FREE_ON_RESUME."""
     saved = checkpoint.get("datamodule_hyper_parameters", {})
     changed = [
         f"{key} {saved[key]} -> {data_hparams[key]}"
@@ -86,6 +92,17 @@ def check_resume(checkpoint: dict, path: str, data_hparams) -> None:
                 if k in saved
             )
         )
+    for section, stored, now in (
+        ("model", checkpoint.get("hyper_parameters", {}), model_hparams),
+        ("data", saved, data_hparams),
+    ):
+        for key, value in stored.items():
+            if key not in FREE_ON_RESUME and key in now and _plain(value) != _plain(now[key]):
+                raise ValueError(
+                    f"ckpt_path {path!r} was trained with {section}.{key} {_plain(value)}, this run asks for "
+                    f"{_plain(now[key])}: resume with the run's own {section}.{key}, or start a new run to train "
+                    "with the new value"
+                )
 
 
 def run_folder(checkpoint: Path) -> Path | None:

@@ -1,5 +1,6 @@
 """Command line: `python cli.py fit|validate|test|predict [--config FILE] [--key value ...]`."""
 
+import argparse
 import json
 import signal
 import sys
@@ -57,11 +58,8 @@ def _data_seed(seed: int | bool) -> int:
     return 0 if isinstance(seed, bool) else seed
 
 
-class HelpFormatter(DefaultHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """The description as written: argparse would run the list of subcommands together into one paragraph."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
 class ShortErrorParser(LightningArgumentParser):
@@ -94,6 +92,12 @@ class AdderCLI(LightningCLI):
         # not an option of its own. `--seed_everything true` draws its seed later, in before_instantiate_classes.
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_data_seed)
 
+    def parse_arguments(self, parser, args) -> None:
+        """As LightningCLI's, keeping the model settings asked for: a --ckpt_path's hyperparameters replace them."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        self.asked_model = (self.config[subcommand] if subcommand else self.config).model.clone()
+
     def before_instantiate_classes(self) -> None:
         """Settings that Lightning would take badly, turned into what the user meant or one clear error."""
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -116,7 +120,7 @@ class AdderCLI(LightningCLI):
                     f"trainer.gradient_clip_val {trainer.gradient_clip_val} and model.gradient_clip_val "
                     f"{config.model.gradient_clip_val} differ: set one of them"
                 )
-            config.model.gradient_clip_val = float(trainer.gradient_clip_val)
+            config.model.gradient_clip_val = self.asked_model.gradient_clip_val = float(trainer.gradient_clip_val)
             trainer.gradient_clip_val = None
             rank_zero_info(f"gradient clipping: model.gradient_clip_val = {config.model.gradient_clip_val}")
         if trainer.accumulate_grad_batches not in (None, 1):
@@ -175,7 +179,7 @@ class AdderCLI(LightningCLI):
         self.model.optimizer(self.model.parameters())  # a bad optimizer setting fails here, before any work
         checkpoint = self._check_ckpt_path()
         if checkpoint is not None:
-            check_resume(checkpoint, self.config.fit.ckpt_path, self.datamodule.hparams)
+            check_resume(checkpoint, self.config.fit.ckpt_path, self.asked_model, self.datamodule.hparams)
         self._fit_start = time.perf_counter()
 
     before_validate = before_test = before_predict = _check_ckpt_path

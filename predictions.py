@@ -101,6 +101,8 @@ class PredictionsCSV(BasePredictionWriter):
         self.output = Path(chosen or Path(log_dir or trainer.default_root_dir) / "predictions.csv")
         rows = getattr(datamodule, "manifest_rows", None)
         self.failed = sum(bool(row["error"]) for row in rows) if rows is not None else 0
+        if rows is None and not all(key in batch for batch in batches for key in TEST_COLUMNS):
+            return  # neither a manifest nor the test set (a loader of the caller's own): nothing to write
         if not trainer.is_global_zero:
             return
         self.output.parent.mkdir(parents=True, exist_ok=True)

@@ -193,17 +193,39 @@ def cli_under_ddp(tmp_path, *args, timeout=600):
 
 
 class NaNOnRankOne(Callback):
-    """The images of rank 1's third batch turn NaN: only that process sees a non-finite loss."""
+    """The images of one of rank 1's batches (the third) turn NaN: only that process sees a non-finite loss."""
+
+    batch = 2
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_rank == 1 and batch_idx == 2:
+        if trainer.global_rank == 1 and batch_idx == self.batch:
             batch["image"].fill_(float("nan"))
 
 
-@pytest.mark.parametrize("save", [[], ["--checkpoint.every_n_train_steps", "4"]], ids=["epoch end", "mid-epoch save"])
+class NaNOnRankOneBeforeASave(NaNOnRankOne):
+    """The fourth batch: its step ends in a checkpoint, before the NaN gradients reach rank 0's loss."""
+
+    batch = 3
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        ["--trainer.callbacks+=test_ddp.NaNOnRankOne"],
+        [
+            "--trainer.callbacks+=test_ddp.NaNOnRankOneBeforeASave",
+            "--checkpoint.every_n_train_steps",
+            "4",
+            "--checkpoint.monitor",
+            "null",
+        ],
+    ],
+    ids=["found at the epoch's end", "found before a mid-epoch save"],
+)
 def test_a_divergence_on_one_process_stops_every_process(tmp_path, real_data_dir, save):
-    """Found by the periodic check at the epoch's end, or by the one before a mid-epoch checkpoint (step 4, before
-    the first periodic check), which every process must take together or the others wait at the save's barrier."""
+    """Found by the periodic check at the epoch's end, or by the check before a checkpoint at step 4 (before the
+    first periodic check), which every process must take together: one process raising alone would leave the
+    other waiting at the save's barrier."""
     done = cli_under_ddp(
         tmp_path,
         "fit",
@@ -214,7 +236,6 @@ def test_a_divergence_on_one_process_stops_every_process(tmp_path, real_data_dir
         "1",
         "--trainer.limit_train_batches",
         "10",
-        "--trainer.callbacks+=test_ddp.NaNOnRankOne",
         timeout=300,
     )  # a process left waiting in an all-reduce would hang until this timeout
     assert done.returncode != 0 and "non-finite loss" in done.stderr

@@ -87,6 +87,56 @@ def test_resume_with_another_split_is_refused(run_in_runs, synthetic_data_dir, c
     assert expected in message and "another split" in message
 
 
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (["--model.number_features", "64"], "model.number_features 128, this run asks for 64"),
+        (["--data.rotate", "5"], "data.rotate 10.0, this run asks for 5.0"),
+        (["--model.agreement", "1"], "model.agreement 3.0, this run asks for 1.0"),
+    ],
+)
+def test_resume_with_another_model_or_data_setting_is_refused(
+    run_in_runs, synthetic_data_dir, capsys, change, expected
+):
+    last = run_in_runs / "checkpoints" / "last.ckpt"
+    before = last.stat().st_mtime_ns
+    message = ends_in_clear_error(
+        [
+            "fit",
+            "--ckpt_path",
+            str(last),
+            "--trainer.max_epochs",
+            "1",
+            "--data.data_dir",
+            str(synthetic_data_dir),
+            *QUIET,
+            *change,
+        ],
+        capsys,
+    )
+    assert expected in message and len(message.strip().splitlines()) == 1
+    assert last.stat().st_mtime_ns == before
+
+
+def test_resume_may_change_where_the_data_lives_and_what_is_tested(run_in_runs, synthetic_data_dir):
+    last = run_in_runs / "checkpoints" / "last.ckpt"
+    cli = cli_main(
+        [
+            "fit",
+            "--ckpt_path",
+            str(last),
+            "--trainer.max_epochs",
+            "1",
+            "--data.data_dir",
+            str(synthetic_data_dir),
+            "--data.test_pairs",
+            "fixed",
+            *QUIET,
+        ]
+    )
+    assert cli.trainer.state.finished
+
+
 def test_extending_a_finished_run_stops_before_training_with_a_command(run_in_runs, synthetic_data_dir, capsys):
     last = run_in_runs / "checkpoints" / "last.ckpt"
     before = last.stat().st_mtime_ns
@@ -225,15 +275,24 @@ def test_seed_everything_true_and_false(tmp_path, synthetic_data_dir, monkeypatc
     assert isinstance(seed, int) if value == "true" else seed is False
 
 
-def test_resumed_run_logs_what_the_uninterrupted_run_logged(tmp_path, synthetic_data_dir, monkeypatch):
-    """With augmentation on and deterministic: crash after epoch 1 of 3, resume, and every later
-    validation figure equals the uninterrupted run's."""
+@pytest.mark.parametrize(
+    "crash, extra, saved_at",
+    [("CrashAtSecondEpoch", [], (0, 10)), ("CrashMidEpoch", ["--checkpoint.every_n_train_steps", "7"], (1, 14))],
+    ids=["epoch end", "mid-epoch"],
+)
+def test_a_resumed_run_logs_what_the_uninterrupted_run_logged(
+    tmp_path, synthetic_data_dir, monkeypatch, recwarn, crash, extra, saved_at
+):
+    """With augmentation on and deterministic: crash, resume from last.ckpt, and every later validation figure
+    equals the uninterrupted run's. Mid-epoch, the resumed epoch skips the batches already trained, in the epoch's
+    own order, and replays their augmentation draws; Lightning finds the train loader resumable and does not warn."""
     run = [
         "fit",
         "--trainer.max_epochs",
         "3",
         "--trainer.deterministic",
         "true",
+        *extra,
         "--data.data_dir",
         str(synthetic_data_dir),
         *QUIET,
@@ -244,10 +303,13 @@ def test_resumed_run_logs_what_the_uninterrupted_run_logged(tmp_path, synthetic_
     (tmp_path / "stopped").mkdir()
     monkeypatch.chdir(tmp_path / "stopped")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        cli_main([*run, "--trainer.callbacks+=test_runs.CrashAtSecondEpoch"])
+        cli_main([*run, f"--trainer.callbacks+=test_runs.{crash}"])
     last = tmp_path / "stopped" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["epoch"] == 0
+    saved = torch.load(last, weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == saved_at
+    recwarn.clear()
     cli_main([*run, "--ckpt_path", str(last)])
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
     whole = val_curve(tmp_path / "whole" / "lightning_logs" / "version_0")
     resumed = val_curve(tmp_path / "stopped" / "lightning_logs" / "version_0")
     assert len(whole["val/sum_loss"]) == 3 and whole.keys() == resumed.keys()
@@ -270,41 +332,3 @@ class CrashMidEpoch(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == 16:
             raise RuntimeError("simulated crash")
-
-
-def test_a_run_resumed_mid_epoch_trains_on_what_the_uninterrupted_run_trained(
-    tmp_path, synthetic_data_dir, monkeypatch, recwarn
-):
-    """With augmentation on: the resumed epoch skips the 4 batches already trained, in the epoch's own order, and
-    replays their augmentation draws, so every later validation figure equals the uninterrupted run's; Lightning
-    finds the train loader resumable and does not warn."""
-    run = [
-        "fit",
-        "--trainer.max_epochs",
-        "3",
-        "--trainer.deterministic",
-        "true",
-        "--checkpoint.every_n_train_steps",
-        "7",
-        "--data.data_dir",
-        str(synthetic_data_dir),
-        *QUIET,
-    ]
-    (tmp_path / "whole").mkdir()
-    monkeypatch.chdir(tmp_path / "whole")
-    cli_main(run)
-    (tmp_path / "stopped").mkdir()
-    monkeypatch.chdir(tmp_path / "stopped")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        cli_main([*run, "--trainer.callbacks+=test_runs.CrashMidEpoch"])
-    last = tmp_path / "stopped" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, weights_only=True)
-    assert (saved["epoch"], saved["global_step"]) == (1, 14)
-    recwarn.clear()
-    cli_main([*run, "--ckpt_path", str(last)])
-    assert not [w for w in recwarn if "not resumable" in str(w.message)]
-    whole = val_curve(tmp_path / "whole" / "lightning_logs" / "version_0")
-    resumed = val_curve(tmp_path / "stopped" / "lightning_logs" / "version_0")
-    assert len(whole["val/sum_loss"]) == 3 and whole.keys() == resumed.keys()
-    for tag in whole:
-        assert resumed[tag] == pytest.approx(whole[tag], abs=1e-6), tag
