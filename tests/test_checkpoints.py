@@ -209,3 +209,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_every_path(code_checkpoi
     assert "never holds, and loading them could run code: it was not loaded" in message
     assert "weights_only" not in message and len(message.splitlines()) == 1
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("name", ["last", "best", "hpc", "registry", "registry:my-model:latest"])
+def test_names_the_trainer_resolves_are_left_to_it(name):
+    from checkpoints import read_checkpoint
+
+    assert read_checkpoint(name) is None

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -197,3 +198,19 @@ def test_on_device_data_gives_the_same_run(tmp_path, synthetic_data_dir, monkeyp
         )
         curves.append(val_curve(tmp_path / on_device / "lightning_logs" / "version_0"))
     assert len(curves[0]["val/sum_loss"]) == 2 and curves[0] == curves[1]
+
+
+def test_the_confusion_matrix_is_shaded_by_each_true_digit_s_share():
+    """Row-normalised: a true 0 read as 0 once and as 1 once shades both cells as half its row, however many
+    samples the other rows hold."""
+    from visuals import CELL, confusion_image
+
+    matrix = torch.zeros(10, 10, dtype=torch.long)
+    matrix[0, 0], matrix[0, 1], matrix[1, 1] = 1, 1, 98
+    image = confusion_image(matrix)
+
+    def shade(i, j):  # a cell's corner, clear of its count
+        return image[0, (i + 1) * CELL + 1, (j + 1) * CELL + 1].item()
+
+    half, full = int(255 * 0.5**0.3), 0
+    assert (shade(0, 0), shade(0, 1), shade(1, 1), shade(2, 2)) == (half, half, full, 255)

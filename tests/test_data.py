@@ -274,3 +274,18 @@ def test_real_fallback_gives_the_official_files(tmp_path, monkeypatch):
         "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
         "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
     }
+
+
+def test_each_process_augments_with_its_own_stream_and_each_epoch_anew():
+    """(seed, epoch, rank) seed the augmentation: two DDP processes, or two epochs, never share their draws."""
+    from datamodule import TrainPairs, augment_draws
+
+    pairs = TrainPairs(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), seed=0)
+    draws = {}
+    for epoch, rank in [(0, 0), (0, 1), (1, 0)]:
+        pairs.set_epoch(epoch, rank)
+        draws[epoch, rank] = torch.cat([d.flatten() for d in augment_draws(8, pairs.augment_generator)])
+    pairs.set_epoch(0, 1)
+    again = torch.cat([d.flatten() for d in augment_draws(8, pairs.augment_generator)])
+    assert torch.equal(again, draws[0, 1])  # the same process and epoch: the same stream
+    assert not torch.equal(draws[0, 0], draws[0, 1]) and not torch.equal(draws[0, 0], draws[1, 0])

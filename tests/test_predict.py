@@ -190,7 +190,9 @@ def test_trainer_predict_from_python_writes_each_rows_own_answer(checkpoint, tmp
         digit_prob, digit = digit_logits.softmax(1).max(1)
         assert int(row["pred_digit"]) == digit.item() and row["error"] == ""
         assert float(row["pred_digit_prob"]) == pytest.approx(digit_prob.item(), abs=1e-4)
-        assert int(row["pred_sum"]) == sum_logits.argmax(1).item()
+        sum_prob, total = sum_logits.softmax(1).max(1)
+        assert int(row["pred_sum"]) == total.item() and len(row["pred_sum_prob"].split(".")[1]) == 4
+        assert float(row["pred_sum_prob"]) == pytest.approx(sum_prob.item(), abs=1e-4)
 
 
 def test_a_manifest_column_named_as_a_prediction_is_refused(checkpoint, tmp_path, capsys):
