@@ -71,6 +71,7 @@ def test_last_ckpt_follows_every_epoch_not_only_a_new_best(tmp_path, synthetic_d
         ("truncated", "not a readable checkpoint"),
         ("text", "not a readable checkpoint"),
         ("other_model", "another model"),
+        ("no_state_dict", "holds no Lightning state_dict"),
     ],
 )
 def test_bad_checkpoints_give_one_clear_error(trained, capsys, damage, expected):
@@ -81,6 +82,8 @@ def test_bad_checkpoints_give_one_clear_error(trained, capsys, damage, expected)
         bad.write_text("not a checkpoint\n")
     elif damage == "other_model":
         torch.save({"state_dict": {"layer.weight": torch.zeros(2, 2)}}, bad)
+    elif damage == "no_state_dict":
+        torch.save({"epoch": 3, "weights": {"layer.weight": torch.zeros(2, 2)}}, bad)
     for subcommand in ("fit", "test"):
         assert expected in ends_in_clear_error([subcommand, "--ckpt_path", str(bad), *SMALL], capsys)
 

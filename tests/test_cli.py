@@ -84,7 +84,7 @@ def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
         "val_size",
         "label_smoothing",
     } <= names
-    assert not any(name.startswith("_") for name in names)
+    assert not any(name.startswith("_") for name in names) and "data_dir" not in names  # settings, not paths
     assert [m.name.tag for m in experiment.metric_infos] == [
         "val/sum_acc_best",
         "test/digit_acc",
@@ -214,3 +214,12 @@ def test_the_confusion_matrix_is_shaded_by_each_true_digit_s_share():
 
     half, full = int(255 * 0.5**0.3), 0
     assert (shade(0, 0), shade(0, 1), shade(1, 1), shade(2, 2)) == (half, half, full, 255)
+
+
+def test_a_grid_of_misclassified_samples_has_a_row_for_every_sample():
+    from visuals import sample_grid
+
+    n = 7  # one more than a row of six
+    labels = [torch.arange(n)] * 5
+    grid = sample_grid(torch.rand(n, 1, 28, 28), *labels)
+    assert grid.shape[1] == 2 * (84 + 40) and grid.shape[2] == 6 * 84

@@ -257,6 +257,7 @@ def test_predict_under_ddp_writes_one_complete_csv(tmp_path, real_data_dir):
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert trained.stdout.count("sum accuracy (each image with all 10 numbers)") == 1
+    assert trained.stdout.count("epoch 1/1  step") == 1  # the epoch's line from rank 0 alone
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     done = cli_under_ddp(
         tmp_path,

@@ -329,3 +329,18 @@ def test_one_cycle_spans_the_run_unless_given_its_length(tmp_path, scheduler):
     # given a length, no trainer is asked for one (none is attached here)
     given = MNISTAdder(scheduler=partial(scheduler, total_steps=7)).configure_optimizers()
     assert given["lr_scheduler"]["scheduler"].total_steps == 7
+
+
+def test_images_are_standardised_with_mnists_mean_and_deviation():
+    """The first conv sees (image - 0.1307) / 0.3081: an image at MNIST's mean pixel is zero, one a deviation
+    above it is one."""
+    from net import MNIST_MEAN, MNIST_STD
+
+    seen = []
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32).eval()
+    model.net.image[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = torch.stack([torch.full((1, 28, 28), MNIST_MEAN), torch.full((1, 28, 28), MNIST_MEAN + MNIST_STD)])
+    with torch.no_grad():
+        model(images, torch.tensor([0, 1]))
+    assert torch.allclose(seen[0][0], torch.zeros(1, 28, 28), atol=1e-6)
+    assert torch.allclose(seen[0][1], torch.ones(1, 28, 28), atol=1e-6)
