@@ -94,6 +94,7 @@ def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
         events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
     ).session_start_info
     assert session.hparams["batch_size"].number_value == 50 and session.hparams["max_epochs"].number_value == 2
+    assert session.hparams["sum_loss_weight"].number_value == 1.0  # the weight in effect, not the config's null
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

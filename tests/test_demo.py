@@ -41,7 +41,7 @@ def test_the_answer_is_both_heads_of_the_picture_it_read(model):
     assert line == f"digit {digit} ({100 * digits[digit]:.1f} %) + number 4 -> sum {total} ({100 * sums[total]:.1f} %)"
     assert list(digit_probs.values()) == pytest.approx(digits, abs=1e-6)
     assert list(sum_probs.values()) == pytest.approx(sums, abs=1e-6) and list(sum_probs) == [str(k) for k in range(19)]
-    assert shown.size == (112, 112)
+    assert shown.size == (112, 112) and np.asarray(shown).max() == 255  # the white ink the net read
 
 
 def test_a_stroke_is_read_before_the_photo_and_nothing_asks_for_a_picture(model):

@@ -154,7 +154,9 @@ def test_predict_without_a_manifest_writes_the_test_set_with_its_accuracy(checkp
     assert [int(r["true_digit"]) for r in rows] == labels.tolist()
     assert all(int(r["true_sum"]) == int(r["true_digit"]) + int(r["number"]) for r in rows)
     digit_acc = np.mean([r["pred_digit"] == r["true_digit"] for r in rows])
-    assert f"digit accuracy {100 * digit_acc:.2f} %" in capsys.readouterr().out
+    sum_acc = np.mean([r["pred_sum"] == r["true_sum"] for r in rows])
+    out = capsys.readouterr().out
+    assert f"digit accuracy {100 * digit_acc:.2f} %, sum accuracy {100 * sum_acc:.2f} %" in out
 
 
 def test_trainer_predict_from_python_writes_each_rows_own_answer(checkpoint, tmp_path, synthetic_data_dir):
