@@ -200,7 +200,9 @@ class AdderCLI(LightningCLI):
             "fit_seconds": round(fit_seconds, 1),
             "val/sum_acc_best": None if best_val is None else float(best_val),
             "monitor": callback.monitor if callback else None,
-            "monitor_best": float(callback.best_model_score) if callback and best else None,
+            "monitor_best": None
+            if not callback or callback.best_model_score is None
+            else float(callback.best_model_score),
             "seed": self.datamodule.hparams.seed,
             **metrics,
         }

@@ -329,6 +329,53 @@ class CrashMidEpoch(Callback):
     """Dies like a killed process would in the middle of epoch 1, after the checkpoint of step 14 (4 of its 10
     batches) and two batches more."""
 
+    step = 16
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == 16:
+        if trainer.global_step == self.step:
             raise RuntimeError("simulated crash")
+
+
+class CrashAtStep15(CrashMidEpoch):
+    step = 15
+
+
+class CrashAtStep17(CrashMidEpoch):
+    step = 17
+
+
+def test_two_stops_in_one_epoch_resume_where_each_left_off(tmp_path, synthetic_data_dir, monkeypatch):
+    """Stopped after the checkpoint of step 14, resumed, stopped again after that of step 16, resumed: the second
+    resume goes on from batch 6 of epoch 1 (the first resume counts the batches it skipped), as a run never
+    stopped would."""
+    run = [
+        "fit",
+        "--trainer.max_epochs",
+        "3",
+        "--trainer.deterministic",
+        "true",
+        "--checkpoint.every_n_train_steps",
+        "2",
+        "--checkpoint.monitor",
+        "null",
+        "--data.data_dir",
+        str(synthetic_data_dir),
+        *QUIET,
+    ]
+    (tmp_path / "whole").mkdir()
+    monkeypatch.chdir(tmp_path / "whole")
+    cli_main(run)
+    (tmp_path / "stopped").mkdir()
+    monkeypatch.chdir(tmp_path / "stopped")
+    last = tmp_path / "stopped" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli_main([*run, "--trainer.callbacks+=test_runs.CrashAtStep15"])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli_main([*run, "--ckpt_path", str(last), "--trainer.callbacks+=test_runs.CrashAtStep17"])
+    assert torch.load(last, weights_only=True)["global_step"] == 16
+    cli_main([*run, "--ckpt_path", str(last)])
+    whole = val_curve(tmp_path / "whole" / "lightning_logs" / "version_0")
+    resumed = val_curve(tmp_path / "stopped" / "lightning_logs" / "version_0")
+    assert len(whole["val/sum_loss"]) == 3 and whole.keys() == resumed.keys()
+    for tag in whole:
+        assert resumed[tag] == pytest.approx(whole[tag], abs=1e-6), tag
