@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from calibration import fill_temperature
 from mnist_files import write_atomic
 
 LIGHTNING_NAMES = ("last", "best", "hpc", "registry")  # resolved by the Trainer itself
@@ -50,7 +51,8 @@ def check_checkpoint(path: str, model: L.LightningModule) -> dict | None:
     checkpoint = read_checkpoint(path)
     if checkpoint is None:
         return None
-    state = checkpoint["state_dict"]
+    state = dict(checkpoint["state_dict"])
+    fill_temperature(state)  # one saved before calibration loads with temperature 1
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in state.items()}
     if found != expected:

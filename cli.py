@@ -204,6 +204,7 @@ class AdderCLI(LightningCLI):
             if not callback or callback.best_model_score is None
             else float(callback.best_model_score),
             "seed": self.datamodule.hparams.seed,
+            "temperature": dict(zip(("digit", "sum"), self.model.temperature.tolist())),
             **metrics,
         }
         rows = [("checkpoint", best or "(weights at the end of fit)"), ("fit time", f"{fit_seconds:.1f} s")]
@@ -215,6 +216,11 @@ class AdderCLI(LightningCLI):
                 ("test/sum_acc_all_pairs", "sum accuracy (each image with all 10 numbers)"),
                 ("test/sum_consistency_all_pairs", "sum = predicted digit + number (all pairs)"),
             )
+            if key in metrics
+        ]
+        rows += [
+            (f"{head} calibration error", f"{100 * metrics[key + '_uncalibrated']:.2f} % -> {100 * metrics[key]:.2f} %")
+            for head, key in (("digit", "test/digit_ece"), ("sum", "test/sum_ece"))
             if key in metrics
         ]
         width = max(len(label) for label, _ in rows)

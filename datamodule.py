@@ -250,6 +250,10 @@ class MNISTAdderData(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
 
+    def calibration_dataloader(self) -> DataLoader:
+        """Every validation pair, in every process: the temperatures fitted on them are the same everywhere."""
+        return DataLoader(self.val_set, batch_size=1000, collate_fn=_whole_batch)
+
     def test_dataloader(self) -> list[DataLoader]:
         choice = self.hparams.test_pairs
         return [self._eval_loader(self.test_set)] * (choice != "all") + [self._eval_loader(self.all_pairs_set, 250)] * (

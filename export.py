@@ -3,7 +3,8 @@
 
 The file keeps `forward`'s contract: inputs `images` float32 [B,1,28,28] in [0,1] (white digit on
 black, as `photos.to_mnist` makes them) and `numbers` int64 [B] in 0..9; output `logits` float32
-[B,29] (10 for the digit, then 19 for the sum 0..18: `net.split_logits`); B is free.
+[B,29] (10 for the digit, then 19 for the sum 0..18: `net.split_logits`), each head's divided by its
+temperature, so that their softmax gives the calibrated probabilities; B is free.
 """
 
 import argparse
@@ -20,14 +21,14 @@ OPSET = 18
 
 
 def export(ckpt_path: str, output: Path) -> Path:
-    """Write the checkpoint's net to `output` as ONNX (atomically); ValueError for a bad checkpoint."""
+    """Write the checkpoint's model (net and temperatures) to `output` as ONNX (atomically); ValueError for a bad checkpoint."""
     read_checkpoint(ckpt_path)  # one clear line for a missing, truncated or foreign file
     model = MNISTAdder.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
-    net = model.net.to(memory_format=torch.contiguous_format)
+    model.net.to(memory_format=torch.contiguous_format)
     example = (torch.rand(2, 1, 28, 28), torch.tensor([3, 7]))
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
-        net,
+        model,
         example,
         input_names=["images", "numbers"],
         output_names=["logits"],

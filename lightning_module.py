@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from calibration import TEMPERATURE, TemperatureScaling, calibration_error, fill_temperature, warn_uncalibrated
 from losses import DEFAULT_SUM_LOSS_WEIGHT, Losses, SumLoss, compute_losses, weighted_sum_loss
 from net import DualInputNet, split_logits, sum_consistency
 from optimization import default_optimizer, run_length, takes_unset_total_steps
@@ -22,6 +23,14 @@ FINITE_CHECK_EVERY = 50
 
 def _accuracy(classes: int) -> MulticlassAccuracy:
     return MulticlassAccuracy(classes, average="micro", validate_args=False)  # checks cost a sync per batch
+
+
+def _calibration_metrics() -> nn.ModuleDict:
+    # each head's expected calibration error, with the model's temperatures and without (temperature 1)
+    heads = {"digit": 10, "sum": 19}
+    return nn.ModuleDict(
+        {f"{head}_ece{suffix}": calibration_error(n) for head, n in heads.items() for suffix in ("", "_uncalibrated")}
+    )
 
 
 def _stage_metrics() -> nn.ModuleDict:
@@ -39,7 +48,9 @@ class MNISTAdder(L.LightningModule):
     """Predicts the digit in an MNIST image and its sum with a given number 0-9.
 
     Contract: ``forward(images, numbers)`` takes float images [B,1,28,28] in [0,1] and int64 numbers
-    [B] in 0..9 and returns logits [B,29]: 10 for the digit, then 19 for the sum 0..18.
+    [B] in 0..9 and returns logits [B,29]: 10 for the digit, then 19 for the sum 0..18, each head's divided
+    by its temperature (the buffer ``temperature``, fitted on validation after fit: calibration.py), so that
+    their softmax gives calibrated probabilities. ``self.net`` gives the raw logits, which training uses.
 
     Args:
         sum_loss: ``cross_entropy``, or ``mse``: the Brier score, squared error between the softmax
@@ -106,6 +117,8 @@ class MNISTAdder(L.LightningModule):
         self.net = DualInputNet(tuple(channels), number_features, hidden, dropout, convs_per_stage)
         self.train_metrics, self.val_metrics, self.test_metrics = _stage_metrics(), _stage_metrics(), _stage_metrics()
         self.val_metrics["sum_consistency"] = MeanMetric()
+        self.register_buffer(TEMPERATURE, torch.ones(2))  # [digit head, sum head]
+        self.val_calibration, self.test_calibration = _calibration_metrics(), _calibration_metrics()
         self.test_all_pairs = nn.ModuleDict(
             {"digit_acc": _accuracy(10), "sum_acc": _accuracy(19), "sum_consistency": MeanMetric()}
         )
@@ -117,7 +130,17 @@ class MNISTAdder(L.LightningModule):
         self._misclassified: list[dict[str, torch.Tensor]] = []
 
     def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
-        return self.net(images, numbers)
+        return self.calibrated(self.net(images, numbers))
+
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        digit, sum_ = split_logits(logits)
+        return torch.cat([digit / self.temperature[0], sum_ / self.temperature[1]], dim=-1)
+
+    def _update_calibration(self, logits: torch.Tensor, batch: dict, metrics: nn.ModuleDict) -> None:
+        targets = {"digit": batch["digit"], "sum": batch["sum"]}
+        for suffix, scaled in (("", self.calibrated(logits)), ("_uncalibrated", logits)):
+            for head, head_logits in split_logits(scaled)._asdict().items():
+                metrics[f"{head}_ece{suffix}"].update(head_logits.softmax(1), targets[head])
 
     def losses(self, logits: torch.Tensor, digits: torch.Tensor, numbers: torch.Tensor) -> Losses:
         hp = self.hparams
@@ -126,7 +149,7 @@ class MNISTAdder(L.LightningModule):
         )
 
     def _evaluate(self, batch: dict, metrics: nn.ModuleDict) -> tuple[torch.Tensor, Losses]:
-        logits = self(batch["image"], batch["number"])
+        logits = self.net(batch["image"], batch["number"])  # raw: the losses and accuracies of the net itself
         losses = self.losses(logits, batch["digit"], batch["number"])
         digit_logits, sum_logits = split_logits(logits)
         metrics["digit_acc"].update(digit_logits, batch["digit"])
@@ -191,6 +214,7 @@ class MNISTAdder(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits, _ = self._evaluate(batch, self.val_metrics)
+        self._update_calibration(logits, batch, self.val_calibration)
         self.val_metrics["sum_consistency"].update(sum_consistency(logits, batch["number"]).float())
         digit_pred, sum_pred = (head.argmax(1) for head in split_logits(logits))
         self.val_confusion.update(digit_pred, batch["digit"])
@@ -211,6 +235,7 @@ class MNISTAdder(L.LightningModule):
         confusion = self.val_confusion.compute()
         self.val_confusion.reset()
         misclassified, self._misclassified = self._misclassified, []
+        self._log_epoch("val", self.val_calibration)
         self._log_epoch("val", self.val_metrics)  # in the sanity check too: Lightning then resets them
         if self.trainer.sanity_checking:
             return
@@ -226,7 +251,8 @@ class MNISTAdder(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch["number"].ndim == 1:
-            self._evaluate(batch, self.test_metrics)
+            logits, _ = self._evaluate(batch, self.test_metrics)
+            self._update_calibration(logits, batch, self.test_calibration)
             return
         logits = self.net.paired_logits(batch["image"], batch["number"])  # each image with all ten numbers
         digit_logits, sum_logits = split_logits(logits)
@@ -237,11 +263,14 @@ class MNISTAdder(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test", self.test_metrics)
+        self._log_epoch("test", self.test_calibration)
         self._log_epoch("test", self.test_all_pairs, suffix="_all_pairs")
 
     def configure_callbacks(self) -> list:
-        # predict writes predictions.csv, from Python as from the command line (once: fit's own test attaches again)
-        return [] if any(isinstance(c, PredictionsCSV) for c in self.trainer.callbacks) else [PredictionsCSV()]
+        # fit calibrates; predict writes predictions.csv; from Python as from the command line (once: fit's own
+        # test attaches them again)
+        callbacks = [TemperatureScaling(), PredictionsCSV()]
+        return [c for c in callbacks if not any(isinstance(have, type(c)) for have in self.trainer.callbacks)]
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         digit_logits, sum_logits = split_logits(self(batch["image"], batch["number"]))
@@ -270,6 +299,8 @@ class MNISTAdder(L.LightningModule):
                         setattr(metric, name, state.clone())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if fill_temperature(checkpoint["state_dict"]):
+            warn_uncalibrated()
         schedulers = checkpoint.get("lr_schedulers") or [{}]
         self._resumed_total_steps = schedulers[0].get("total_steps")
 

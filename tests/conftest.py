@@ -38,6 +38,13 @@ def synthetic_data_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def in_tmp(tmp_path, synthetic_data_dir, monkeypatch):
+    """Runs in tmp_path, whose data/ holds the synthetic MNIST: lightning_logs/ lands there too."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
 def no_sources(monkeypatch):
     """Every download source fails at once, as on a machine without internet."""
 

@@ -17,12 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data.val_size", "100", "--data.batch_size", "50", "--model.channels", "[8, 16, 16]"]
 
 
-@pytest.fixture
-def in_tmp(tmp_path, synthetic_data_dir, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # lightning_logs/ and data/ land in tmp_path
-    return tmp_path
-
-
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
 def test_fast_dev_run_each_subcommand(in_tmp, subcommand):
     cli = cli_main([subcommand, "--trainer.fast_dev_run", "2", *SMALL])
