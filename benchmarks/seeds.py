@@ -32,6 +32,13 @@ FIGURES = {
     "test_sum_acc_all_pairs": "test/sum_acc_all_pairs",
     "test_sum_consistency_all_pairs": "test/sum_consistency_all_pairs",
 }
+# Figures of the runs whose results.json has them (calibration came later): each head's test ECE, without and with
+# the temperatures.
+CALIBRATION = {
+    f"test_{head}_ece{suffix}": f"test/{head}_ece{suffix}"
+    for head in ("digit", "sum")
+    for suffix in ("_uncalibrated", "")
+}
 
 
 def train(config: str, seed: int, extra: list[str], data_dir: Path, keep: Path | None) -> dict:
@@ -62,6 +69,7 @@ def train(config: str, seed: int, extra: list[str], data_dir: Path, keep: Path |
     run = {
         "seed": seed,
         **{key: round(100 * results[source], 3) for key, source in FIGURES.items()},
+        **{key: round(100 * results[source], 3) for key, source in CALIBRATION.items() if source in results},
         "fit_seconds": results["fit_seconds"],
         "load_average_before": round(load, 2),
     }
@@ -76,8 +84,9 @@ def summarise(runs: list[dict]) -> dict:
             "std": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
             "min": round(min(values), 3),
         }
-        for key in [*FIGURES, "fit_seconds"]
-        for values in [[run[key] for run in runs]]
+        for key in [*FIGURES, *CALIBRATION, "fit_seconds"]
+        for values in [[run[key] for run in runs if key in run]]
+        if len(values) == len(runs)
     }
 
 
@@ -122,8 +131,31 @@ def table(configs: dict, source: str) -> str:
             f"the commit: the tree had uncommitted changes. Written by `benchmarks/seeds.py` from "
             f"`{source}` ({dates[0] if dates else ''} to {dates[-1] if dates else ''}; "
             f"{'; '.join(machines)}).",
+            *calibration_table(configs),
         ]
     )
+
+
+def calibration_table(configs: dict) -> list[str]:
+    """The rows whose runs report the calibration error: each head's, without -> with the temperatures."""
+    calibrated = {name: entry for name, entry in configs.items() if "test_digit_ece" in entry["summary"]}
+    lines = [
+        "",
+        "Expected calibration error on the test set (15 bins, top label), in %, mean ± standard deviation (minimum)"
+        " over the seeds, without -> with the temperatures fitted on validation:",
+        "",
+        "| name | commit | seeds | digit | sum |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in calibrated.items():
+        s = entry["summary"]
+        heads = [
+            f"{cell(s, f'test_{head}_ece_uncalibrated')} -> {cell(s, f'test_{head}_ece')}" for head in ("digit", "sum")
+        ]
+        lines.append(
+            f"| {name} | `{entry['commit'][:7]}` | {', '.join(map(str, entry['seeds']))} | {' | '.join(heads)} |"
+        )
+    return lines if calibrated else []
 
 
 def purpose(config: Path) -> str:
