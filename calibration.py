@@ -105,3 +105,8 @@ def warn_uncalibrated() -> None:
         "this checkpoint was saved before calibration existed: its probabilities are the raw softmax "
         "(temperature 1); `python cli.py fit` writes calibrated checkpoints"
     )
+
+
+# An answer whose calibrated digit probability is below this is marked "unsure" (predict's table and CSV, the demo):
+# it flags at most 1 % of the right validation answers (docs/experiments.md, "unsure").
+UNSURE_BELOW = 0.9

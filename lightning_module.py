@@ -10,11 +10,19 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from calibration import TEMPERATURE, TemperatureScaling, calibration_error, fill_temperature, warn_uncalibrated
+from calibration import (
+    TEMPERATURE,
+    UNSURE_BELOW,
+    TemperatureScaling,
+    calibration_error,
+    fill_temperature,
+    warn_uncalibrated,
+)
 from losses import DEFAULT_SUM_LOSS_WEIGHT, Losses, SumLoss, compute_losses, weighted_sum_loss
 from net import DualInputNet, split_logits, sum_consistency
 from optimization import default_optimizer, run_length, takes_unset_total_steps
 from predictions import PredictionsCSV
+from train_step import TrainCounts, forward_losses
 from visuals import confusion_image, sample_grid
 
 # Steps between checks that the losses stayed finite: a check waits for the device and, under DDP, every process.
@@ -115,7 +123,7 @@ class MNISTAdder(L.LightningModule):
         self.automatic_optimization = False
         self.optimizer, self.scheduler = optimizer, scheduler
         self.net = DualInputNet(tuple(channels), number_features, hidden, dropout, convs_per_stage)
-        self.train_metrics, self.val_metrics, self.test_metrics = _stage_metrics(), _stage_metrics(), _stage_metrics()
+        self.train_metrics, self.val_metrics, self.test_metrics = TrainCounts(), _stage_metrics(), _stage_metrics()
         self.val_metrics["sum_consistency"] = MeanMetric()
         self.register_buffer(TEMPERATURE, torch.ones(2))  # [digit head, sum head]
         self.val_calibration, self.test_calibration = _calibration_metrics(), _calibration_metrics()
@@ -124,7 +132,6 @@ class MNISTAdder(L.LightningModule):
         )
         self.val_sum_acc_best = MaxMetric()
         self.val_sum_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps its best so far
-        self._nonfinite = torch.zeros((), dtype=torch.bool)
         self._resumed_total_steps = None  # the schedule length stored in a checkpoint this run resumes from
         self.val_confusion = MulticlassConfusionMatrix(10)
         self._misclassified: list[dict[str, torch.Tensor]] = []
@@ -167,9 +174,12 @@ class MNISTAdder(L.LightningModule):
                 self.log(f"{stage}/{name}{suffix}", metric, prog_bar=stage == "val" and name.endswith("acc"))
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        """The eager step. train_step.StaticStep runs it on static buffers without what Lightning adds here:
+        manual_backward (loss scaling under 16-mixed), toggle_model (DDP's all-reduce held back in the first
+        backward pass) and LightningOptimizer (the clipping hook)."""
         optimizer = self.optimizers()
-        logits, losses = self._evaluate(batch, self.train_metrics)
-        self._nonfinite = self._nonfinite.to(logits.device) | ~torch.isfinite(losses.loss)  # no sync
+        logits, losses = forward_losses(self, batch["image"], batch["number"], batch["digit"])
+        self.train_metrics.update(logits, batch["digit"], batch["sum"], losses)  # its loss sums turn non-finite too
         if (self.global_step + 1) % FINITE_CHECK_EVERY == 0 or batch_idx + 1 == self.trainer.num_training_batches:
             self._stop_if_nonfinite()
         optimizer.zero_grad(set_to_none=True)
@@ -193,7 +203,7 @@ class MNISTAdder(L.LightningModule):
 
     def _stop_if_nonfinite(self) -> None:
         # Every process asks, and all stop together: none is left waiting in an all-reduce or a barrier.
-        if self.trainer.strategy.reduce_boolean_decision(bool(self._nonfinite), all=False):
+        if self.trainer.strategy.reduce_boolean_decision(self.train_metrics.diverged(), all=False):
             raise FloatingPointError(
                 f"non-finite loss by step {self.global_step}: training stopped; lower the "
                 "learning rate or set model.gradient_clip_val"
@@ -203,7 +213,9 @@ class MNISTAdder(L.LightningModule):
         self._stop_if_nonfinite()  # never from diverged weights; every process saves, so every process asks
 
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train", self.train_metrics)
+        if self.train_metrics.update_called:  # compute() sums over processes: sync_dist only tells Lightning so
+            self.log_dict(self.train_metrics.logged(self.hparams.agreement), sync_dist=True)
+        self.train_metrics.reset()
         if self.hparams.scheduler_interval == "epoch":
             self._step_scheduler()
 
@@ -286,6 +298,7 @@ class MNISTAdder(L.LightningModule):
             "digit_prob": digit_prob,
             "sum": sum_,
             "sum_prob": sum_prob,
+            "unsure": digit_prob < UNSURE_BELOW,
             **extra,
         }
 

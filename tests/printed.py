@@ -14,14 +14,19 @@ def font(k: int, size: int) -> ImageFont.FreeTypeFont:
 
 def printed_digit(digit: int, k: int, rng: np.random.Generator) -> Image.Image:
     """One RGB picture, larger than 28x28: paper colour, ink colour, font, size and position vary."""
+    return printed_text(str(digit), k, rng)
+
+
+def printed_text(text: str, k: int, rng: np.random.Generator) -> Image.Image:
+    """As `printed_digit`, of any short text (a letter, say)."""
     width, height = int(rng.integers(40, 120)), int(rng.integers(40, 120))
     paper = tuple(int(v) for v in rng.integers(190, 256, 3))
     ink = tuple(int(v) for v in rng.integers(0, 70, 3))
     picture = Image.new("RGB", (width, height), paper)
     size = int(rng.integers(20, min(width, height) - 4))
     glyph = font(k, size)
-    left, top, right, bottom = ImageDraw.Draw(picture).textbbox((0, 0), str(digit), font=glyph)
+    left, top, right, bottom = ImageDraw.Draw(picture).textbbox((0, 0), text, font=glyph)
     x = int(rng.integers(0, max(1, width - (right - left)))) - left
     y = int(rng.integers(0, max(1, height - (bottom - top)))) - top
-    ImageDraw.Draw(picture).text((x, y), str(digit), fill=ink, font=glyph)
+    ImageDraw.Draw(picture).text((x, y), text, fill=ink, font=glyph)
     return picture

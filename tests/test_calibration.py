@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from calibration import calibration_error, fit_temperature, fit_temperatures
+from calibration import UNSURE_BELOW, calibration_error, fit_temperature, fit_temperatures
 from cli import cli_main
 from lightning_module import MNISTAdder
 from net import split_logits
@@ -102,3 +102,13 @@ def test_predict_gives_the_calibrated_probabilities(fitted):
     expected = (digit_logits / model.temperature[0]).softmax(1).max(1).values
     torch.testing.assert_close(predicted["digit_prob"], expected)
     assert not torch.allclose(predicted["digit_prob"], digit_logits.softmax(1).max(1).values)
+
+
+def test_unsure_is_a_calibrated_digit_probability_below_the_threshold():
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32).eval()
+    batch = {"image": torch.rand(16, 1, 28, 28), "number": torch.arange(16) % 10}
+    for digit_temperature, unsure in ((1e-3, False), (1e3, True)):  # all but certain; close to a tenth each
+        model.temperature.copy_(torch.tensor([digit_temperature, 1.0]))
+        predicted = model.predict_step(batch, 0)
+        assert predicted["unsure"].tolist() == [unsure] * 16
+        assert torch.equal(predicted["unsure"], predicted["digit_prob"] < UNSURE_BELOW)
