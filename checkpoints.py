@@ -67,8 +67,9 @@ def check_checkpoint(path: str, model: L.LightningModule) -> dict | None:
 
 # The data module's settings that decide the split and every pairing: a resume must keep them.
 SPLIT_SETTINGS = ("seed", "val_size")
-# Settings a resume may change: where the data lives and how it is held, what is tested or predicted, compilation.
-FREE_ON_RESUME = ("data_dir", "on_device", "test_pairs", "predict_manifest", "predict_output", "compile")
+# Settings a resume may change: where the data lives and how it is held, what is tested or predicted and by how many
+# workers, compilation.
+FREE_ON_RESUME = ("data_dir", "on_device", "test_pairs", "predict_manifest", "predict_output", "num_workers", "compile")
 
 
 def _plain(value):

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mnist_files import OFFICIAL_MD5, ensure_mnist, read_idx
-from photos import read_manifest
+from photos import read_manifest, read_picture
 from predictions import RESERVED
 
 TestPairs = Literal["all", "fixed", "both"]
@@ -78,9 +78,23 @@ class TrainPairs(Pairs):
 
 
 def augment_draws(n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """The uniform numbers in [0, 1) that one batch of n images takes from the augmentation stream, in order:
+    """The uniform numbers in [-1, 1) that one batch of n images takes from the augmentation stream, in order:
     angle, zoom and the (x, y) shift."""
-    return torch.rand(n, generator=generator), torch.rand(n, generator=generator), torch.rand(n, 2, generator=generator)
+    return tuple(torch.rand(*shape, generator=generator) * 2 - 1 for shape in ((n,), (n,), (n, 2)))
+
+
+def affine_augment(
+    images: torch.Tensor, draws: tuple[torch.Tensor, ...], rotate: float, translate: float, scale: float
+) -> torch.Tensor:
+    """Each image rotated by up to `rotate` degrees, zoomed by up to `scale` and shifted by up to `translate` of its
+    size, as its `augment_draws` (on the images' device) say; the whole batch at once."""
+    angle, zoom, shift = draws
+    angle, zoom = angle * math.radians(rotate), 1 + zoom * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    shift = shift * translate * 2  # affine_grid spans [-1, 1]: the image is 2 units wide
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False)
 
 
 class ResumableLoader(DataLoader):
@@ -116,19 +130,30 @@ class AllPairs(Pairs):
 
 
 class ManifestPictures(Dataset):
-    """The readable pictures of a manifest; each batch says which manifest rows it holds."""
+    """The manifest's rows with a valid number; each picture is read and made MNIST-like as its batch is drawn, in
+    the loader's worker processes. A batch holds the pictures it could read (image, number and their manifest row)
+    and, under "unreadable", (row, reason) for each that it could not: a worker cannot write the parent's rows."""
 
     def __init__(self, rows: list[dict]):
-        self.rows = [k for k, row in enumerate(rows) if not row["error"]]
-        self.images = torch.stack([rows[k]["image"] for k in self.rows]) if self.rows else torch.zeros(0, 1, 28, 28)
-        self.numbers = torch.tensor([rows[k]["number"] for k in self.rows], dtype=torch.long)
+        self.rows = [(k, row["path"], row["number"]) for k, row in enumerate(rows) if not row["error"]]
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(indices)
-        return {"image": self.images[idx], "number": self.numbers[idx], "row": torch.as_tensor(self.rows)[idx]}
+    def __getitems__(self, indices: list[int]) -> dict:
+        read, unreadable = [], []
+        for k, path, number in (self.rows[i] for i in indices):
+            image, error = read_picture(path)
+            if error:
+                unreadable.append((k, error))
+            else:
+                read.append((k, number, image))
+        return {
+            "image": torch.stack([image for *_, image in read]) if read else torch.zeros(0, 1, 28, 28),
+            "number": torch.tensor([number for _, number, _ in read], dtype=torch.long),
+            "row": torch.tensor([k for k, *_ in read], dtype=torch.long),
+            "unreadable": unreadable,
+        }
 
 
 class EpochSampler(DistributedSampler):
@@ -160,6 +185,9 @@ class MNISTAdderData(L.LightningDataModule):
         predict_manifest: a CSV with the columns ``file,number`` (paths relative to the CSV's folder):
             ``predict`` then reads these pictures instead of the test set.
         predict_output: where ``predict`` writes its CSV (default: ``predictions.csv`` in the run's folder).
+        num_workers: worker processes that read and prepare a manifest's pictures for ``predict``, batch by batch
+            (default: the machine's cores, up to 4; 0 reads them in the main process). The train, val and test
+            loaders keep none: they cut batches out of tensors in memory, where a worker would only add copies.
     """
 
     def __init__(
@@ -175,6 +203,7 @@ class MNISTAdderData(L.LightningDataModule):
         on_device: bool = False,
         predict_manifest: str | None = None,
         predict_output: str | None = None,
+        num_workers: int | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -187,6 +216,8 @@ class MNISTAdderData(L.LightningDataModule):
             raise ValueError("rotate, translate and scale must be >= 0")
         if predict_manifest is not None and not Path(predict_manifest).is_file():
             raise ValueError(f"predict_manifest {predict_manifest!r}: no such file")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
         self.raw_dir = Path(data_dir) / "MNIST" / "raw"
         if not all((self.raw_dir / name).is_file() for name in OFFICIAL_MD5):
@@ -224,7 +255,9 @@ class MNISTAdderData(L.LightningDataModule):
         trainer = self.trainer
         return {"num_replicas": trainer.world_size if trainer else 1, "rank": trainer.global_rank if trainer else 0}
 
-    def _loader(self, dataset: Pairs, batch_size: int, sampler, drop_last: bool = False) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, sampler, drop_last: bool = False, num_workers: int = 0
+    ) -> DataLoader:
         return (ResumableLoader if isinstance(dataset, TrainPairs) else DataLoader)(
             dataset,
             batch_size=batch_size,
@@ -232,6 +265,7 @@ class MNISTAdderData(L.LightningDataModule):
             collate_fn=_whole_batch,
             drop_last=drop_last,
             pin_memory=self._pin_memory(),
+            num_workers=num_workers,
         )
 
     def _pin_memory(self) -> bool:
@@ -239,9 +273,10 @@ class MNISTAdderData(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         return device.type == "cuda" and not self.hparams.on_device
 
-    def _eval_loader(self, dataset: Pairs, batch_size: int = 1000) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset, batch_size: int = 1000, num_workers: int = 0) -> DataLoader:
         # No padding under DDP: every sample is counted exactly once.
-        return self._loader(dataset, batch_size, UnrepeatedDistributedSampler(dataset, shuffle=False, **self._shard()))
+        sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **self._shard())
+        return self._loader(dataset, batch_size, sampler, num_workers=num_workers)
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSampler(self.train_set, shuffle=True, seed=self.hparams.seed, drop_last=True, **self._shard())
@@ -261,9 +296,16 @@ class MNISTAdderData(L.LightningDataModule):
         )
 
     def predict_dataloader(self) -> DataLoader:
-        if self.hparams.predict_manifest:
-            return self._eval_loader(ManifestPictures(self.manifest_rows))
+        if self.hparams.predict_manifest:  # small batches: the workers share the pictures, the progress bar moves
+            workers = self.hparams.num_workers
+            workers = min(4, os.cpu_count() or 1) if workers is None else workers
+            return self._eval_loader(ManifestPictures(self.manifest_rows), 16, workers)
         return self._eval_loader(self.test_set)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        for row, error in batch.pop("unreadable", ()):  # found in a worker process: the reason comes back here
+            self.manifest_rows[row]["error"] = error
+        return batch
 
     def state_dict(self) -> dict:
         """The train loader's state, kept here as well: Lightning sets the loader up before it restores a checkpoint
@@ -289,15 +331,8 @@ class MNISTAdderData(L.LightningDataModule):
         hp = self.hparams
         if hp.rotate == hp.translate == hp.scale == 0:
             return images
-        angle, zoom, shift = (
-            (u * 2 - 1).to(images.device, non_blocking=True) for u in augment_draws(len(images), generator)
-        )
-        angle, zoom = angle * math.radians(hp.rotate), 1 + zoom * hp.scale
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        shift = shift * hp.translate * 2  # affine_grid spans [-1, 1]: the image is 2 units wide
-        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        return F.grid_sample(images, grid, align_corners=False)
+        draws = tuple(u.to(images.device, non_blocking=True) for u in augment_draws(len(images), generator))
+        return affine_augment(images, draws, hp.rotate, hp.translate, hp.scale)
 
 
 def _check_writable(data_dir: Path) -> None:

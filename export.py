@@ -21,7 +21,8 @@ OPSET = 18
 
 
 def export(ckpt_path: str, output: Path) -> Path:
-    """Write the checkpoint's model (net and temperatures) to `output` as ONNX (atomically); ValueError for a bad checkpoint."""
+    """Write the checkpoint's model (net and temperatures) to `output` as ONNX (atomically); ValueError for a bad
+    checkpoint."""
     read_checkpoint(ckpt_path)  # one clear line for a missing, truncated or foreign file
     model = MNISTAdder.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
     model.net.to(memory_format=torch.contiguous_format)

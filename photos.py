@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 NUMBERS = [str(n) for n in range(10)]
 MIN_CONTRAST = 0.1  # ink must differ from the background by this much (0..1 scale)
@@ -29,10 +29,13 @@ def gray_levels(image: Image.Image) -> np.ndarray:
 
 
 def load_gray(path: Path) -> np.ndarray:
-    """The picture file's `gray_levels`; PhotoError, in one line, if it cannot be read."""
+    """The picture file's `gray_levels`, a big JPEG's decoded at reduced size (Pillow's draft mode scales by 1/2,
+    1/4 or 1/8 and keeps the longer side at least DECODE_SIZE); PhotoError, in one line, if it cannot be read."""
     try:
         with Image.open(path) as image:
+            image.draft("L", _scaled(image.size, DECODE_SIZE))  # a no-op for formats other than JPEG
             image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # a phone's photo as it was held, not as its sensor saw it
             return gray_levels(image)
     except FileNotFoundError:
         raise PhotoError(f"no such file: {path}") from None
@@ -47,6 +50,7 @@ def to_mnist(gray: np.ndarray) -> torch.Tensor:
 
     The paper's brightness is estimated around each pixel, not once for the whole picture, so a lighting
     gradient, a shadow or tinted, grainy paper leaves no grey slab beside the digit."""
+    gray = _shrunk(gray, WORK_SIZE)  # no filter runs at full size: 28x28 needs far less
     paper = float(np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])))  # the border
     if paper > 0.5:  # dark ink on light paper
         gray = 1 - gray
@@ -61,8 +65,7 @@ def to_mnist(gray: np.ndarray) -> torch.Tensor:
     left, right = _span(ink.sum(0))
     ink = ink[top : bottom + 1, left : right + 1]
     height, width = ink.shape
-    scale = 20 / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    size = _scaled((width, height), 20)
     ink = np.asarray(Image.fromarray(ink).resize(size, Image.Resampling.LANCZOS), dtype=np.float32).clip(0, 1)
     weights = ink / ink.sum()
     centre_y = (weights.sum(1) * np.arange(ink.shape[0])).sum()
@@ -74,20 +77,34 @@ def to_mnist(gray: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(canvas).unsqueeze(0)
 
 
-WORK_SIZE = 128  # the background is estimated on a copy this large (longer side): fast, and smooth anyway
+WORK_SIZE = 512  # the ink is worked out on a copy this large (longer side): plenty for a 20 px digit
+DECODE_SIZE = 3 * WORK_SIZE // 2  # a JPEG is decoded at least this large (longer side): a margin over WORK_SIZE
+PAPER_SIZE = 64  # the background is estimated on a copy this large (longer side): fast, and smooth anyway
+
+
+def _scaled(size: tuple[int, int], longest: int) -> tuple[int, int]:
+    """(width, height) scaled so that the longer side is `longest`, each side at least 1."""
+    factor = longest / max(size)
+    return max(1, round(size[0] * factor)), max(1, round(size[1] * factor))
+
+
+def _shrunk(gray: np.ndarray, longest: int) -> np.ndarray:
+    """`gray` averaged down to at most `longest` on its longer side, in floats (nothing is rounded)."""
+    if max(gray.shape) <= longest:
+        return gray
+    picture = Image.fromarray(gray.astype(np.float32, copy=False))
+    return np.asarray(picture.resize(_scaled(picture.size, longest), Image.Resampling.BOX))
 
 
 def _ink(gray: np.ndarray) -> np.ndarray:
     """Bright ink above the local background: the paper's level under each pixel is a grey-level opening
     (a minimum then a maximum filter wider than a stroke, which removes the strokes), smoothed."""
-    height, width = gray.shape
     picture = Image.fromarray((gray * 255).round().astype(np.uint8))  # Pillow's filters work on 8-bit grey
-    factor = WORK_SIZE / max(height, width)
-    small = picture.resize((max(1, round(width * factor)), max(1, round(height * factor))), Image.Resampling.BOX)
-    window = 2 * (WORK_SIZE // 12) + 1  # wider than a stroke of a digit that fills the picture
+    small = picture.resize(_scaled(picture.size, PAPER_SIZE), Image.Resampling.BOX)
+    window = 2 * (PAPER_SIZE // 12) + 1  # wider than a stroke of a digit that fills the picture
     paper = small.filter(ImageFilter.MinFilter(window)).filter(ImageFilter.MaxFilter(window))
-    paper = paper.filter(ImageFilter.GaussianBlur(window / 2)).resize((width, height), Image.Resampling.BILINEAR)
-    denoised = picture.filter(ImageFilter.GaussianBlur(max(height, width) / 300))  # grain, JPEG blocks
+    paper = paper.filter(ImageFilter.GaussianBlur(window / 2)).resize(picture.size, Image.Resampling.BILINEAR)
+    denoised = picture.filter(ImageFilter.GaussianBlur(max(picture.size) / 300))  # grain, JPEG blocks
     return np.clip(np.asarray(denoised, np.float32) - np.asarray(paper, np.float32), 0, None) / 255
 
 
@@ -111,8 +128,8 @@ def _span(mass: np.ndarray, trim: float = 0.005) -> tuple[int, int]:
 
 def read_manifest(path: Path, reserved: tuple[str, ...] = ()) -> tuple[list[str], list[dict]]:
     """The columns of a CSV with at least file,number, and its rows: {"columns" (the row as written), "file",
-    "number" (an int; as written where it is not 0..9), "image", "error"}. A column named as one of `reserved`
-    is refused."""
+    "path" (the picture's, from the CSV's folder), "number" (an int; as written where it is not 0..9), "error"}.
+    The pictures are not read here (see `read_picture`). A column named as one of `reserved` is refused."""
     if not path.is_file():
         raise PhotoError(f"predict_manifest {str(path)!r}: no such file")
     try:
@@ -135,13 +152,17 @@ def read_manifest(path: Path, reserved: tuple[str, ...] = ()) -> tuple[list[str]
     except (UnicodeDecodeError, csv.Error) as err:
         raise PhotoError(f"predict_manifest {str(path)!r} is not a UTF-8 CSV file ({err})") from None
     for row in rows:
-        number = row["columns"][names["number"]].strip()
-        row.update(file=row["columns"][names["file"]].strip(), number=number, image=None, error="")
-        try:
-            if number not in NUMBERS:
-                raise PhotoError(f"number must be an integer 0..9, got {number!r}")
-            row["number"] = int(number)
-            row["image"] = to_mnist(load_gray(path.parent / row["file"]))
-        except Exception as err:  # whatever a row's picture does wrong, it fails that row alone
-            row["error"] = str(err) if isinstance(err, PhotoError) else f"{type(err).__name__}: {err}"
+        file, number = (row["columns"][names[key]].strip() for key in ("file", "number"))
+        row.update(file=file, path=path.parent / file, number=int(number) if number in NUMBERS else number, error="")
+        if number not in NUMBERS:
+            row["error"] = f"number must be an integer 0..9, got {number!r}"
     return columns, rows
+
+
+def read_picture(path: Path) -> tuple[torch.Tensor | None, str]:
+    """A manifest row's picture made MNIST-like, `to_mnist(load_gray(path))`, and "", or None and the reason it
+    cannot be (the row's error, in one line)."""
+    try:
+        return to_mnist(load_gray(path)), ""
+    except Exception as err:  # whatever a row's picture does wrong, it fails that row alone
+        return None, str(err) if isinstance(err, PhotoError) else f"{type(err).__name__}: {err}"

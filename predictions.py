@@ -12,7 +12,13 @@ from mnist_files import write_atomic
 
 # What predict_step returns for each picture, and the CSV columns it is written under: named so that no column
 # of a person's manifest (their own digit, say) is taken for a prediction, or overwritten by one.
-PREDICTED = {"digit": "pred_digit", "digit_prob": "pred_digit_prob", "sum": "pred_sum", "sum_prob": "pred_sum_prob"}
+PREDICTED = {
+    "digit": "pred_digit",
+    "digit_prob": "pred_digit_prob",
+    "sum": "pred_sum",
+    "sum_prob": "pred_sum_prob",
+    "unsure": "pred_unsure",  # "unsure" where the digit's calibrated probability is below calibration.UNSURE_BELOW
+}
 RESERVED = (*PREDICTED.values(), "error")  # a manifest with a column of these names is refused
 
 
@@ -23,6 +29,17 @@ def gather_shards(batches: list[dict]) -> list[dict]:
     shards = [None] * dist.get_world_size()
     dist.all_gather_object(shards, [{k: v.cpu() for k, v in batch.items()} for batch in batches])
     return [batch for shard in shards for batch in shard]
+
+
+def gather_errors(rows: list[dict]) -> None:
+    """Under DDP each process read the pictures of its own shard: every unreadable row's reason, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    shards = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, {k: row["error"] for k, row in enumerate(rows) if row["error"]})
+    for shard in shards:
+        for k, error in shard.items():
+            rows[k]["error"] = error
 
 
 def fill_predictions(rows: list[dict], batches: list[dict]) -> None:
@@ -38,25 +55,28 @@ def predictions_csv(columns: list[str], rows: list[dict]) -> bytes:
     writer = csv.DictWriter(out, [*columns, *RESERVED], lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        predicted = {
-            name: f"{row[name]:.4f}" if name.endswith("prob") else row[name]
-            for name in PREDICTED.values()
-            if name in row
-        }
+        predicted = {name: cell(row[name]) for name in PREDICTED.values() if name in row}
         writer.writerow({**row["columns"], **predicted, "error": row["error"]})
     return out.getvalue().encode()
 
 
+def cell(value) -> str | int:
+    """A prediction as the CSV holds it: probabilities to four places, the unsure flag as the word or nothing."""
+    if isinstance(value, bool):
+        return "unsure" if value else ""
+    return f"{value:.4f}" if isinstance(value, float) else value
+
+
 def predictions_table(rows: list[dict]) -> str:
     width = max([4] + [len(row["file"]) for row in rows])
-    lines = [f"{'file':<{width}}  number  pred_digit  prob  pred_sum  prob  error"]
+    lines = [f"{'file':<{width}}  number  pred_digit  prob  pred_sum  prob  note"]
     for row in rows:
         if row["error"]:
             lines.append(f"{row['file']:<{width}}  {str(row['number']):>6}  {'':34}{row['error']}")
         else:
             lines.append(
                 f"{row['file']:<{width}}  {row['number']:>6}  {row['pred_digit']:>10}  {row['pred_digit_prob']:.2f}"
-                f"  {row['pred_sum']:>8}  {row['pred_sum_prob']:.2f}"
+                f"  {row['pred_sum']:>8}  {row['pred_sum_prob']:.2f}" + ("  unsure" if row["pred_unsure"] else "")
             )
     return "\n".join(lines)
 
@@ -73,7 +93,7 @@ def test_set_predictions(batches: list[dict]) -> tuple[bytes, str]:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([PREDICTED.get(key, key) for key in TEST_COLUMNS])
     for row in zip(*columns.values(), strict=True):
-        writer.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in row])
+        writer.writerow([cell(v) for v in row])
     n = len(columns["index"])
     digit = sum(map(int.__eq__, columns["digit"], columns["true_digit"])) / max(n, 1)
     sum_ = sum(map(int.__eq__, columns["sum"], columns["true_sum"])) / max(n, 1)
@@ -100,6 +120,8 @@ class PredictionsCSV(BasePredictionWriter):
         chosen = getattr(getattr(datamodule, "hparams", None), "predict_output", None)
         self.output = Path(chosen or Path(log_dir or trainer.default_root_dir) / "predictions.csv")
         rows = getattr(datamodule, "manifest_rows", None)
+        if rows is not None:
+            gather_errors(rows)
         self.failed = sum(bool(row["error"]) for row in rows) if rows is not None else 0
         if rows is None and not all(key in batch for batch in batches for key in TEST_COLUMNS):
             return  # neither a manifest nor the test set (a loader of the caller's own): nothing to write

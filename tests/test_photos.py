@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from conftest import synthetic_digits
-from phone import phone_photo
-from photos import PhotoError, load_gray, read_manifest, to_mnist
+from phone import phone_jpeg, phone_photo
+from photos import DECODE_SIZE, PhotoError, load_gray, read_manifest, read_picture, to_mnist
 from printed import printed_digit
 
 MNIST_LIKE = torch.from_numpy(synthetic_digits(1, 3)[0][0])
@@ -75,11 +75,14 @@ def test_manifest_rows_each_get_their_own_error(tmp_path):
     (tmp_path / "inputs.csv").write_text(
         "file,number\nfive.png,3\nmissing.png,1\nnotes.png,2\nblank.png,4\nfive.png,12\nfive.png,x\n"
     )
-    _, rows = read_manifest(tmp_path / "inputs.csv")
-    assert [bool(r["error"]) for r in rows] == [False, True, True, True, True, True]
-    assert rows[0]["number"] == 3 and rows[0]["image"].shape == (1, 28, 28)
-    for row, expected in zip(rows[1:], ["no such file", "not a readable image", "no ink", "0..9", "0..9"]):
-        assert expected in row["error"]
+    _, rows = read_manifest(tmp_path / "inputs.csv")  # the numbers are checked here, the pictures when read
+    assert [bool(r["error"]) for r in rows] == [False, False, False, False, True, True]
+    assert rows[0]["number"] == 3 and rows[0]["path"] == tmp_path / "five.png"
+    image, error = read_picture(rows[0]["path"])
+    assert image.shape == (1, 28, 28) and error == ""
+    errors = [read_picture(row["path"])[1] for row in rows[1:4]] + [row["error"] for row in rows[4:]]
+    for error, expected in zip(errors, ["no such file", "not a readable image", "no ink", "0..9", "0..9"]):
+        assert expected in error
 
 
 def test_manifest_without_columns_or_file_stops_before_any_work(tmp_path):
@@ -99,14 +102,13 @@ def test_manifest_from_a_spreadsheet_and_odd_rows(tmp_path, monkeypatch):
     (tmp_path / "inputs.csv").write_bytes("\ufefffile,number\nfive.png,2\nfive.png,²\nhuge.png,1\n".encode())
     _, rows = read_manifest(tmp_path / "inputs.csv")
     assert rows[0]["error"] == "" and rows[0]["number"] == 2
-    assert "0..9" in rows[1]["error"] and "too many pixels" in rows[2]["error"]
+    assert "0..9" in rows[1]["error"] and "too many pixels" in read_picture(rows[2]["path"])[1]
 
     def broken_decoder(path):
         raise ZeroDivisionError("inside the decoder")
 
     monkeypatch.setattr("photos.load_gray", broken_decoder)
-    _, rows = read_manifest(tmp_path / "inputs.csv")
-    assert rows[0]["error"] == "ZeroDivisionError: inside the decoder" and rows[0]["image"] is None
+    assert read_picture(rows[0]["path"]) == (None, "ZeroDivisionError: inside the decoder")
 
 
 def test_manifest_that_is_not_utf8_gets_one_clear_line(tmp_path):
@@ -148,3 +150,28 @@ def test_phone_photos_read_like_the_clean_digit(seed):
     photo = phone_photo(clean[0].numpy(), rng, gradient=0.4)
     read = to_mnist(np.asarray(photo.convert("L"), np.float32) / 255)
     assert ink_overlap(read[0], clean[0]) > 0.6
+
+
+def test_a_big_jpeg_is_decoded_at_reduced_size_and_reads_as_at_full_size(tmp_path):
+    """A 1600x1200 phone-like JPEG: decoded at half size (draft mode), at least DECODE_SIZE on its longer side; the
+    same photo as PNG, which has no draft mode, is decoded whole. Both read to nearly the same 28x28 picture, and
+    that reads like the clean digit."""
+    rng = np.random.default_rng(7)
+    clean = to_mnist(np.asarray(printed_digit(4, 2, rng).convert("L"), np.float32) / 255)
+    (tmp_path / "big.jpg").write_bytes(phone_jpeg(clean[0].numpy(), rng, gradient=0.4, sheet=(1600, 1200)))
+    Image.open(tmp_path / "big.jpg").save(tmp_path / "big.png")
+    drafted, whole = load_gray(tmp_path / "big.jpg"), load_gray(tmp_path / "big.png")
+    assert drafted.shape == (600, 800) and max(drafted.shape) >= DECODE_SIZE and whole.shape == (1200, 1600)
+    read = to_mnist(drafted)
+    assert ink_overlap(read[0], to_mnist(whole)[0]) > 0.8 and ink_overlap(read[0], clean[0]) > 0.6
+
+
+def test_a_photo_is_read_as_it_was_held_by_its_orientation_tag(tmp_path):
+    """Phones store a portrait photo sideways with an EXIF orientation tag: it is read upright."""
+    upright = printed_digit(7, 0, np.random.default_rng(5))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to display
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+    upright.save(tmp_path / "upright.jpg", quality=95)
+    read, expected = to_mnist(load_gray(tmp_path / "sideways.jpg")), to_mnist(load_gray(tmp_path / "upright.jpg"))
+    assert ink_overlap(read[0], expected[0]) > 0.8

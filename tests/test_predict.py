@@ -1,4 +1,5 @@
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -6,6 +7,8 @@ import torch
 from lightning import Trainer
 from PIL import Image
 
+from calibration import UNSURE_BELOW
+from checkpoints import check_resume
 from cli import cli_main
 from conftest import SYNTHETIC_SIZES, synthetic_digits
 from datamodule import MNISTAdderData
@@ -13,8 +16,8 @@ from lightning_module import MNISTAdder
 from mnist_files import read_idx
 from net import split_logits
 from phone import phone_photo
-from photos import load_gray, to_mnist
-from predictions import RESERVED
+from photos import load_gray, read_picture, to_mnist
+from predictions import RESERVED, PredictionsCSV
 from printed import printed_digit
 from test_cli import SMALL
 
@@ -146,8 +149,13 @@ def test_predict_without_a_manifest_writes_the_test_set_with_its_accuracy(checkp
         "pred_digit_prob",
         "pred_sum",
         "pred_sum_prob",
+        "pred_unsure",
         "true_digit",
         "true_sum",
+    ]
+    # the flag: the digit's calibrated probability below the threshold (this small model is unsure throughout)
+    assert [r["pred_unsure"] for r in rows] == [
+        "unsure" if float(r["pred_digit_prob"]) < UNSURE_BELOW else "" for r in rows
     ]
     assert [int(r["index"]) for r in rows] == list(range(SYNTHETIC_SIZES["t10k"]))
     images, labels = synthetic_digits(SYNTHETIC_SIZES["t10k"], seed=len("t10k"))  # as conftest writes them
@@ -202,3 +210,71 @@ def test_a_manifest_column_named_as_a_prediction_is_refused(checkpoint, tmp_path
     with pytest.raises(SystemExit) as end:
         predict(checkpoint, tmp_path / "inputs.csv")
     assert "has the column(s) pred_digit" in str(end.value.code)
+
+
+def test_pictures_are_read_in_worker_processes_and_answer_as_in_one(
+    checkpoint, tmp_path, synthetic_data_dir, monkeypatch
+):
+    """setup("predict") only parses the manifest: each picture is read as its batch is drawn (so Lightning's progress
+    bar covers the work), here in two worker processes, and they write the CSV that reading in this process writes,
+    with the reasons of the rows they could not read (which come back in the batches) and the count of them."""
+    rng = np.random.default_rng(3)
+    for k in range(5):
+        printed_digit(k, k, rng).save(tmp_path / f"{k}.png")
+    Image.new("RGB", (30, 30), "white").save(tmp_path / "blank.png")
+    (tmp_path / "notes.png").write_text("not a picture")
+    files = [f"{k % 5}.png" for k in range(33)]
+    files[3], files[17], files[30] = "missing.png", "blank.png", "notes.png"  # 33 rows: three batches of 16 or less
+    (tmp_path / "inputs.csv").write_text("\n".join(["file,number", *(f"{f},{k % 10}" for k, f in enumerate(files))]))
+    readers = tmp_path / "readers.txt"
+
+    def recorded(path):  # which process reads each picture
+        with readers.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        return read_picture(path)
+
+    monkeypatch.setattr("datamodule.read_picture", recorded)
+    model = MNISTAdder.load_from_checkpoint(checkpoint).eval()
+    for workers in (0, 2):
+        data = MNISTAdderData(
+            data_dir=str(synthetic_data_dir),
+            predict_manifest=str(tmp_path / "inputs.csv"),
+            predict_output=str(tmp_path / f"{workers}.csv"),
+            num_workers=workers,
+        )
+        data.setup("predict")
+        assert not readers.exists()
+        trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.predict(model, datamodule=data)
+        pids, here = set(readers.read_text().split()), str(os.getpid())
+        readers.unlink()
+        assert pids == ({here} if workers == 0 else pids - {here}) and len(pids) == max(1, workers)
+        assert next(c for c in trainer.callbacks if isinstance(c, PredictionsCSV)).failed == 3
+    assert (tmp_path / "0.csv").read_bytes() == (tmp_path / "2.csv").read_bytes()
+    rows = list(csv.DictReader((tmp_path / "2.csv").open()))
+    assert [row["error"].split(":")[0] for row in rows if row["error"]] == [
+        "no such file",
+        "no ink found (the picture is blank or has too little contrast)",
+        "not a readable image",
+    ]
+    assert all(bool(row["pred_digit"]) != bool(row["error"]) for row in rows)  # an answer or a reason, not both
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than this machine's cores
+def test_the_manifest_loader_has_the_cores_up_to_four_workers_and_the_others_none(
+    tmp_path, synthetic_data_dir, monkeypatch
+):
+    """By default a manifest's pictures are read by the machine's cores, up to 4; the loaders of tensors in memory
+    have no workers; a negative count is refused; and a resume may change it (it decides no result)."""
+    (tmp_path / "inputs.csv").write_text("file,number\na.png,1\n")
+    for cores, workers in ((1, 1), (3, 3), (16, 4)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        data = MNISTAdderData(str(synthetic_data_dir), val_size=100, predict_manifest=str(tmp_path / "inputs.csv"))
+        data.setup("predict")
+        assert data.predict_dataloader().num_workers == workers and data.predict_dataloader().batch_size == 16
+    data.setup("fit")
+    loaders = [data.train_dataloader(), data.val_dataloader(), *data.test_dataloader()]
+    assert [loader.num_workers for loader in loaders] == [0] * len(loaders)
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        MNISTAdderData(data_dir=str(synthetic_data_dir), num_workers=-1)
+    check_resume({"datamodule_hyper_parameters": {"num_workers": 2}}, "last.ckpt", {}, {"num_workers": 0})
