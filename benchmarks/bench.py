@@ -5,26 +5,37 @@ to every run's configuration, as on `cli.py`'s command line.
 """
 
 import argparse
+import collections
+import contextlib
+import functools
 import itertools
 import json
 import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
+from lightning.pytorch.loops.fit_loop import _FitLoop
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import to_99  # noqa: E402
+from calibration import TemperatureScaling  # noqa: E402
+from checkpoints import AtomicCheckpointIO  # noqa: E402
 from cli import cli_main  # noqa: E402
 from datamodule import MNISTAdderData  # noqa: E402
 from losses import weighted_sum_loss  # noqa: E402
@@ -40,6 +51,8 @@ FIGURES = {
     "predict_images_per_second": ("", None),
     "compile_step_speedup": ("", None),
     "compile_seconds": ("", None),
+    "ops_per_training_step": ("", None),
+    "fit_seconds_outside_training": ("", None),
 }
 
 
@@ -215,6 +228,134 @@ def compile_speedup(extra: list[str], config: str, rounds: int, warmup: int, ste
     }
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while it is active, by name: on a GPU the host pays for each, and
+    each but a view launches one kernel or more."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class CountOps(Callback):
+    """An OpCounter around each training step of batches `first` to `last`: from on_train_batch_start to
+    on_train_batch_end, the training_step as Lightning runs it (the augmentation, in on_after_batch_transfer, is
+    before)."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.counter = first, last, OpCounter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.first <= batch_idx <= self.last:
+            self.counter.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.first <= batch_idx <= self.last:
+            self.counter.__exit__(None, None, None)
+
+
+def ops_per_training_step(extra: list[str], config: str, accelerator: str, warmup: int = 3, steps: int = 5) -> dict:
+    """The aten operations dispatched per training step, the mean of `steps` steps after `warmup` ones of a fit of
+    the config's model at its batch size, and the most frequent ones. One more step follows, so that the epoch's
+    last, which checks that the losses are finite, is not counted (nor the logged steps: 0, 50, ...)."""
+    cli = prepared(extra, config)
+    counting = CountOps(warmup, warmup + steps - 1)
+    L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=cli.trainer.precision,
+        max_epochs=1,
+        limit_train_batches=warmup + steps + 1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[counting],
+    ).fit(cli.model, datamodule=cli.datamodule)
+    ops = counting.counter.ops
+    return {
+        "ops_per_training_step": round(sum(ops.values()) / steps, 1),
+        "ops_per_training_step_most": {name: count / steps for name, count in ops.most_common(12)},
+        "ops_setup": {"config": config, "batch_size": cli.datamodule.hparams.batch_size, "steps": steps},
+    }
+
+
+class Stopwatch:
+    """Seconds per label of the functions it wraps, each call's own: a wrapped call within another counts for its
+    label only (exclusive times, which add up to the time spent in wrapped calls)."""
+
+    def __init__(self):
+        self.seconds, self._inner = collections.Counter(), []
+
+    def wrapped(self, function, label):
+        """`function` timed under `label`, a string or a function of the call's arguments giving one."""
+
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            self._inner.append(0.0)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - start
+                self.seconds[label(*args) if callable(label) else label] += spent - self._inner.pop()
+                if self._inner:
+                    self._inner[-1] += spent
+
+        return timed
+
+
+def _evaluation(loop, *step) -> str:
+    """The label of an evaluation loop's time, or of a step's (its arguments follow): the test's steps by loader."""
+    if loop.trainer.testing:
+        return f"test loader {step[2]}: steps" if step else "test loop"
+    return "sanity check" if loop.trainer.sanity_checking else "validation"
+
+
+# Where `fit` spends its time: (owner, method, label); each method's own time goes to its label.
+FIT_PARTS = [
+    (LightningCLI, "parse_arguments", "parse the command line and configs"),
+    (LightningCLI, "instantiate_classes", "build the model, data module and trainer"),
+    (MNISTAdderData, "prepare_data", "prepare_data: MD5 of the four files"),
+    (MNISTAdderData, "_load", "read, split and pair MNIST"),
+    (_FitLoop, "run", "training steps (and Lightning's loop)"),
+    (_EvaluationLoop, "run", _evaluation),
+    (_EvaluationLoop, "_evaluation_step", _evaluation),
+    (L.Trainer, "save_checkpoint", "checkpoint writes"),
+    (AtomicCheckpointIO, "save_checkpoint", "checkpoint writes"),
+    (AtomicCheckpointIO, "load_checkpoint", "checkpoint loads"),
+    (TemperatureScaling, "on_fit_end", "temperature fitting"),
+    (L.Trainer, "test", "test: setup (data, best checkpoint)"),
+]
+
+
+def startup_split(extra: list[str], config: str) -> dict:
+    """Where the seconds of `python cli.py fit --config CONFIG` go: the imports (a fresh interpreter importing
+    cli.py), then a fit run in this process with each part of FIT_PARTS timed; "other" is the rest."""
+    command = [sys.executable, "-c", "import time; t = time.perf_counter(); import cli; print(time.perf_counter() - t)"]
+    imports = float(subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    watch = Stopwatch()
+    with tempfile.TemporaryDirectory() as root, contextlib.ExitStack() as patches:
+        for owner, name, label in FIT_PARTS:
+            patches.enter_context(mock.patch.object(owner, name, watch.wrapped(getattr(owner, name), label)))
+        start = time.perf_counter()
+        cli_main(["fit", "--config", str(ROOT / config), f"--trainer.default_root_dir={root}", *extra])
+        total = time.perf_counter() - start
+    parts = {"imports": imports, **watch.seconds, "other": total - sum(watch.seconds.values())}
+    steps = watch.seconds["training steps (and Lightning's loop)"]
+    return {
+        "fit_seconds_outside_training": round(imports + total - steps, 1),
+        "fit_seconds_split": {label: round(seconds, 2) for label, seconds in parts.items()},
+        "fit_split_command": f"python cli.py fit --config {config} {' '.join(extra)}".strip(),
+    }
+
+
 def to_99_over_seeds(
     extra: list[str], config: str, every: int, seeds: list[int], accelerator: str
 ) -> tuple[dict, object]:
@@ -365,7 +506,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the time-to-99 runs' seeds")
     parser.add_argument("--throughput-config", default="configs/default.yaml", help="the throughput runs' config")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"], help="where every figure is measured")
-    parser.add_argument("--only", choices=["throughput", "to_99"], help="measure only this")
+    parser.add_argument(
+        "--only",
+        choices=["throughput", "to_99", "ops", "startup"],
+        help="measure only this (startup: where the seconds of a fit with --startup-config go; only so)",
+    )
+    parser.add_argument("--startup-config", default="configs/fast.yaml", help="the fit that --only startup splits")
     parser.add_argument(
         "--compile", action="store_true", help="also time the plain loop with the net torch.compiled against eager"
     )
@@ -382,6 +528,12 @@ def main(argv=None) -> dict:
     if args.only is None:
         print("Data preparation with the files in place", flush=True)
         results.update(prepare_seconds(extra, 3 if args.quick else 5))
+    if args.only in (None, "ops"):
+        print("aten operations per training step", flush=True)
+        results.update(ops_per_training_step(extra, args.throughput_config, args.accelerator))
+    if args.only == "startup":
+        print(f"Where the seconds of a fit with {args.startup_config} go", flush=True)
+        results.update(startup_split(extra, args.startup_config))
     if args.only in (None, "throughput"):
         print(f"Lightning fit against a plain PyTorch loop, {rounds} rounds of {steps} steps", flush=True)
         results.update(throughput_ratio(extra, args.throughput_config, rounds, args.warmup, steps, args.accelerator))

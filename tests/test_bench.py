@@ -125,6 +125,54 @@ def test_bench_compile_figures(synthetic_data_dir, tmp_path):
     assert "| `compile_step_speedup` |" in (tmp_path / "BENCHMARKS.md").read_text()
 
 
+def test_ops_per_training_step_counts_a_whole_step_and_sgds_loop(synthetic_data_dir):
+    """A step dispatches more than twice its forward pass's operations (the forward, two backward passes, the SGD
+    step); SGD's per-parameter loop (foreach false, a CPU's default) dispatches at least one more per parameter."""
+    args = [
+        "--data.data_dir",
+        str(synthetic_data_dir),
+        "--data.val_size",
+        "100",
+        "--data.batch_size",
+        "16",
+        "--model.channels",
+        "[8, 16, 16]",
+    ]
+    per_step = {
+        foreach: bench.ops_per_training_step(
+            [*args, "--model.optimizer.init_args.foreach", foreach], "configs/default.yaml", "cpu"
+        )["ops_per_training_step"]
+        for foreach in ("true", "false")
+    }
+    model = bench.build(args, "configs/default.yaml").model
+    with bench.OpCounter() as forward:
+        model.net(torch.rand(16, 1, 28, 28), torch.arange(16) % 10)
+    assert per_step["true"] > 2 * sum(forward.ops.values())
+    assert per_step["false"] - per_step["true"] >= len(list(model.parameters()))
+
+
+def test_startup_split_times_each_part_of_a_fit(synthetic_data_dir):
+    tiny = ["--data.data_dir", str(synthetic_data_dir), "--data.val_size", "100", "--trainer.limit_train_batches", "8"]
+    results = bench.startup_split([*tiny, "--trainer.enable_progress_bar", "false"], "configs/fast.yaml")
+    split = results["fit_seconds_split"]
+    assert {
+        "imports",
+        "prepare_data: MD5 of the four files",
+        "read, split and pair MNIST",
+        "sanity check",
+        "training steps (and Lightning's loop)",
+        "validation",
+        "checkpoint writes",
+        "temperature fitting",
+        "test loader 0: steps",
+        "test loader 1: steps",
+        "other",
+    } <= set(split)
+    assert all(seconds >= 0 for seconds in split.values())
+    outside = sum(split.values()) - split["training steps (and Lightning's loop)"]
+    assert results["fit_seconds_outside_training"] == pytest.approx(outside, abs=0.1)
+
+
 def test_disagreements_counts_the_pairs_where_the_sum_does_not_add():
     """Two images with all ten numbers; the sum head adds everywhere except for image 1 with numbers 2 and 7,
     where it follows the digit head's second choice."""

@@ -1,0 +1,124 @@
+"""The training step's parts: the forward pass and losses, the epoch's train metrics as counts on the device, and
+the whole step run on static buffers (StaticStep), the function a CUDA graph would capture (issue #31); it runs
+eagerly here. MNISTAdder.training_step, Lightning's step, shares the forward pass, losses and counts."""
+
+import torch
+from torchmetrics import Metric
+
+from datamodule import affine_augment
+from losses import Losses, weighted_sum_loss
+from net import split_logits
+
+
+def forward_losses(
+    model, images: torch.Tensor, numbers: torch.Tensor, digits: torch.Tensor
+) -> tuple[torch.Tensor, Losses]:
+    """The net's raw logits for a training batch, and its losses."""
+    logits = model.net(images, numbers)
+    return logits, model.losses(logits, digits, numbers)
+
+
+class TrainCounts(Metric):
+    """The training epoch's samples, right digits and sums, and loss sums, in three device tensors added to once a
+    step (a dozen operations, where two accuracies and four means took about 80). `compute` gives digit_acc,
+    sum_acc and each loss's mean over the epoch's samples, summed over every process."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("samples", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("right", torch.zeros(2, dtype=torch.long), dist_reduce_fx="sum")  # digits, sums
+        self.add_state("loss_sums", torch.zeros(len(Losses._fields)), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, digits: torch.Tensor, sums: torch.Tensor, losses: Losses) -> None:
+        digit, sum_ = split_logits(logits)
+        self.right += torch.stack([digit.argmax(1) == digits, sum_.argmax(1) == sums]).sum(1)
+        self.loss_sums.add_(torch.stack(losses), alpha=len(digits))  # each sample counts once, in any batch size
+        self.samples += len(digits)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        digit_acc, sum_acc = self.right / self.samples
+        return {"digit_acc": digit_acc, "sum_acc": sum_acc, **dict(zip(Losses._fields, self.loss_sums / self.samples))}
+
+    def logged(self, agreement: float) -> dict[str, torch.Tensor]:
+        """The epoch's figures as logged, train/NAME; the agreement term only when it is on."""
+        return {f"train/{name}": value for name, value in self.compute().items() if name != "agreement" or agreement}
+
+    def diverged(self) -> bool:
+        """Was a loss of this epoch's steps non-finite? (Waits for the device.)"""
+        return not bool(torch.isfinite(self.loss_sums).all())
+
+
+def check_static(model, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError, in one line, unless StaticStep does for this model and optimizer what the eager step does."""
+    groups = optimizer.param_groups
+    if (
+        type(optimizer) is not torch.optim.SGD
+        or any(group["dampening"] or group["maximize"] or torch.is_tensor(group["weight_decay"]) for group in groups)
+        or model.hparams.gradient_clip_val
+    ):
+        raise ValueError(
+            "the static training step takes torch.optim.SGD without dampening or maximize and no gradient "
+            f"clipping; got {type(optimizer).__name__} (clipping {model.hparams.gradient_clip_val})"
+        )
+
+
+def sgd_(params, grads, buffers, lr: torch.Tensor, momentum: torch.Tensor, weight_decay: float, nesterov: bool):
+    """torch.optim.SGD's update (no dampening), with lr and momentum read from 0-dim tensors on the device: torch
+    2.14's SGD takes momentum as a Python float (a captured graph would keep the first), and a tensor lr only when
+    fused (its other paths read it with .item(), which a capture forbids)."""
+    if weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_mul_(buffers, momentum)
+    torch._foreach_add_(buffers, grads)  # from zeros, the first step's buffer is its gradient, as SGD's
+    # addcmul rounds once, as SGD's add(alpha=) does: a mul, then an add, would round twice and drift from it
+    steps = torch._foreach_addcmul(grads, buffers, [momentum] * len(params)) if nesterov else buffers
+    torch._foreach_addcmul_(params, steps, [lr] * len(params), value=-1)
+
+
+class StaticStep:
+    """The whole training step of `model` (an MNISTAdder) reading its batch from preallocated buffers: augmentation
+    from its draws, forward, the digit loss's backward pass (graph kept), the weighted sum loss's, the SGD step
+    and the train counts. `load` fills the buffers and the tensors of each param group's lr and momentum, which
+    the scheduler sets between steps; `step` runs it. Supported: what `check_static` lets through."""
+
+    def __init__(self, model, optimizer: torch.optim.Optimizer, batch_size: int, augment: tuple[float, float, float]):
+        check_static(model, optimizer)
+        device, n = model.device, batch_size
+        self.model, self.optimizer = model, optimizer
+        self.augment = augment if any(augment) else None  # (rotate, translate, scale), as MNISTAdderData's
+        self.images = torch.zeros(n, 1, 28, 28, device=device)
+        self.numbers = torch.zeros(n, dtype=torch.long, device=device)
+        self.digits = torch.zeros(n, dtype=torch.long, device=device)
+        self.draws = tuple(torch.zeros(shape, device=device) for shape in ((n,), (n,), (n, 2))) if self.augment else ()
+        self.hyper = [(torch.zeros((), device=device), torch.zeros((), device=device)) for _ in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            for p in group["params"]:  # the buffers' places, held from the start; SGD's state keeps them
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+    def load(self, batch: dict, draws: tuple[torch.Tensor, ...] = ()) -> None:
+        """Copy a batch and its `augment_draws` (with augmentation only) into the buffers, and each param group's
+        lr and momentum into theirs."""
+        sources = (batch["image"], batch["number"], batch["digit"], *draws)
+        for buffer, source in zip((self.images, self.numbers, self.digits, *self.draws), sources, strict=True):
+            buffer.copy_(source, non_blocking=True)
+        for (lr, momentum), group in zip(self.hyper, self.optimizer.param_groups):
+            lr.fill_(group["lr"])
+            momentum.fill_(group["momentum"])
+
+    def step(self) -> None:
+        """One training step on the buffers' contents."""
+        model = self.model
+        images = self.images if self.augment is None else affine_augment(self.images, self.draws, *self.augment)
+        logits, losses = forward_losses(model, images, self.numbers, self.digits)
+        model.train_metrics.update(logits, self.digits, self.digits + self.numbers, losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.digit_loss.backward(retain_graph=True)
+        weighted_sum_loss(losses.sum_loss, losses.agreement, model.sum_loss_weight).backward()
+        with torch.no_grad():
+            for (lr, momentum), group in zip(self.hyper, self.optimizer.param_groups):
+                params = [p for p in group["params"] if p.grad is not None]
+                buffers = [self.optimizer.state[p]["momentum_buffer"] for p in params]
+                grads = [p.grad for p in params]
+                sgd_(params, grads, buffers, lr, momentum, group["weight_decay"], group["nesterov"])
