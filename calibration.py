@@ -86,18 +86,27 @@ class TemperatureScaling(Callback):
             return
         callback, io = trainer.checkpoint_callback, trainer.strategy.checkpoint_io
         paths = dict.fromkeys(p for p in (callback.best_model_path, callback.last_model_path) if p) if callback else {}
-        final = {name: value.clone() for name, value in pl_module.state_dict().items()}
+        final = {name: value.detach().cpu().clone() for name, value in pl_module.state_dict().items()}
+        fitted: list[tuple[dict, torch.Tensor]] = []  # each distinct set of weights is fitted once
+
+        def temperature_of(state: dict) -> torch.Tensor:
+            for seen, temperature in fitted:
+                if all(torch.equal(value, seen[name]) for name, value in state.items() if name != TEMPERATURE):
+                    return temperature
+            pl_module.load_state_dict(state)
+            fitted.append((state, fit_temperatures(pl_module, loader)))
+            return fitted[-1][1]
+
         for path in paths:
             checkpoint = io.load_checkpoint(path, map_location="cpu")
             fill_temperature(checkpoint["state_dict"])
-            pl_module.load_state_dict(checkpoint["state_dict"])
-            temperature = fit_temperatures(pl_module, loader)
+            temperature = temperature_of(checkpoint["state_dict"])
             if trainer.is_global_zero:
                 checkpoint["state_dict"][TEMPERATURE] = temperature
                 io.save_checkpoint(checkpoint, path)
             trainer.strategy.barrier("temperatures written")
+        final[TEMPERATURE] = temperature_of(final)
         pl_module.load_state_dict(final)
-        pl_module.temperature.copy_(fit_temperatures(pl_module, loader))
 
 
 def warn_uncalibrated() -> None:

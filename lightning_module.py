@@ -7,49 +7,26 @@ import torch
 import torch._functorch.config as functorch_config
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric, Metric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from calibration import (
     TEMPERATURE,
     UNSURE_BELOW,
     TemperatureScaling,
-    calibration_error,
     fill_temperature,
     warn_uncalibrated,
 )
 from losses import DEFAULT_SUM_LOSS_WEIGHT, Losses, SumLoss, compute_losses, weighted_sum_loss
+from metrics import accuracy, calibration_metrics, own_metric_states, stage_metrics
 from net import DualInputNet, split_logits, sum_consistency
-from optimization import default_optimizer, run_length, takes_unset_total_steps
+from optimization import default_optimizer, optimizer_and_schedule
 from predictions import PredictionsCSV
 from train_step import TrainCounts, forward_losses
 from visuals import confusion_image, sample_grid
 
 # Steps between checks that the losses stayed finite: a check waits for the device and, under DDP, every process.
 FINITE_CHECK_EVERY = 50
-
-
-def _accuracy(classes: int) -> MulticlassAccuracy:
-    return MulticlassAccuracy(classes, average="micro", validate_args=False)  # checks cost a sync per batch
-
-
-def _calibration_metrics() -> nn.ModuleDict:
-    # each head's expected calibration error, with the model's temperatures and without (temperature 1)
-    heads = {"digit": 10, "sum": 19}
-    return nn.ModuleDict(
-        {f"{head}_ece{suffix}": calibration_error(n) for head, n in heads.items() for suffix in ("", "_uncalibrated")}
-    )
-
-
-def _stage_metrics() -> nn.ModuleDict:
-    # no NaN check in the means (it waits for the device): the training step checks
-    return nn.ModuleDict(
-        {
-            "digit_acc": _accuracy(10),
-            "sum_acc": _accuracy(19),
-            **{name: MeanMetric(nan_strategy="disable") for name in Losses._fields},
-        }
-    )
 
 
 class MNISTAdder(L.LightningModule):
@@ -123,12 +100,12 @@ class MNISTAdder(L.LightningModule):
         self.automatic_optimization = False
         self.optimizer, self.scheduler = optimizer, scheduler
         self.net = DualInputNet(tuple(channels), number_features, hidden, dropout, convs_per_stage)
-        self.train_metrics, self.val_metrics, self.test_metrics = TrainCounts(), _stage_metrics(), _stage_metrics()
+        self.train_metrics, self.val_metrics, self.test_metrics = TrainCounts(), stage_metrics(), stage_metrics()
         self.val_metrics["sum_consistency"] = MeanMetric()
         self.register_buffer(TEMPERATURE, torch.ones(2))  # [digit head, sum head]
-        self.val_calibration, self.test_calibration = _calibration_metrics(), _calibration_metrics()
+        self.val_calibration, self.test_calibration = calibration_metrics(), calibration_metrics()
         self.test_all_pairs = nn.ModuleDict(
-            {"digit_acc": _accuracy(10), "sum_acc": _accuracy(19), "sum_consistency": MeanMetric()}
+            {"digit_acc": accuracy(10), "sum_acc": accuracy(19), "sum_consistency": MeanMetric()}
         )
         self.val_sum_acc_best = MaxMetric()
         self.val_sum_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps its best so far
@@ -303,13 +280,7 @@ class MNISTAdder(L.LightningModule):
         }
 
     def setup(self, stage: str) -> None:
-        # ddp_spawn leaves metric states in memory the processes share (Lightning copies out only parameters
-        # and buffers): each process's own copy keeps its updates apart. setup runs before a restore.
-        for metric in self.modules():
-            if isinstance(metric, Metric):
-                for name, state in metric.metric_state.items():
-                    if isinstance(state, torch.Tensor):
-                        setattr(metric, name, state.clone())
+        own_metric_states(self)  # runs before a restore
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if fill_temperature(checkpoint["state_dict"]):
@@ -324,26 +295,5 @@ class MNISTAdder(L.LightningModule):
             self.net.compile()  # in place: the checkpoint's keys stay those of the eager net
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
-        if self.scheduler is None:
-            return optimizer
-        kwargs = {}
-        if takes_unset_total_steps(self.scheduler):
-            interval, resumed = self.hparams.scheduler_interval, self._resumed_total_steps
-            kwargs["total_steps"] = run_length(self.trainer, interval, resumed)
-        try:
-            scheduler = self.scheduler(optimizer, **kwargs)
-        except ZeroDivisionError:  # OneCycleLR's warm-up phase rounds to no step at all
-            raise ValueError(
-                f"the scheduler cannot span a run this short ({kwargs.get('total_steps')} steps): "
-                "train longer, or --model.scheduler null"
-            ) from None
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise ValueError(
-                "a scheduler that steps on a monitored value (ReduceLROnPlateau) does not fit this "
-                "model's manual-optimization step: use one that steps by time (OneCycleLR, StepLR, ...)"
-            )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval},
-        }
+        interval = self.hparams.scheduler_interval
+        return optimizer_and_schedule(self, self.optimizer, self.scheduler, interval, self._resumed_total_steps)

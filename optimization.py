@@ -1,11 +1,11 @@
-"""The optimizer a model gets by default, and the run's length for a schedule that needs it (OneCycleLR)."""
+"""The optimizer a model gets by default, and its schedule over the run (OneCycleLR needs the run's length)."""
 
 import inspect
 from collections.abc import Iterable
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 
 def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -37,3 +37,34 @@ def run_length(trainer: L.Trainer, interval: str, resumed: int | None) -> int:
             "(python cli.py fit --trainer.max_epochs N)"
         )
     return int(total)
+
+
+def optimizer_and_schedule(
+    model: L.LightningModule,
+    optimizer: OptimizerCallable,
+    scheduler: LRSchedulerCallable | None,
+    interval: str,
+    resumed_total_steps: int | None,
+):
+    """What `configure_optimizers` returns: the optimizer over the model's parameters and its scheduler, stepped
+    every `interval`; an unset `total_steps` is the run's length. ValueError, in one line, for a schedule that
+    cannot work here."""
+    built = optimizer(model.parameters())
+    if scheduler is None:
+        return built
+    kwargs = {}
+    if takes_unset_total_steps(scheduler):
+        kwargs["total_steps"] = run_length(model.trainer, interval, resumed_total_steps)
+    try:
+        schedule = scheduler(built, **kwargs)
+    except ZeroDivisionError:  # OneCycleLR's warm-up phase rounds to no step at all
+        raise ValueError(
+            f"the scheduler cannot span a run this short ({kwargs.get('total_steps')} steps): "
+            "train longer, or --model.scheduler null"
+        ) from None
+    if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ValueError(
+            "a scheduler that steps on a monitored value (ReduceLROnPlateau) does not fit this "
+            "model's manual-optimization step: use one that steps by time (OneCycleLR, StepLR, ...)"
+        )
+    return {"optimizer": built, "lr_scheduler": {"scheduler": schedule, "interval": interval}}
