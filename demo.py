@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from calibration import UNSURE_BELOW  # noqa: E402
 from checkpoints import read_checkpoint  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
 from net import split_logits  # noqa: E402
@@ -24,14 +25,31 @@ INTRO = (
 )
 
 
+DRAW, PHOTO = "Draw", "Upload a photo"  # the two tabs' labels: the answer reads the input of the one shown
+
+
+def drawn(drawing: dict | None) -> Image.Image | None:
+    """The sketchpad's picture, or None while nothing is drawn (a blank canvas is still an image)."""
+    picture = drawing.get("composite") if drawing else None
+    if picture is None or not np.asarray(picture.getchannel("A") if "A" in picture.getbands() else picture).any():
+        return None
+    return picture
+
+
+def answer_line(digits: torch.Tensor, sums: torch.Tensor, number: int) -> str:
+    """The result line from both heads' probabilities, e.g. `digit 3 (99.1 %) + number 4 -> sum 7 (99.0 %)`, and
+    ", unsure" after it where the digit's probability is below calibration.UNSURE_BELOW."""
+    digit, total = int(digits.argmax()), int(sums.argmax())
+    line = f"digit {digit} ({100 * digits[digit]:.1f} %) + number {number} -> sum {total} ({100 * sums[total]:.1f} %)"
+    return line + (", unsure" if digits[digit] < UNSURE_BELOW else "")
+
+
 def predictor(model: MNISTAdder):
-    """The page's function: (drawing, photo, number) -> (result line, digit, sum, the 28x28 picture)."""
+    """The page's function: (tab shown, drawing, photo, number) -> (result line, digit, sum, the 28x28 picture)."""
 
     @torch.inference_mode()
-    def predict(drawing: dict | None, photo: Image.Image | None, number: int):
-        picture = drawing.get("composite") if drawing else None
-        if picture is None or not np.asarray(picture.getchannel("A") if "A" in picture.getbands() else picture).any():
-            picture = photo  # nothing drawn: the uploaded photo
+    def predict(tab: str, drawing: dict | None, photo: Image.Image | None, number: int):
+        picture = drawn(drawing) if tab == DRAW else photo
         if picture is None:
             return "Draw a digit or upload a photo first.", None, None, None
         try:
@@ -40,13 +58,8 @@ def predictor(model: MNISTAdder):
             return f"Cannot read this picture: {err}", None, None, None
         logits = model(image.unsqueeze(0), torch.tensor([int(number)]))[0]
         digits, sums = (head.softmax(0) for head in split_logits(logits))
-        digit, total = int(digits.argmax()), int(sums.argmax())
-        line = (
-            f"digit {digit} ({100 * digits[digit]:.1f} %) + number {int(number)} -> "
-            f"sum {total} ({100 * sums[total]:.1f} %)"
-        )
         return (
-            line,
+            answer_line(digits, sums, int(number)),
             {str(k): float(p) for k, p in enumerate(digits)},
             {str(k): float(p) for k, p in enumerate(sums)},
             Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).resize((112, 112), Image.Resampling.NEAREST),
@@ -55,30 +68,50 @@ def predictor(model: MNISTAdder):
     return predict
 
 
+def on_screen(evt: gr.SelectData) -> str:
+    """The label of the tab just selected."""
+    return evt.value
+
+
 def build_page(model: MNISTAdder) -> gr.Blocks:
     with gr.Blocks(title="mnist-adder") as page:
         gr.Markdown(INTRO)
+        shown = gr.State(DRAW)  # the tab on screen; Tabs has no value to read
         with gr.Row():
             with gr.Column():
-                with gr.Tab("Draw"):
-                    drawing = gr.Sketchpad(
-                        type="pil",
-                        image_mode="RGBA",
-                        label="draw a digit",
-                        brush=gr.Brush(default_size=18, colors=["#000000"]),
-                    )
-                with gr.Tab("Upload a photo"):
-                    photo = gr.Image(
-                        type="pil", sources=["upload", "clipboard"], label="photo of a digit", elem_id="photo"
-                    )
+                with gr.Tabs() as tabs:
+                    with gr.Tab(DRAW):
+                        drawing = gr.Sketchpad(
+                            type="pil",
+                            image_mode="RGBA",
+                            label="draw a digit",
+                            brush=gr.Brush(default_size=18, colors=["#000000"]),
+                            elem_id="drawing",
+                        )
+                    with gr.Tab(PHOTO):
+                        photo = gr.Image(
+                            type="pil", sources=["upload", "clipboard"], label="photo of a digit", elem_id="photo"
+                        )
                 number = gr.Radio([str(n) for n in range(10)], value="7", label="number", elem_id="number")
-                button = gr.Button("Predict", variant="primary", elem_id="predict")
+                with gr.Row():
+                    button = gr.Button("Predict", variant="primary", elem_id="predict")
+                    clear = gr.Button("Clear", elem_id="clear")
             with gr.Column():
                 result = gr.Textbox(label="prediction", elem_id="result", interactive=False)
-                read = gr.Image(label="what the net read (28x28)", interactive=False, height=140)
-                digit = gr.Label(num_top_classes=3, label="digit")
-                total = gr.Label(num_top_classes=3, label="sum")
-        button.click(predictor(model), [drawing, photo, number], [result, digit, total, read])
+                read = gr.Image(label="what the net read (28x28)", interactive=False, height=140, elem_id="read")
+                digit = gr.Label(num_top_classes=3, label="digit", elem_id="digit")
+                total = gr.Label(num_top_classes=3, label="sum", elem_id="sum")
+        predict, inputs, outputs = predictor(model), [shown, drawing, photo, number], [result, digit, total, read]
+        tabs.select(on_screen, None, shown)
+        gr.on(  # .change, not .input: the sketchpad's input event can fire before its value holds the stroke
+            [shown.change, drawing.change, photo.change, number.change, button.click],
+            predict,
+            inputs,
+            outputs,
+            trigger_mode="always_last",  # a stroke finished while one is being read is answered next, not dropped
+        )
+        # Clear answers the emptied tab even when nothing on it changed: the prompt line, no labels, no picture
+        clear.click(lambda: (None, None), None, [drawing, photo]).then(predict, inputs, outputs)
     return page
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from demo import predictor
+from demo import DRAW, PHOTO, answer_line, predictor
 from lightning_module import MNISTAdder
 from net import split_logits
 from photos import gray_levels, to_mnist
@@ -35,20 +35,31 @@ def expected(model, picture: Image.Image, number: int) -> tuple[list[float], lis
 
 def test_the_answer_is_both_heads_of_the_picture_it_read(model):
     photo = printed_digit(7, 0, np.random.default_rng(0))
-    line, digit_probs, sum_probs, shown = predictor(model)(drawing(False), photo, 4)
-    digits, sums = expected(model, photo, 4)  # an empty drawing: the photo is read
+    line, digit_probs, sum_probs, shown = predictor(model)(PHOTO, drawing(False), photo, 4)
+    digits, sums = expected(model, photo, 4)
     digit, total = int(np.argmax(digits)), int(np.argmax(sums))
-    assert line == f"digit {digit} ({100 * digits[digit]:.1f} %) + number 4 -> sum {total} ({100 * sums[total]:.1f} %)"
+    assert line == answer_line(torch.tensor(digits), torch.tensor(sums), 4)  # an untrained model: unsure
+    assert line.startswith(f"digit {digit} ({100 * digits[digit]:.1f} %) + number 4 -> sum {total} (")
     assert list(digit_probs.values()) == pytest.approx(digits, abs=1e-6)
     assert list(sum_probs.values()) == pytest.approx(sums, abs=1e-6) and list(sum_probs) == [str(k) for k in range(19)]
     assert shown.size == (112, 112) and np.asarray(shown).max() == 255  # the white ink the net read
 
 
-def test_a_stroke_is_read_before_the_photo_and_nothing_asks_for_a_picture(model):
+def test_the_tab_shown_is_read_and_an_empty_one_asks_for_a_picture(model):
     photo = printed_digit(7, 0, np.random.default_rng(0))
     stroke = drawing(True)
-    _, digit_probs, sum_probs, _ = predictor(model)(stroke, photo, 2)
-    digits, sums = expected(model, stroke["composite"], 2)
-    assert list(digit_probs.values()) == pytest.approx(digits, abs=1e-6)
-    assert list(sum_probs.values()) == pytest.approx(sums, abs=1e-6)
-    assert predictor(model)(drawing(False), None, 2)[0] == "Draw a digit or upload a photo first."
+    for tab, picture in ((DRAW, stroke["composite"]), (PHOTO, photo)):  # both inputs are there, one is on screen
+        _, digit_probs, sum_probs, _ = predictor(model)(tab, stroke, photo, 2)
+        digits, sums = expected(model, picture, 2)
+        assert list(digit_probs.values()) == pytest.approx(digits, abs=1e-6), tab
+        assert list(sum_probs.values()) == pytest.approx(sums, abs=1e-6), tab
+    nothing = ("Draw a digit or upload a photo first.", None, None, None)
+    assert predictor(model)(PHOTO, stroke, None, 2) == nothing  # the hidden stroke is not answered
+    assert predictor(model)(DRAW, drawing(False), photo, 2) == nothing  # nor the hidden photo
+
+
+def test_an_unclear_digit_is_answered_as_unsure():
+    sums = torch.full((19,), 1 / 19)
+    sure, unclear = torch.tensor([0.99] + [0.01 / 9] * 9), torch.tensor([0.5, 0.3] + [0.025] * 8)
+    assert answer_line(sure, sums, 4) == "digit 0 (99.0 %) + number 4 -> sum 0 (5.3 %)"
+    assert answer_line(unclear, sums, 4) == "digit 0 (50.0 %) + number 4 -> sum 0 (5.3 %), unsure"
