@@ -67,16 +67,21 @@ def cell(value) -> str | int:
     return f"{value:.4f}" if isinstance(value, float) else value
 
 
+def percent(probability: float) -> str:
+    return f"{100 * probability:5.1f} %"
+
+
 def predictions_table(rows: list[dict]) -> str:
     width = max([4] + [len(row["file"]) for row in rows])
-    lines = [f"{'file':<{width}}  number  pred_digit  prob  pred_sum  prob  note"]
+    lines = [f"{'file':<{width}}  number  pred_digit  {'prob':>7}  pred_sum  {'prob':>7}  note"]
     for row in rows:
         if row["error"]:
-            lines.append(f"{row['file']:<{width}}  {str(row['number']):>6}  {'':34}{row['error']}")
+            lines.append(f"{row['file']:<{width}}  {str(row['number']):>6}  {'':42}{row['error']}")
         else:
+            digit, total = percent(row["pred_digit_prob"]), percent(row["pred_sum_prob"])
             lines.append(
-                f"{row['file']:<{width}}  {row['number']:>6}  {row['pred_digit']:>10}  {row['pred_digit_prob']:.2f}"
-                f"  {row['pred_sum']:>8}  {row['pred_sum_prob']:.2f}" + ("  unsure" if row["pred_unsure"] else "")
+                f"{row['file']:<{width}}  {row['number']:>6}  {row['pred_digit']:>10}  {digit}  {row['pred_sum']:>8}"
+                f"  {total}" + ("  unsure" if row["pred_unsure"] else "")
             )
     return "\n".join(lines)
 
