@@ -118,4 +118,4 @@ def warn_uncalibrated() -> None:
 
 # An answer whose calibrated digit probability is below this is marked "unsure" (predict's table and CSV, the demo):
 # it flags at most 1 % of the right validation answers (docs/experiments.md, "unsure").
-UNSURE_BELOW = 0.9
+UNSURE_BELOW = 0.95

@@ -85,8 +85,8 @@ def main(argv=None) -> float:
         [
             *lines,
             "",
-            f"Validation pairs of {len(answers)} checkpoint(s), pooled; letters: A-Z in four fonts, read as a photo, "
-            f"per checkpoint. Chosen: {chosen:.2f}, the largest threshold that flags at most "
+            f"Validation pairs of {len(answers)} checkpoint(s), pooled; letters: A-Z in four fonts, read as `predict` "
+            f"reads a photo, by each checkpoint. Chosen: {chosen:.2f}, the largest threshold that flags at most "
             f"{100 * RIGHT_FLAGGED_AT_MOST:.0f} % of each checkpoint's right answers (`calibration.UNSURE_BELOW` is "
             f"{UNSURE_BELOW:.2f}). Written by `python benchmarks/unsure.py CKPT ...`.",
         ]
