@@ -81,6 +81,7 @@ def serve():
 def draw_a_stroke(page) -> None:
     """A vertical stroke down the middle of the Draw tab's canvas, drawn with the mouse."""
     page.locator("#drawing").get_by_role("button", name="Brush").click()  # Gradio's sketchpad starts with no tool
+    page.locator("#drawing canvas").first.wait_for(state="visible", timeout=60_000)
     box = page.locator("#drawing canvas").first.bounding_box()
     x, top = box["x"] + box["width"] / 2, box["y"] + box["height"] / 4
     page.mouse.move(x, top)
@@ -99,14 +100,21 @@ def test_demo_page_answers_the_input_on_screen_as_it_changes(tmp_path, default_c
     page = browser_page
     page.goto(url)
     result = page.locator("#result textarea")
-    draw_a_stroke(page)  # Predict is never pressed here: each change is answered
-    expect(result).to_have_value(re.compile(r"^digit \d \(\d+\.\d %\) \+ number 7 -> sum \d+ \("), timeout=60_000)
+    answered = re.compile(r"^digit \d \(\d+\.\d %\) \+ number 7 -> sum \d+ \(")
+    for _ in range(3):  # Predict is never pressed here: each change is answered
+        draw_a_stroke(page)  # a stroke drawn while a slow page still lays out its canvas is lost: then another
+        try:
+            expect(result).to_have_value(answered, timeout=20_000)
+            break
+        except AssertionError:
+            continue
+    expect(result).to_have_value(answered, timeout=1_000)
     page.get_by_role("tab", name="Upload a photo").click()  # the stroke stays on the hidden tab, unread
     expect(result).to_have_value("Draw a digit or upload a photo first.", timeout=60_000)
     page.locator("#photo input[type=file]").set_input_files(str(tmp_path / "three.png"))
     page.locator("#number").get_by_label("4").check()
     expect(result).to_have_value(re.compile(r"^digit 3 \(\d+\.\d %\) \+ number 4 -> sum 7 \("), timeout=60_000)
-    expect(page.locator("#read img")).to_be_visible()
+    expect(page.locator("#read img")).to_be_visible(timeout=30_000)
     keep_screenshot(page, "demo.png")
     page.locator("#clear").click()
     expect(result).to_have_value("Draw a digit or upload a photo first.", timeout=60_000)
@@ -116,7 +124,7 @@ def test_demo_page_answers_the_input_on_screen_as_it_changes(tmp_path, default_c
         "#digit [data-testid=label-output-value]",
         "#sum [data-testid=label-output-value]",
     ):
-        expect(page.locator(emptied)).to_have_count(0)
+        expect(page.locator(emptied)).to_have_count(0, timeout=30_000)
 
 
 def test_tensorboard_opens_on_the_dashboard_after_a_default_run(default_checkpoint, browser_page, serve):
