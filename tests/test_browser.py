@@ -112,7 +112,8 @@ def test_demo_page_answers_the_input_on_screen_as_it_changes(tmp_path, default_c
     page.get_by_role("tab", name="Upload a photo").click()  # the stroke stays on the hidden tab, unread
     expect(result).to_have_value("Draw a digit or upload a photo first.", timeout=60_000)
     page.locator("#photo input[type=file]").set_input_files(str(tmp_path / "three.png"))
-    page.locator("#number").get_by_label("4").check()
+    expect(result).to_have_value(re.compile(r"^digit 3 \(\d+\.\d %\) \+ number 7 -> sum 10 \("), timeout=60_000)
+    page.locator("#number").get_by_label("4").check()  # then the number changes, and the answer with it
     expect(result).to_have_value(re.compile(r"^digit 3 \(\d+\.\d %\) \+ number 4 -> sum 7 \("), timeout=60_000)
     expect(page.locator("#read img")).to_be_visible(timeout=30_000)
     keep_screenshot(page, "demo.png")
