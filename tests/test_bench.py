@@ -9,6 +9,7 @@ from benchmarks import bench, disagreements, tta
 from datamodule import AllPairs
 from lightning_module import MNISTAdder
 
+SMALL_MODEL = ["--data.val_size", "100", "--data.batch_size", "16", "--model.channels", "[8, 16, 16]"]
 TINY = [
     "--quick",
     "--rounds",
@@ -22,12 +23,7 @@ TINY = [
     "--seeds",
     "0",
     "1",
-    "--data.val_size",
-    "100",
-    "--data.batch_size",
-    "16",
-    "--model.channels",
-    "[8, 16, 16]",
+    *SMALL_MODEL,
 ]
 
 
@@ -128,16 +124,7 @@ def test_bench_compile_figures(synthetic_data_dir, tmp_path):
 def test_ops_per_training_step_counts_a_whole_step_and_sgds_loop(synthetic_data_dir):
     """A step dispatches more than twice its forward pass's operations (the forward, two backward passes, the SGD
     step); SGD's per-parameter loop (foreach false, a CPU's default) dispatches at least one more per parameter."""
-    args = [
-        "--data.data_dir",
-        str(synthetic_data_dir),
-        "--data.val_size",
-        "100",
-        "--data.batch_size",
-        "16",
-        "--model.channels",
-        "[8, 16, 16]",
-    ]
+    args = ["--data.data_dir", str(synthetic_data_dir), *SMALL_MODEL]
     per_step = {
         foreach: bench.ops_per_training_step(
             [*args, "--model.optimizer.init_args.foreach", foreach], "configs/default.yaml", "cpu"
