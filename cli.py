@@ -19,7 +19,10 @@ from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from checkpoints import (
+from datamodule import MNISTAdderData
+from lightning_module import MNISTAdder
+from mnist_adder.data.mnist_files import MNISTUnavailable, write_atomic
+from mnist_adder.run.checkpoints import (
     AtomicCheckpointIO,
     BestAndLastCheckpoint,
     CheckpointNotWritten,
@@ -30,12 +33,9 @@ from checkpoints import (
     read_checkpoint,
     run_folder,
 )
-from dashboard import HPARAM_METRICS, Dashboard, run_hparams
-from datamodule import MNISTAdderData
-from lightning_module import MNISTAdder
-from mnist_files import MNISTUnavailable, write_atomic
-from predictions import PredictionsCSV
-from progress import EpochLog, ProgressBar
+from mnist_adder.run.dashboard import HPARAM_METRICS, Dashboard, run_hparams
+from mnist_adder.run.predictions import PredictionsCSV
+from mnist_adder.run.progress import EpochLog, ProgressBar
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")

@@ -14,9 +14,9 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from mnist_files import OFFICIAL_MD5, ensure_mnist, read_idx
-from photos import read_manifest, read_picture
-from predictions import RESERVED
+from mnist_adder.data.mnist_files import OFFICIAL_MD5, ensure_mnist, read_idx
+from mnist_adder.data.photos import read_manifest, read_picture
+from mnist_adder.run.predictions import RESERVED
 
 TestPairs = Literal["all", "fixed", "both"]
 

@@ -13,11 +13,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from calibration import UNSURE_BELOW  # noqa: E402
-from checkpoints import read_checkpoint  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
-from net import split_logits  # noqa: E402
-from photos import PhotoError, gray_levels, to_mnist  # noqa: E402
+from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist  # noqa: E402
+from mnist_adder.model.calibration import UNSURE_BELOW  # noqa: E402
+from mnist_adder.model.net import split_logits  # noqa: E402
+from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
 
 INTRO = (
     "# mnist-adder\nDraw a digit (or upload a photo of one: dark ink on light paper is fine), pick a "

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import read_checkpoint
 from lightning_module import MNISTAdder
-from mnist_files import write_atomic
+from mnist_adder.data.mnist_files import write_atomic
+from mnist_adder.run.checkpoints import read_checkpoint
 
 OPSET = 18
 

@@ -10,20 +10,20 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from calibration import (
+from mnist_adder.model.calibration import (
     TEMPERATURE,
     UNSURE_BELOW,
     TemperatureScaling,
     fill_temperature,
     warn_uncalibrated,
 )
-from losses import DEFAULT_SUM_LOSS_WEIGHT, Losses, SumLoss, compute_losses, weighted_sum_loss
-from metrics import accuracy, calibration_metrics, own_metric_states, stage_metrics
-from net import DualInputNet, split_logits, sum_consistency
-from optimization import default_optimizer, optimizer_and_schedule
-from predictions import PredictionsCSV
-from train_step import TrainCounts, forward_losses
-from visuals import confusion_image, sample_grid
+from mnist_adder.model.losses import DEFAULT_SUM_LOSS_WEIGHT, Losses, SumLoss, compute_losses, weighted_sum_loss
+from mnist_adder.model.metrics import accuracy, calibration_metrics, own_metric_states, stage_metrics
+from mnist_adder.model.net import DualInputNet, split_logits, sum_consistency
+from mnist_adder.model.optimization import default_optimizer, optimizer_and_schedule
+from mnist_adder.run.predictions import PredictionsCSV
+from mnist_adder.run.visuals import confusion_image, sample_grid
+from static_step import TrainCounts, forward_losses
 
 # Steps between checks that the losses stayed finite: a check waits for the device and, under DDP, every process.
 FINITE_CHECK_EVERY = 50

@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import to_99  # noqa: E402
-from calibration import TemperatureScaling  # noqa: E402
-from checkpoints import AtomicCheckpointIO  # noqa: E402
 from cli import cli_main  # noqa: E402
 from datamodule import MNISTAdderData  # noqa: E402
-from losses import weighted_sum_loss  # noqa: E402
+from mnist_adder.model.calibration import TemperatureScaling  # noqa: E402
+from mnist_adder.model.losses import weighted_sum_loss  # noqa: E402
+from mnist_adder.run.checkpoints import AtomicCheckpointIO  # noqa: E402
 
 START, END = "<!-- bench:table:start -->", "<!-- bench:table:end -->"
 FIGURES = {

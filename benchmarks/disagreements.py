@@ -17,11 +17,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from checkpoints import read_checkpoint  # noqa: E402
 from datamodule import AllPairs, MNISTAdderData  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
-from mnist_files import MNISTUnavailable  # noqa: E402
-from net import split_logits  # noqa: E402
+from mnist_adder.data.mnist_files import MNISTUnavailable  # noqa: E402
+from mnist_adder.model.net import split_logits  # noqa: E402
+from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
 
 
 def as_is(images: torch.Tensor) -> torch.Tensor:

@@ -34,9 +34,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]  # the
 
 from bench import write_report  # noqa: E402
 from datamodule import MNISTAdderData  # noqa: E402
-from mnist_files import ensure_mnist, read_idx  # noqa: E402
+from mnist_adder.data.mnist_files import ensure_mnist, read_idx  # noqa: E402
+from mnist_adder.data.photos import read_picture  # noqa: E402
 from phone import TWELVE_MEGAPIXELS, phone_jpeg  # noqa: E402
-from photos import read_picture  # noqa: E402
 
 START, END = "<!-- photos:start -->", "<!-- photos:end -->"
 

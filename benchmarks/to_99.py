@@ -9,7 +9,7 @@ import time
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from net import split_logits
+from mnist_adder.model.net import split_logits
 
 TARGET = 0.99  # on both heads
 

@@ -19,7 +19,7 @@ from disagreements import ROOT, all_pair_logits, as_is, load  # also puts the re
 # isort: split
 from datamodule import AllPairs  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
-from net import split_logits  # noqa: E402
+from mnist_adder.model.net import split_logits  # noqa: E402
 
 
 def _moved(angle: float = 0.0, dx: int = 0, dy: int = 0):

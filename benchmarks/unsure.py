@@ -19,12 +19,12 @@ from bench import ROOT, write_report
 
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from calibration import UNSURE_BELOW  # noqa: E402
-from checkpoints import read_checkpoint  # noqa: E402
 from datamodule import MNISTAdderData  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
-from net import split_logits  # noqa: E402
-from photos import gray_levels, to_mnist  # noqa: E402
+from mnist_adder.data.photos import gray_levels, to_mnist  # noqa: E402
+from mnist_adder.model.calibration import UNSURE_BELOW  # noqa: E402
+from mnist_adder.model.net import split_logits  # noqa: E402
+from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
 from printed import printed_text  # noqa: E402
 
 CANDIDATES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-import mnist_files
-from mnist_files import idx_bytes, md5
+from mnist_adder.data import mnist_files
+from mnist_adder.data.mnist_files import idx_bytes, md5
 
 SYNTHETIC_SIZES = {"train": 600, "t10k": 200}
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from calibration import UNSURE_BELOW, calibration_error, fit_temperature, fit_temperatures
 from cli import cli_main
 from lightning_module import MNISTAdder
-from net import split_logits
+from mnist_adder.model.calibration import UNSURE_BELOW, calibration_error, fit_temperature, fit_temperatures
+from mnist_adder.model.net import split_logits
 from test_cli import SMALL
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from lightning import Callback
 
-import mnist_files
 from cli import cli_main
+from mnist_adder.data import mnist_files
 from test_bad_inputs import ends_in_clear_error
 from test_cli import SMALL
 
@@ -216,6 +216,6 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_every_path(code_checkpoi
 
 @pytest.mark.parametrize("name", ["last", "best", "hpc", "registry", "registry:my-model:latest"])
 def test_names_the_trainer_resolves_are_left_to_it(name):
-    from checkpoints import read_checkpoint
+    from mnist_adder.run.checkpoints import read_checkpoint
 
     assert read_checkpoint(name) is None

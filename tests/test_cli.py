@@ -11,7 +11,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from cli import DEFAULT_CONFIG, DESCRIPTION, cli_main
-from progress import ProgressBar
+from mnist_adder.run.progress import ProgressBar
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data.val_size", "100", "--data.batch_size", "50", "--model.channels", "[8, 16, 16]"]
@@ -198,7 +198,7 @@ def test_on_device_data_gives_the_same_run(tmp_path, synthetic_data_dir, monkeyp
 def test_the_confusion_matrix_is_shaded_by_each_true_digit_s_share():
     """Row-normalised: a true 0 read as 0 once and as 1 once shades both cells as half its row, however many
     samples the other rows hold."""
-    from visuals import CELL, confusion_image
+    from mnist_adder.run.visuals import CELL, confusion_image
 
     matrix = torch.zeros(10, 10, dtype=torch.long)
     matrix[0, 0], matrix[0, 1], matrix[1, 1] = 1, 1, 98
@@ -212,7 +212,7 @@ def test_the_confusion_matrix_is_shaded_by_each_true_digit_s_share():
 
 
 def test_a_grid_of_misclassified_samples_has_a_row_for_every_sample():
-    from visuals import sample_grid
+    from mnist_adder.run.visuals import sample_grid
 
     n = 7  # one more than a row of six
     labels = [torch.arange(n)] * 5

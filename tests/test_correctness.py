@@ -14,7 +14,7 @@ from lightning import Callback
 from conftest import SYNTHETIC_SIZES
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
-from net import DualInputNet
+from mnist_adder.model.net import DualInputNet
 from test_model import fixed_batches, quiet_trainer
 
 

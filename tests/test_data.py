@@ -8,11 +8,11 @@ import pytest
 import torch
 from lightning import Callback
 
-import mnist_files
 from conftest import SYNTHETIC_SIZES, synthetic_digits, write_synthetic_mnist
 from datamodule import MNISTAdderData, draw_numbers
 from lightning_module import MNISTAdder
-from mnist_files import MNISTUnavailable, ensure_mnist, idx_bytes, md5, missing_or_bad, read_idx
+from mnist_adder.data import mnist_files
+from mnist_adder.data.mnist_files import MNISTUnavailable, ensure_mnist, idx_bytes, md5, missing_or_bad, read_idx
 from test_model import quiet_trainer
 
 

@@ -7,8 +7,8 @@ from PIL import Image, ImageDraw
 
 from demo import DRAW, PHOTO, answer_line, predictor
 from lightning_module import MNISTAdder
-from net import split_logits
-from photos import gray_levels, to_mnist
+from mnist_adder.data.photos import gray_levels, to_mnist
+from mnist_adder.model.net import split_logits
 from printed import printed_digit
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from conftest import synthetic_digits
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
-from net import logit_mismatch, split_logits, sum_consistency
+from mnist_adder.model.net import logit_mismatch, split_logits, sum_consistency
 
 
 def fixed_batches(count=2, size=32):
@@ -334,7 +334,7 @@ def test_one_cycle_spans_the_run_unless_given_its_length(tmp_path, scheduler):
 def test_images_are_standardised_with_mnists_mean_and_deviation():
     """The first conv sees (image - 0.1307) / 0.3081: an image at MNIST's mean pixel is zero, one a deviation
     above it is one."""
-    from net import MNIST_MEAN, MNIST_STD
+    from mnist_adder.model.net import MNIST_MEAN, MNIST_STD
 
     seen = []
     model = MNISTAdder(channels=(8, 16, 16), hidden=32).eval()

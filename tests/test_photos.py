@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from conftest import synthetic_digits
+from mnist_adder.data.photos import DECODE_SIZE, PhotoError, load_gray, read_manifest, read_picture, to_mnist
 from phone import phone_jpeg, phone_photo
-from photos import DECODE_SIZE, PhotoError, load_gray, read_manifest, read_picture, to_mnist
 from printed import printed_digit
 
 MNIST_LIKE = torch.from_numpy(synthetic_digits(1, 3)[0][0])
@@ -107,7 +107,7 @@ def test_manifest_from_a_spreadsheet_and_odd_rows(tmp_path, monkeypatch):
     def broken_decoder(path):
         raise ZeroDivisionError("inside the decoder")
 
-    monkeypatch.setattr("photos.load_gray", broken_decoder)
+    monkeypatch.setattr("mnist_adder.data.photos.load_gray", broken_decoder)
     assert read_picture(rows[0]["path"]) == (None, "ZeroDivisionError: inside the decoder")
 
 

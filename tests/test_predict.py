@@ -7,17 +7,17 @@ import torch
 from lightning import Trainer
 from PIL import Image
 
-from calibration import UNSURE_BELOW
-from checkpoints import check_resume
 from cli import cli_main
 from conftest import SYNTHETIC_SIZES, synthetic_digits
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
-from mnist_files import read_idx
-from net import split_logits
+from mnist_adder.data.mnist_files import read_idx
+from mnist_adder.data.photos import load_gray, read_picture, to_mnist
+from mnist_adder.model.calibration import UNSURE_BELOW
+from mnist_adder.model.net import split_logits
+from mnist_adder.run.checkpoints import check_resume
+from mnist_adder.run.predictions import RESERVED, PredictionsCSV
 from phone import phone_photo
-from photos import load_gray, read_picture, to_mnist
-from predictions import RESERVED, PredictionsCSV
 from printed import printed_digit
 from test_cli import SMALL
 
@@ -54,7 +54,7 @@ def test_png_round_trip_matches_forward_on_tensors(checkpoint, tmp_path, capsys)
         Image.fromarray(image).save(folder / f"{k}.png")
         lines.append(f"{k}.png,{k % 10}")
     (folder / "inputs.csv").write_text("\n".join(lines) + "\n")
-    output = tmp_path / "out" / "predictions.csv"
+    output = tmp_path / "out" / "mnist_adder.run.predictions.csv"
     predict(checkpoint, folder / "inputs.csv", "--data.predict_output", str(output))
     rows = list(csv.DictReader(output.open()))
     assert list(rows[0]) == ["file", "number", *RESERVED] and len(rows) == 12
@@ -73,7 +73,7 @@ def test_bad_rows_are_reported_and_the_rest_predicted(checkpoint, tmp_path, caps
     with pytest.raises(SystemExit) as end:
         predict(checkpoint, tmp_path / "inputs.csv")
     assert "2 of 3 rows could not be predicted" in str(end.value.code)
-    written = sorted((tmp_path / "lightning_logs").rglob("predictions.csv"))
+    written = sorted((tmp_path / "lightning_logs").rglob("mnist_adder.run.predictions.csv"))
     rows = list(csv.DictReader(written[-1].open()))
     assert rows[0]["pred_digit"] != "" and rows[0]["error"] == ""
     assert "no such file" in rows[1]["error"] and "0..9" in rows[2]["error"]
@@ -86,7 +86,7 @@ def test_bad_manifest_stops_before_any_work(checkpoint, tmp_path, manifest, expe
     with pytest.raises(SystemExit) as end:
         predict(checkpoint, tmp_path / manifest)
     assert expected in str(end.value.code)
-    assert not list((tmp_path / "lightning_logs").rglob("predictions.csv"))
+    assert not list((tmp_path / "lightning_logs").rglob("mnist_adder.run.predictions.csv"))
 
 
 @pytest.mark.slow

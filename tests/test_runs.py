@@ -187,7 +187,7 @@ def test_evaluating_a_runs_checkpoint_writes_into_that_run(
     assert [p.name for p in run_in_runs.parent.iterdir()] == ["version_0"]
     assert not list((tmp_path / "elsewhere").iterdir())
     assert (run_in_runs / "config.yaml").read_bytes() == config
-    assert (run_in_runs / "predictions.csv").is_file() == (subcommand == "predict")
+    assert (run_in_runs / "mnist_adder.run.predictions.csv").is_file() == (subcommand == "predict")
 
 
 def test_a_checkpoint_outside_any_run_makes_no_run_folder(run_in_runs, tmp_path, synthetic_data_dir, monkeypatch):

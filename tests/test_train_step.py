@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 from datamodule import MNISTAdderData, augment_draws
 from lightning_module import MNISTAdder
-from net import logit_mismatch
+from mnist_adder.model.net import logit_mismatch
+from static_step import StaticStep
 from test_model import fixed_batches, quiet_trainer
-from train_step import StaticStep
 
 STEPS = 5
 

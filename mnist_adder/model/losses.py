@@ -5,7 +5,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from net import logit_mismatch, split_logits
+from mnist_adder.model.net import logit_mismatch, split_logits
 
 SumLoss = Literal["cross_entropy", "mse"]
 # The Brier score's gradients are smaller than cross-entropy's, so its default weight is larger (docs/experiments.md).

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from mnist_files import write_atomic
+from mnist_adder.data.mnist_files import write_atomic
 
 # What predict_step returns for each picture, and the CSV columns it is written under: named so that no column
 # of a person's manifest (their own digit, say) is taken for a prediction, or overwritten by one.

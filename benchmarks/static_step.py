@@ -6,8 +6,8 @@ import torch
 from torchmetrics import Metric
 
 from datamodule import affine_augment
-from losses import Losses, weighted_sum_loss
-from net import split_logits
+from mnist_adder.model.losses import Losses, weighted_sum_loss
+from mnist_adder.model.net import split_logits
 
 
 def forward_losses(

@@ -5,8 +5,8 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from calibration import calibration_error
-from losses import Losses
+from mnist_adder.model.calibration import calibration_error
+from mnist_adder.model.losses import Losses
 
 
 def accuracy(classes: int) -> MulticlassAccuracy:

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from calibration import fill_temperature
-from mnist_files import write_atomic
+from mnist_adder.data.mnist_files import write_atomic
+from mnist_adder.model.calibration import fill_temperature
 
 LIGHTNING_NAMES = ("last", "best", "hpc", "registry")  # resolved by the Trainer itself
 

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassCalibrationError
 
-from net import split_logits
+from mnist_adder.model.net import split_logits
 
 TEMPERATURE = "temperature"  # the model's buffer [digit head, sum head], in every checkpoint's state_dict
 

@@ -1,0 +1,1 @@
+"""The model's parts: the net, its losses, metrics, calibration and optimizer."""

@@ -1,0 +1,1 @@
+"""The run's parts: checkpoints, progress, the dashboard, predictions."""
