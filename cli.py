@@ -12,7 +12,7 @@ import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import CheckpointIO
@@ -24,16 +24,16 @@ from lightning_module import MNISTAdder
 from mnist_adder.data.mnist_files import MNISTUnavailable, write_atomic
 from mnist_adder.run.checkpoints import (
     AtomicCheckpointIO,
-    BestAndLastCheckpoint,
     CheckpointNotWritten,
     SaveOnInterrupt,
-    check_checkpoint,
-    check_resume,
+    apply_checkpoint,
+    check_weights,
     newest_checkpoint,
     read_checkpoint,
     run_folder,
 )
 from mnist_adder.run.dashboard import HPARAM_METRICS, Dashboard, run_hparams
+from mnist_adder.run.divergence import StopOnNonFiniteLoss
 from mnist_adder.run.predictions import PredictionsCSV
 from mnist_adder.run.progress import EpochLog, ProgressBar
 
@@ -79,24 +79,28 @@ class SaveFitConfig(SaveConfigCallback):
 
 class AdderCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
+        # Two of Lightning's own: the best checkpoints by val/sum_acc, and last.ckpt after every epoch.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/sum_acc",
-                "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
-                "checkpoint.filename": "best-{epoch:02d}",
-            }
+            {"checkpoint.monitor": "val/sum_acc", "checkpoint.mode": "max", "checkpoint.filename": "best-{epoch:02d}"}
         )
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults({"last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False})
         # One seed decides the initial weights, the augmentation, the split and every pairing: --data.seed is
         # not an option of its own. `--seed_everything true` draws its seed later, in before_instantiate_classes.
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_data_seed)
 
     def parse_arguments(self, parser, args) -> None:
-        """As LightningCLI's, keeping the model settings asked for: a --ckpt_path's hyperparameters replace them."""
+        """As LightningCLI's; with a ckpt_path (on the command line or in a --config file), the checkpoint is read,
+        once, and decides the settings it was trained with (checkpoints.apply_checkpoint)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        self.asked_model = (self.config[subcommand] if subcommand else self.config).model.clone()
+        config = self.config[subcommand] if subcommand else self.config
+        path = config.get("ckpt_path")
+        self.checkpoint = read_checkpoint(str(path)) if path else None
+        if self.checkpoint is not None:
+            defaults = parser.parse_args([subcommand])[subcommand]
+            apply_checkpoint(config, defaults, self.checkpoint, str(path), evaluating=subcommand != "fit")
 
     def before_instantiate_classes(self) -> None:
         """Settings that Lightning would take badly, turned into what the user meant or one clear error."""
@@ -120,7 +124,7 @@ class AdderCLI(LightningCLI):
                     f"trainer.gradient_clip_val {trainer.gradient_clip_val} and model.gradient_clip_val "
                     f"{config.model.gradient_clip_val} differ: set one of them"
                 )
-            config.model.gradient_clip_val = self.asked_model.gradient_clip_val = float(trainer.gradient_clip_val)
+            config.model.gradient_clip_val = float(trainer.gradient_clip_val)
             trainer.gradient_clip_val = None
             rank_zero_info(f"gradient clipping: model.gradient_clip_val = {config.model.gradient_clip_val}")
         if trainer.accumulate_grad_batches not in (None, 1):
@@ -154,14 +158,15 @@ class AdderCLI(LightningCLI):
 
     def _place_logs(self, config, ckpt_path) -> None:
         """Unless the user placed them, the logs go to DEFAULT_ROOT_DIR/lightning_logs/version_N as absolute paths;
-        a resumed fit, and validate, test or predict with a run's checkpoint, write into that run's folder."""
+        a resumed fit, and validate, test or predict with a run's checkpoint, write into that run's folder, unless
+        --trainer.default_root_dir says where."""
         logger = config.trainer.logger
         if not (hasattr(logger, "class_path") and logger.class_path.endswith("TensorBoardLogger")):
             return
         args = logger.init_args
         if (str(args.save_dir), args.name, args.version) != (DEFAULT_LOG_DIR, "lightning_logs", None):
             return  # set by the user: theirs
-        folder = run_folder(Path(ckpt_path)) if ckpt_path else None
+        folder = run_folder(Path(ckpt_path)) if ckpt_path and not config.trainer.default_root_dir else None
         if folder is not None:
             args.save_dir, args.name, args.version = str(folder.parent.parent), folder.parent.name, folder.name
         elif self.subcommand in ("validate", "test", "predict"):  # a checkpoint outside any run
@@ -169,20 +174,18 @@ class AdderCLI(LightningCLI):
         else:
             args.save_dir = str(Path(config.trainer.default_root_dir or ".").resolve())
 
-    def _check_ckpt_path(self) -> dict | None:
-        path = self.config[self.subcommand].get("ckpt_path")
-        return check_checkpoint(str(path), self.model) if path else None
+    def _check_weights(self) -> None:
+        if self.checkpoint is not None:
+            check_weights(self.checkpoint, str(self.config[self.subcommand].ckpt_path), self.model)
 
     def before_fit(self) -> None:
         if self.trainer.max_epochs == 0:  # Lightning itself refuses other values below -1
             raise ValueError("trainer.max_epochs must be >= 1 (or -1 for no limit)")
         self.model.optimizer(self.model.parameters())  # a bad optimizer setting fails here, before any work
-        checkpoint = self._check_ckpt_path()
-        if checkpoint is not None:
-            check_resume(checkpoint, self.config.fit.ckpt_path, self.asked_model, self.datamodule.hparams)
+        self._check_weights()
         self._fit_start = time.perf_counter()
 
-    before_validate = before_test = before_predict = _check_ckpt_path
+    before_validate = before_test = before_predict = _check_weights
 
     def after_fit(self) -> None:
         """Test the best checkpoint (chosen on validation) on the official test set; print a summary and
@@ -236,7 +239,7 @@ class AdderCLI(LightningCLI):
                 write_atomic(Path(log_dir) / "results.json", json.dumps(summary, indent=2).encode())
 
     def after_predict(self) -> None:
-        """PredictionsCSV (the model's callback) has written the CSV; a picture that could not be predicted fails."""
+        """PredictionsCSV has written the CSV; a picture that could not be predicted fails."""
         writer = next(c for c in self.trainer.callbacks if isinstance(c, PredictionsCSV))
         if writer.failed:
             rows = len(self.datamodule.manifest_rows)
@@ -255,9 +258,6 @@ def cli_main(args=None, run: bool = True) -> AdderCLI:
     for message in UNACTIONABLE_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     try:
-        for option, value in zip(args, args[1:] + [""]):  # read before LightningCLI takes hyperparameters from it
-            if option.startswith("--ckpt_path"):
-                read_checkpoint(option.partition("=")[2] or value)
         return AdderCLI(
             MNISTAdder,
             MNISTAdderData,
@@ -269,7 +269,15 @@ def cli_main(args=None, run: bool = True) -> AdderCLI:
             auto_configure_optimizers=False,
             save_config_callback=SaveFitConfig,
             save_config_kwargs={"overwrite": True},  # a resumed run writes on into its own folder
-            trainer_defaults={"callbacks": [SaveOnInterrupt(), LearningRateMonitor("step"), Dashboard()]},
+            trainer_defaults={
+                "callbacks": [
+                    StopOnNonFiniteLoss(),
+                    SaveOnInterrupt(),
+                    LearningRateMonitor("step"),
+                    Dashboard(),
+                    PredictionsCSV(),
+                ]
+            },
         )
     except SIGTERMException:
         print("error: stopped by SIGTERM", file=sys.stderr)

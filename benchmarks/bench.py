@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 import to_99  # noqa: E402
 from cli import cli_main  # noqa: E402
 from datamodule import MNISTAdderData  # noqa: E402
-from mnist_adder.model.calibration import TemperatureScaling  # noqa: E402
 from mnist_adder.model.losses import weighted_sum_loss  # noqa: E402
 from mnist_adder.run.checkpoints import AtomicCheckpointIO  # noqa: E402
 
@@ -49,8 +48,6 @@ FIGURES = {
     "val_samples_to_99": ("", None),
     "prepare_seconds_cached": ("< 1", lambda v: v < 1),
     "predict_images_per_second": ("", None),
-    "compile_step_speedup": ("", None),
-    "compile_seconds": ("", None),
     "ops_per_training_step": ("", None),
     "fit_seconds_outside_training": ("", None),
 }
@@ -104,19 +101,6 @@ def plain_steps(model, data, epoch: int, total: int, device: torch.device, preci
         optimizer.step()
         scheduler.step()
         yield
-
-
-def torch_seconds(model, data, warmup: int, steps: int, epoch: int, device: torch.device, precision: str) -> float:
-    """The seconds of `steps` plain steps after `warmup` untimed ones."""
-    steps_done = plain_steps(model, data, epoch, warmup + steps, device, precision)
-    for _ in itertools.islice(steps_done, warmup):
-        pass
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in steps_done:
-        pass
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 class InLockstep(Callback):
@@ -205,29 +189,6 @@ def throughput_ratio(extra: list[str], config: str, rounds: int, warmup: int, st
     }
 
 
-def compile_speedup(extra: list[str], config: str, rounds: int, warmup: int, steps: int, accelerator: str) -> dict:
-    """The plain loop with the net eager and with it compiled (`model.compile: true`), in turn."""
-    eager, compiled = prepared(extra, config), prepared(extra, config)
-    compiled.model.net.compile()
-    device = device_of(accelerator)
-    start = time.perf_counter()
-    # the first timing compiles in its warmup
-    first = torch_seconds(compiled.model, compiled.datamodule, warmup, steps, 0, device, compiled.trainer.precision)
-    compile_seconds = time.perf_counter() - start - first * (warmup + steps) / steps
-    times = {"eager": [], "compiled": []}
-    for r in range(rounds):
-        for kind, cli in (("eager", eager), ("compiled", compiled))[:: 1 if r % 2 == 0 else -1]:
-            times[kind].append(
-                torch_seconds(cli.model, cli.datamodule, warmup, steps, r, device, cli.trainer.precision)
-            )
-            print(f"  round {r + 1}/{rounds} {kind:9s} {steps / times[kind][-1]:5.1f} steps/s", flush=True)
-    return {
-        "compile_step_speedup": round(sum(times["eager"]) / sum(times["compiled"]), 3),
-        "compile_seconds": round(compile_seconds, 1),
-        "compile_seconds_per_round": times,
-    }
-
-
 class OpCounter(TorchDispatchMode):
     """Counts the aten operations dispatched while it is active, by name: on a GPU the host pays for each, and
     each but a view launches one kernel or more."""
@@ -260,8 +221,8 @@ class CountOps(Callback):
 
 def ops_per_training_step(extra: list[str], config: str, accelerator: str, warmup: int = 3, steps: int = 5) -> dict:
     """The aten operations dispatched per training step, the mean of `steps` steps after `warmup` ones of a fit of
-    the config's model at its batch size, and the most frequent ones. One more step follows, so that the epoch's
-    last, which checks that the losses are finite, is not counted (nor the logged steps: 0, 50, ...)."""
+    the config's model at its batch size, and the most frequent ones. One more step follows: the epoch's last step
+    is not counted, nor one whose figures the logger writes (0, 50, ...)."""
     cli = prepared(extra, config)
     counting = CountOps(warmup, warmup + steps - 1)
     L.Trainer(
@@ -330,7 +291,6 @@ FIT_PARTS = [
     (L.Trainer, "save_checkpoint", "checkpoint writes"),
     (AtomicCheckpointIO, "save_checkpoint", "checkpoint writes"),
     (AtomicCheckpointIO, "load_checkpoint", "checkpoint loads"),
-    (TemperatureScaling, "on_fit_end", "temperature fitting"),
     (L.Trainer, "test", "test: setup (data, best checkpoint)"),
 ]
 
@@ -512,9 +472,6 @@ def main(argv=None) -> dict:
         help="measure only this (startup: where the seconds of a fit with --startup-config go; only so)",
     )
     parser.add_argument("--startup-config", default="configs/fast.yaml", help="the fit that --only startup splits")
-    parser.add_argument(
-        "--compile", action="store_true", help="also time the plain loop with the net torch.compiled against eager"
-    )
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results.json")
     parser.add_argument("--report", type=Path, default=ROOT / "BENCHMARKS.md")
     args, extra = parser.parse_known_args(argv)
@@ -543,9 +500,6 @@ def main(argv=None) -> dict:
         results.update(to_99_figures)
         device = device_of(args.accelerator).type.replace("cuda", "gpu")
         results[f"{device}_seconds_to_99"] = results.pop("seconds_to_99")
-    if args.compile:
-        print(f"torch.compile against eager, {rounds} rounds of {steps} steps", flush=True)
-        results.update(compile_speedup(extra, args.throughput_config, rounds, args.warmup, steps, args.accelerator))
     if args.only is None:
         print("Batched inference", flush=True)
         results.update(predict_throughput(cli.model, cli.datamodule, 3))

@@ -29,6 +29,5 @@ throughput() {
 throughput "gpu.yaml"
 throughput "precision 32-true" --trainer.precision 32-true
 throughput "on_device false" --data.on_device false
-throughput "compile true" --model.compile true
 
 "$PY" benchmarks/gpu_report.py "$OUT"

@@ -1,53 +1,17 @@
-"""The training step's parts: the forward pass and losses, the epoch's train metrics as counts on the device, and
-the whole step run on static buffers (StaticStep), the function a CUDA graph would capture (issue #31); it runs
-eagerly here. MNISTAdder.training_step, Lightning's step, shares the forward pass, losses and counts."""
+"""For the GPU benchmark of a CUDA-graph training step: StaticStep, an eager training step of an MNISTAdder that
+reads its batch from preallocated buffers, the function a CUDA graph would capture, and `sgd_`, its SGD update with
+lr and momentum read from device tensors.
+
+No graph is captured here: the step runs eagerly. It accepts only torch.optim.SGD without dampening and no gradient
+clipping (`check_static`), and calls backward() itself, skipping Lightning's manual_backward: no loss scaling under
+16-mixed, no autocast, no DDP gradient sync held back. So it does what MNISTAdder.training_step does only in one
+process at precision 32-true; unlike it, it logs nothing and updates no metric.
+"""
 
 import torch
-from torchmetrics import Metric
 
 from datamodule import affine_augment
-from mnist_adder.model.losses import Losses, weighted_sum_loss
-from mnist_adder.model.net import split_logits
-
-
-def forward_losses(
-    model, images: torch.Tensor, numbers: torch.Tensor, digits: torch.Tensor
-) -> tuple[torch.Tensor, Losses]:
-    """The net's raw logits for a training batch, and its losses."""
-    logits = model.net(images, numbers)
-    return logits, model.losses(logits, digits, numbers)
-
-
-class TrainCounts(Metric):
-    """The training epoch's samples, right digits and sums, and loss sums, in three device tensors added to once a
-    step (a dozen operations, where two accuracies and four means took about 80). `compute` gives digit_acc,
-    sum_acc and each loss's mean over the epoch's samples, summed over every process."""
-
-    full_state_update = False
-
-    def __init__(self):
-        super().__init__()
-        self.add_state("samples", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("right", torch.zeros(2, dtype=torch.long), dist_reduce_fx="sum")  # digits, sums
-        self.add_state("loss_sums", torch.zeros(len(Losses._fields)), dist_reduce_fx="sum")
-
-    def update(self, logits: torch.Tensor, digits: torch.Tensor, sums: torch.Tensor, losses: Losses) -> None:
-        digit, sum_ = split_logits(logits)
-        self.right += torch.stack([digit.argmax(1) == digits, sum_.argmax(1) == sums]).sum(1)
-        self.loss_sums.add_(torch.stack(losses), alpha=len(digits))  # each sample counts once, in any batch size
-        self.samples += len(digits)
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        digit_acc, sum_acc = self.right / self.samples
-        return {"digit_acc": digit_acc, "sum_acc": sum_acc, **dict(zip(Losses._fields, self.loss_sums / self.samples))}
-
-    def logged(self, agreement: float) -> dict[str, torch.Tensor]:
-        """The epoch's figures as logged, train/NAME; the agreement term only when it is on."""
-        return {f"train/{name}": value for name, value in self.compute().items() if name != "agreement" or agreement}
-
-    def diverged(self) -> bool:
-        """Was a loss of this epoch's steps non-finite? (Waits for the device.)"""
-        return not bool(torch.isfinite(self.loss_sums).all())
+from mnist_adder.model.losses import weighted_sum_loss
 
 
 def check_static(model, optimizer: torch.optim.Optimizer) -> None:
@@ -65,9 +29,9 @@ def check_static(model, optimizer: torch.optim.Optimizer) -> None:
 
 
 def sgd_(params, grads, buffers, lr: torch.Tensor, momentum: torch.Tensor, weight_decay: float, nesterov: bool):
-    """torch.optim.SGD's update (no dampening), with lr and momentum read from 0-dim tensors on the device: torch
-    2.14's SGD takes momentum as a Python float (a captured graph would keep the first), and a tensor lr only when
-    fused (its other paths read it with .item(), which a capture forbids)."""
+    """torch.optim.SGD's update (no dampening), with lr and momentum read from 0-dim tensors on the device: SGD takes
+    momentum as a Python float (a captured graph would keep the first), and a tensor lr only when fused (its other
+    paths read it with .item(), which a capture forbids)."""
     if weight_decay:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     torch._foreach_mul_(buffers, momentum)
@@ -79,9 +43,9 @@ def sgd_(params, grads, buffers, lr: torch.Tensor, momentum: torch.Tensor, weigh
 
 class StaticStep:
     """The whole training step of `model` (an MNISTAdder) reading its batch from preallocated buffers: augmentation
-    from its draws, forward, the digit loss's backward pass (graph kept), the weighted sum loss's, the SGD step
-    and the train counts. `load` fills the buffers and the tensors of each param group's lr and momentum, which
-    the scheduler sets between steps; `step` runs it. Supported: what `check_static` lets through."""
+    from its draws, forward, the digit loss's backward pass (graph kept), the weighted sum loss's, and the SGD step.
+    `load` fills the buffers and the tensors of each param group's lr and momentum, which the scheduler sets between
+    steps; `step` runs it. Supported: what `check_static` lets through."""
 
     def __init__(self, model, optimizer: torch.optim.Optimizer, batch_size: int, augment: tuple[float, float, float]):
         check_static(model, optimizer)
@@ -111,8 +75,8 @@ class StaticStep:
         """One training step on the buffers' contents."""
         model = self.model
         images = self.images if self.augment is None else affine_augment(self.images, self.draws, *self.augment)
-        logits, losses = forward_losses(model, images, self.numbers, self.digits)
-        model.train_metrics.update(logits, self.digits, self.digits + self.numbers, losses)
+        logits = model.net(images, self.numbers)
+        losses = model.losses(logits, self.digits, self.numbers)
         self.optimizer.zero_grad(set_to_none=True)
         losses.digit_loss.backward(retain_graph=True)
         weighted_sum_loss(losses.sum_loss, losses.agreement, model.sum_loss_weight).backward()

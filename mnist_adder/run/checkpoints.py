@@ -8,12 +8,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mnist_adder.data.mnist_files import write_atomic
-from mnist_adder.model.calibration import fill_temperature
 
 LIGHTNING_NAMES = ("last", "best", "hpc", "registry")  # resolved by the Trainer itself
 
@@ -45,67 +44,66 @@ def read_checkpoint(path: str) -> dict | None:
     return checkpoint
 
 
-def check_checkpoint(path: str, model: L.LightningModule) -> dict | None:
-    """The checkpoint at `path` (None for a name the Trainer resolves); ValueError, in one line, unless it is
-    a readable checkpoint of `model`'s shape."""
-    checkpoint = read_checkpoint(path)
-    if checkpoint is None:
-        return None
-    state = dict(checkpoint["state_dict"])
-    fill_temperature(state)  # one saved before calibration loads with temperature 1
+def check_weights(checkpoint: dict, path: str, model: L.LightningModule) -> None:
+    """ValueError, in one line, unless `checkpoint` (read from `path`) holds weights of `model`'s shape."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    found = {name: tuple(t.shape) for name, t in state.items()}
+    found = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
     if found != expected:
         differing = sorted(set(found) ^ set(expected)) or [n for n in expected if found[n] != expected[n]]
         raise ValueError(
-            f"ckpt_path {path!r} is a checkpoint of another model or other model settings "
-            f"(it was saved with {checkpoint.get('hyper_parameters', {})}); differing: "
-            f"{', '.join(differing[:3])}"
+            f"ckpt_path {path!r} is a checkpoint of another model (it was saved with "
+            f"{checkpoint.get('hyper_parameters', {})}); differing: {', '.join(differing[:3])}"
         )
-    return checkpoint
 
 
-# The data module's settings that decide the split and every pairing: a resume must keep them.
-SPLIT_SETTINGS = ("seed", "val_size")
-# Settings a resume may change: where the data lives and how it is held, what is tested or predicted and by how many
-# workers, compilation.
-FREE_ON_RESUME = ("data_dir", "on_device", "test_pairs", "predict_manifest", "predict_output", "num_workers", "compile")
+# Data settings a checkpoint leaves to the run: where the data lives and how it is held, what is tested or predicted
+# and by how many workers. Evaluation also leaves the training-only ones.
+FREE = ("data.data_dir", "data.on_device", "data.test_pairs", "data.predict_manifest", "data.predict_output")
+FREE += ("data.num_workers",)
+FREE_IN_EVALUATION = ("data.batch_size", "data.rotate", "data.translate", "data.scale")
 
 
-def _plain(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
+def flat(value, prefix: str = "") -> dict:
+    """A nested config (dicts, or jsonargparse Namespaces) as {dotted key: plain value}; tuples as lists."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): list(value) if isinstance(value, tuple) else value}
 
 
-def check_resume(checkpoint: dict, path: str, model_hparams, data_hparams) -> None:
-    """Raise ValueError unless resuming from `checkpoint` (read from `path`) keeps the model and the data it was
-    trained with: every model and data setting but FREE_ON_RESUME."""
-    saved = checkpoint.get("datamodule_hyper_parameters", {})
-    changed = [
-        f"{key} {saved[key]} -> {data_hparams[key]}"
-        for key in SPLIT_SETTINGS
-        if key in saved and saved[key] != data_hparams[key]
-    ]
-    if changed:
+def checkpoint_settings(checkpoint: dict) -> dict:
+    """What a checkpoint decides, as {dotted key: value}: its model settings (optimizer and scheduler included when
+    LightningCLI built the model), its data settings, and the seed."""
+    model = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
+    data = checkpoint.get("datamodule_hyper_parameters", {})
+    seed = {"seed_everything": data["seed"]} if "seed" in data else {}
+    return {**flat(model, "model."), **flat({k: v for k, v in data.items() if k != "seed"}, "data."), **seed}
+
+
+def apply_checkpoint(config, defaults, checkpoint: dict, path: str, evaluating: bool) -> None:
+    """LightningCLI's rule, for the data and the seed as for the model: the checkpoint decides. A setting this run
+    gives (one that differs from its default: from the command line or a --config file) and the checkpoint contradicts
+    ends in ValueError, in one line; the data settings and seed it does not give become the checkpoint's, in `config`.
+    LightningCLI itself then puts the checkpoint's model settings in."""
+    saved, asked, default = checkpoint_settings(checkpoint), flat(config), flat(defaults)
+    unknown = sorted(k for k in saved if k.startswith("model.") and k.split(".")[1] not in config.model)
+    if unknown:
         raise ValueError(
-            f"ckpt_path {path!r} was trained on another split ({', '.join(changed)}): resume with "
-            f"the run's own "
-            + " and ".join(
-                f"--{'seed_everything' if k == 'seed' else 'data.' + k} {saved[k]}"
-                for k in SPLIT_SETTINGS
-                if k in saved
-            )
+            f"ckpt_path {path!r} was written by another version of this model (settings it no longer has: "
+            f"{', '.join(unknown)}): train it anew with `python cli.py fit`"
         )
-    for section, stored, now in (
-        ("model", checkpoint.get("hyper_parameters", {}), model_hparams),
-        ("data", saved, data_hparams),
-    ):
-        for key, value in stored.items():
-            if key not in FREE_ON_RESUME and key in now and _plain(value) != _plain(now[key]):
-                raise ValueError(
-                    f"ckpt_path {path!r} was trained with {section}.{key} {_plain(value)}, this run asks for "
-                    f"{_plain(now[key])}: resume with the run's own {section}.{key}, or start a new run to train "
-                    "with the new value"
-                )
+    free = FREE + FREE_IN_EVALUATION * evaluating
+    for key, value in saved.items():
+        if key.startswith(free) or key not in asked:
+            continue
+        if asked[key] != default.get(key) and asked[key] != value:
+            raise ValueError(
+                f"ckpt_path {path!r} was trained with {key} {value}, this run sets {asked[key]}: leave the option "
+                "out (the checkpoint decides), or start a new run without --ckpt_path"
+            )
+        if not key.startswith("model."):
+            config[key] = value
 
 
 def run_folder(checkpoint: Path) -> Path | None:
@@ -119,28 +117,6 @@ def run_folder(checkpoint: Path) -> Path | None:
 def newest_checkpoint(root: Path) -> Path | None:
     candidates = list((root / "lightning_logs").glob("version_*/checkpoints/*.ckpt"))
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
-
-
-class BestAndLastCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose last.ckpt is rewritten at every epoch's save point. Since Lightning 2.6, save_last only
-    writes it beside a new best, so a run killed after epochs without one would resume from far back.
-
-    It calls four of ModelCheckpoint's private methods, as its own hooks do: pyproject.toml pins Lightning 2.6, and
-    tests/test_checkpoints.py fails if last.ckpt stops following every epoch."""
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_missed(trainer)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_missed(trainer)
-
-    def _save_last_if_missed(self, trainer: L.Trainer) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skipped: saved at this step
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class SaveOnInterrupt(Callback):
