@@ -134,13 +134,14 @@ def _cpuinfo() -> str:
 
 def table(figures: dict, command: str, batch_size: int, rounds: int, steps: int) -> str:
     ms = {name: 1000 * seconds for name, seconds in figures["seconds_per_step"].items()}
+    threads = torch.get_num_threads()
     cpu = next(
         (line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
         platform.processor() or platform.machine(),
     )
     lines = [
         f"Measured with `{command}` (the default `MNISTAdder()`, random weights and batches of {batch_size}) "
-        f"on {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}:",
+        f"on {cpu}, {threads} thread{'s' * (threads != 1)}, torch {torch.__version__}:",
         "",
         "| | two backward passes (the step's) | one backward pass of `loss` |",
         "|---|---|---|",
@@ -157,10 +158,11 @@ def table(figures: dict, command: str, batch_size: int, rounds: int, steps: int)
             f"| gradient difference, {dtype}: largest, and over the largest gradient | "
             f"{diff['max_abs']:.1e}, {diff['relative']:.1e} | |"
         )
-    scale = figures["float32"]["relative"] / figures["float64"]["relative"]
+    low, high = figures["float64"]["relative"], figures["float32"]["relative"]
     eps = torch.finfo(torch.float32).eps / torch.finfo(torch.float64).eps
-    verdict = "rounding only" if figures["float64"]["relative"] < 1e-9 else "more than rounding"
-    lines += ["", f"The float64 difference is {scale:.0e} times smaller (the epsilons' ratio: {eps:.0e}): {verdict}."]
+    verdict = "rounding only" if low < 1e-9 else "more than rounding"
+    scale = f"{high / low:.0e} times smaller" if low else "none"
+    lines += ["", f"The float64 difference is {scale} (the epsilons' ratio: {eps:.0e}): {verdict}."]
     return "\n".join(lines)
 
 
@@ -180,10 +182,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", type=int, default=4, help="distinct random batches")
     parser.add_argument("--rounds", type=int, default=7, help="timing rounds")
     parser.add_argument("--steps", type=int, default=6, help="timed steps of each way per round, in turns")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own choice)")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args(argv)
-    if min(args.batch_size, args.batches, args.rounds, args.steps) < 1:
-        parser.error("--batch-size, --batches, --rounds and --steps must be >= 1")
+    if min(args.batch_size, args.batches, args.rounds, args.steps, args.threads or 1) < 1:
+        parser.error("--batch-size, --batches, --rounds, --steps and --threads must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     figures = measure(args.batch_size, args.batches, args.rounds, args.steps)
     command = " ".join(["python benchmarks/two_backward.py", *(sys.argv[1:] if argv is None else argv)])
     text = table(figures, command, args.batch_size, args.rounds, args.steps)

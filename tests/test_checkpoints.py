@@ -202,7 +202,7 @@ def run_script(script: str, *args: str) -> None:
 )
 def test_a_checkpoint_that_would_run_code_is_refused_on_every_path(code_checkpoint, tmp_path, monkeypatch, entry):
     """The message says why, and never suggests loading it anyway (torch's own text does)."""
-    monkeypatch.setattr("sys.argv", list())  # run_script sets it; restored after
+    monkeypatch.setattr("sys.argv", ["cli.py"])  # run_script sets its own; restored after
     with pytest.raises(SystemExit) as end:
         if entry.endswith(".py"):
             run_script(entry, *(["--ckpt_path"] if entry in ("export.py", "demo.py") else []), str(code_checkpoint))

@@ -51,7 +51,7 @@ def check_weights(checkpoint: dict, path: str, model: L.LightningModule) -> None
     if found != expected:
         differing = sorted(set(found) ^ set(expected)) or [n for n in expected if found[n] != expected[n]]
         raise ValueError(
-            f"ckpt_path {path!r} is a checkpoint of another model (it was saved with "
+            f"ckpt_path {path!r} is a checkpoint of another model or other model settings (it was saved with "
             f"{checkpoint.get('hyper_parameters', {})}); differing: {', '.join(differing[:3])}"
         )
 
