@@ -4,6 +4,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from jsonargparse import ArgumentParser
 from lightning import Callback, Trainer
 from lightning.pytorch.cli import LRSchedulerCallable
@@ -11,6 +12,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch.optim.lr_scheduler import OneCycleLR
 from torch.utils.data import DataLoader
 
+from cli import DEFAULT_CONFIG
 from conftest import synthetic_digits
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
@@ -104,7 +106,8 @@ def test_the_two_backwards_are_the_digit_loss_then_the_weighted_rest(tmp_path, s
 @pytest.mark.parametrize("sum_loss", ["cross_entropy", "mse"])
 def test_overfits_a_few_fixed_batches(tmp_path, sum_loss):
     torch.manual_seed(0)
-    model = MNISTAdder(sum_loss=sum_loss, channels=(8, 16, 16), optimizer=lambda p: torch.optim.Adam(p, 3e-3))
+    adam = partial(torch.optim.Adam, lr=3e-3)
+    model = MNISTAdder(sum_loss=sum_loss, channels=(8, 16, 16), optimizer=adam, scheduler=None)
     batches = fixed_batches()
     quiet_trainer(tmp_path, max_epochs=60).fit(model, DataLoader(batches, batch_size=None))
     model.eval()
@@ -148,7 +151,7 @@ def test_brier_sum_loss_rewards_probability_on_the_true_sum_and_nothing_else():
 def test_agreement_pulls_the_reachable_sum_logits_and_the_digit_logits_together():
     """The term is 0 when the sum logits of number+0..number+9 are the digit logits plus any constant, grows
     otherwise, and its gradient moves both heads towards each other."""
-    model, plain = MNISTAdder(agreement=0.5), MNISTAdder()
+    model, plain = MNISTAdder(agreement=0.5), MNISTAdder(agreement=0.0)
     digits, numbers = torch.tensor([3, 0, 9, 7]), torch.tensor([5, 9, 9, 0])
     logits = torch.randn(4, 29)
     logits[0, 3], logits[0, 8] = 2.0, -1.0
@@ -221,13 +224,14 @@ def test_epoch_losses_are_what_they_are_named_over_every_sample_once(tmp_path, a
     """Batches of 30 and 2 samples: each logged mean is over the 32 samples, not the mean of two means;
     sum_loss is the sum head's cross-entropy alone, agreement the weighted term (logged only when on) and
     loss the objective, both weighted by sum_loss_weight."""
-    model = MNISTAdder(channels=(8, 16, 16), hidden=32, sum_loss_weight=2.0, agreement=agreement).eval()
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32, sum_loss_weight=2.0, label_smoothing=0.0, agreement=agreement)
+    model.eval()
     batch = fixed_batches(count=1)[0]
     small = {k: v[:2] for k, v in batch.items()}
     large = {k: v[2:] for k, v in batch.items()}
     result = quiet_trainer(tmp_path).validate(model, DataLoader([large, small], batch_size=None), verbose=False)[0]
     with torch.no_grad():
-        logits = model(batch["image"], batch["number"])
+        logits = model.net(batch["image"], batch["number"])
     expected = {
         "val/digit_loss": F.cross_entropy(logits[:, :10], batch["digit"]).item(),
         "val/sum_loss": F.cross_entropy(logits[:, 10:], batch["sum"]).item(),
@@ -250,7 +254,7 @@ def test_dropout_acts_in_training_only_and_is_absent_by_default():
 
 
 def test_convs_per_stage_adds_3x3_convs_at_the_pooled_size():
-    one, two = MNISTAdder(channels=(8, 16, 16)), MNISTAdder(channels=(8, 16, 16), convs_per_stage=2)
+    one, two = MNISTAdder(channels=(8, 16, 16), convs_per_stage=1), MNISTAdder(channels=(8, 16, 16))
     convs = [[layer for layer in m.net.image if isinstance(layer, torch.nn.Conv2d)] for m in (one, two)]
     assert [c.kernel_size[0] for c in convs[0]] == [5, 3, 3]
     assert [c.kernel_size[0] for c in convs[1]] == [5, 3, 3, 3, 3, 3]
@@ -292,17 +296,24 @@ def test_gradient_clipping_acts_on_unscaled_gradients(tmp_path):
     assert record.norms == pytest.approx([0.05, 0.05], rel=1e-3)
 
 
-def test_the_model_pickles_with_its_default_optimizer():
-    """ddp_spawn pickles the model into each process."""
+def test_the_model_pickles_with_its_default_optimizer_and_schedule_those_of_default_yaml():
+    """ddp_spawn pickles the model into each process; what it unpickles builds the optimizer and schedule that
+    configs/default.yaml spells out for the command line."""
     model = pickle.loads(pickle.dumps(MNISTAdder()))
-    optimizer = model.configure_optimizers()
-    assert type(optimizer) is torch.optim.SGD
-    assert optimizer.defaults == MNISTAdder().configure_optimizers().defaults
-    assert {k: optimizer.defaults[k] for k in ("lr", "momentum", "nesterov")} == {
-        "lr": 0.1,
-        "momentum": 0.9,
-        "nesterov": True,
-    }
+    spelled_out = yaml.safe_load(DEFAULT_CONFIG.read_text())["model"]
+    optimizer = model.optimizer(model.parameters())
+    assert f"{type(optimizer).__module__}.{type(optimizer).__name__}" == "torch.optim.sgd.SGD"
+    assert spelled_out["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert {k: optimizer.defaults[k] for k in spelled_out["optimizer"]["init_args"]} == pytest.approx(
+        spelled_out["optimizer"]["init_args"]
+    )
+    schedule = model.scheduler(optimizer, total_steps=100)
+    assert f"torch.optim.lr_scheduler.{type(schedule).__name__}" == spelled_out["scheduler"]["class_path"]
+    init_args = spelled_out["scheduler"]["init_args"]
+    for _ in range(round(init_args["pct_start"] * 100) - 1):  # the warm-up reaches max_lr at its last step
+        optimizer.step()
+        schedule.step()
+    assert schedule.get_last_lr()[0] == pytest.approx(init_args["max_lr"])
 
 
 def cli_scheduler(**init_args):
