@@ -214,7 +214,7 @@ class NaNOnRankOneBeforeASave(NaNOnRankOne):
         ["--trainer.callbacks+=test_ddp.NaNOnRankOne"],
         [
             "--trainer.callbacks+=test_ddp.NaNOnRankOneBeforeASave",
-            "--checkpoint.every_n_train_steps",
+            "--last_checkpoint.every_n_train_steps",
             "4",
             "--checkpoint.monitor",
             "null",

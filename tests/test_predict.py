@@ -53,7 +53,7 @@ def test_png_round_trip_matches_forward_on_tensors(checkpoint, tmp_path, capsys)
         Image.fromarray(image).save(folder / f"{k}.png")
         lines.append(f"{k}.png,{k % 10}")
     (folder / "inputs.csv").write_text("\n".join(lines) + "\n")
-    output = tmp_path / "out" / "mnist_adder.run.predictions.csv"
+    output = tmp_path / "out" / "predictions.csv"
     predict(checkpoint, folder / "inputs.csv", "--data.predict_output", str(output))
     rows = list(csv.DictReader(output.open()))
     assert list(rows[0]) == ["file", "number", *RESERVED] and len(rows) == 12
@@ -72,7 +72,7 @@ def test_bad_rows_are_reported_and_the_rest_predicted(checkpoint, tmp_path, caps
     with pytest.raises(SystemExit) as end:
         predict(checkpoint, tmp_path / "inputs.csv")
     assert "2 of 3 rows could not be predicted" in str(end.value.code)
-    written = sorted((tmp_path / "lightning_logs").rglob("mnist_adder.run.predictions.csv"))
+    written = sorted((tmp_path / "lightning_logs").rglob("predictions.csv"))
     rows = list(csv.DictReader(written[-1].open()))
     assert rows[0]["pred_digit"] != "" and rows[0]["error"] == ""
     assert "no such file" in rows[1]["error"] and "0..9" in rows[2]["error"]
@@ -85,7 +85,7 @@ def test_bad_manifest_stops_before_any_work(checkpoint, tmp_path, manifest, expe
     with pytest.raises(SystemExit) as end:
         predict(checkpoint, tmp_path / manifest)
     assert expected in str(end.value.code)
-    assert not list((tmp_path / "lightning_logs").rglob("mnist_adder.run.predictions.csv"))
+    assert not list((tmp_path / "lightning_logs").rglob("predictions.csv"))
 
 
 @pytest.mark.slow
@@ -167,8 +167,8 @@ def test_predict_without_a_manifest_writes_the_test_set_with_its_accuracy(checkp
 
 
 def test_trainer_predict_from_python_writes_each_rows_own_answer(checkpoint, tmp_path, synthetic_data_dir):
-    """A plain `Trainer.predict` (no command line) writes the CSV. A manifest file,digit,number,id with unreadable
-    rows between readable ones: the person's four columns come through as written, in their order; each readable
+    """A plain `Trainer.predict` (no command line) with the PredictionsCSV callback writes the CSV. A manifest
+    file,digit,number,id with unreadable rows between readable ones: the person's four columns come through as written, in their order; each readable
     row carries its own picture's answer; an unreadable one its reason and empty prediction columns."""
     rng = np.random.default_rng(1)
     lines = ["file,digit,number,id"]
@@ -182,7 +182,8 @@ def test_trainer_predict_from_python_writes_each_rows_own_answer(checkpoint, tmp
     data = MNISTAdderData(
         data_dir=str(synthetic_data_dir), predict_manifest=str(tmp_path / "inputs.csv"), predict_output=str(output)
     )
-    Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).predict(model, datamodule=data)
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[PredictionsCSV()])
+    trainer.predict(model, datamodule=data)
     rows = list(csv.DictReader(output.open()))
     assert list(rows[0]) == ["file", "digit", "number", "id", *RESERVED]
     assert [[row[c] for c in ("file", "digit", "number", "id")] for row in rows] == [
@@ -232,7 +233,7 @@ def test_pictures_are_read_in_worker_processes_and_answer_as_in_one(
             f.write(f"{os.getpid()}\n")
         return read_picture(path)
 
-    monkeypatch.setattr("datamodule.read_picture", recorded)
+    monkeypatch.setattr("mnist_adder.data.pairs.read_picture", recorded)
     model = MNISTAdder.load_from_checkpoint(checkpoint).eval()
     for workers in (0, 2):
         data = MNISTAdderData(
@@ -243,12 +244,13 @@ def test_pictures_are_read_in_worker_processes_and_answer_as_in_one(
         )
         data.setup("predict")
         assert not readers.exists()
-        trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        writer = PredictionsCSV()
+        trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[writer])
         trainer.predict(model, datamodule=data)
         pids, here = set(readers.read_text().split()), str(os.getpid())
         readers.unlink()
         assert pids == ({here} if workers == 0 else pids - {here}) and len(pids) == max(1, workers)
-        assert next(c for c in trainer.callbacks if isinstance(c, PredictionsCSV)).failed == 3
+        assert writer.failed == 3
     assert (tmp_path / "0.csv").read_bytes() == (tmp_path / "2.csv").read_bytes()
     rows = list(csv.DictReader((tmp_path / "2.csv").open()))
     assert [row["error"].split(":")[0] for row in rows if row["error"]] == [

@@ -66,7 +66,11 @@ def test_resume_from_another_folder_writes_on_into_the_run(
 
 
 @pytest.mark.parametrize(
-    "change, expected", [(["--seed_everything", "1"], "seed 0 -> 1"), (["--data.val_size", "50"], "val_size 100 -> 50")]
+    "change, expected",
+    [
+        (["--seed_everything", "1"], "seed_everything 0, this run sets 1"),
+        (["--data.val_size", "50"], "val_size 100, this"),
+    ],
 )
 def test_resume_with_another_split_is_refused(run_in_runs, synthetic_data_dir, capsys, change, expected):
     last = run_in_runs / "checkpoints" / "last.ckpt"
@@ -84,15 +88,17 @@ def test_resume_with_another_split_is_refused(run_in_runs, synthetic_data_dir, c
         ],
         capsys,
     )
-    assert expected in message and "another split" in message
+    assert expected in message and "the checkpoint decides" in message
 
 
 @pytest.mark.parametrize(
     "change, expected",
     [
-        (["--model.number_features", "64"], "model.number_features 128, this run asks for 64"),
-        (["--data.rotate", "5"], "data.rotate 10.0, this run asks for 5.0"),
-        (["--model.agreement", "1"], "model.agreement 3.0, this run asks for 1.0"),
+        (["--model.number_features", "64"], "model.number_features 128, this run sets 64"),
+        (["--data.rotate", "5"], "data.rotate 10.0, this run sets 5.0"),
+        (["--model.agreement", "1"], "model.agreement 3.0, this run sets 1.0"),
+        (["--model.optimizer.init_args.weight_decay", "0.01"], "model.optimizer.init_args.weight_decay 0.0005, this"),
+        (["--model.scheduler.init_args.pct_start", "0.3"], "model.scheduler.init_args.pct_start 0.2, this run"),
     ],
 )
 def test_resume_with_another_model_or_data_setting_is_refused(
@@ -116,6 +122,32 @@ def test_resume_with_another_model_or_data_setting_is_refused(
     )
     assert expected in message and len(message.strip().splitlines()) == 1
     assert last.stat().st_mtime_ns == before
+
+
+def test_a_setting_in_a_config_file_ckpt_path_included_is_checked_as_on_the_command_line(
+    run_in_runs, synthetic_data_dir, tmp_path, capsys
+):
+    config = tmp_path / "resume.yaml"
+    last = run_in_runs / "checkpoints" / "last.ckpt"
+    config.write_text(f"ckpt_path: {last}\nmodel:\n  hidden: 256\n")
+    args = ["fit", "--config", str(config), "--data.data_dir", str(synthetic_data_dir), *QUIET]
+    assert "model.hidden 512, this run sets 256" in ends_in_clear_error(args, capsys)
+
+
+def test_the_checkpoint_decides_the_settings_a_run_does_not_give(tmp_path, synthetic_data_dir, monkeypatch):
+    """Trained with other model and data settings, a checkpoint is resumed and tested without repeating them."""
+    monkeypatch.chdir(tmp_path)
+    own = ["--model.number_features", "64", "--data.rotate", "5", "--seed_everything", "2"]
+    cli_main(["fit", "--trainer.max_epochs", "1", "--data.data_dir", str(synthetic_data_dir), *QUIET, *own])
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    for subcommand in ("fit", "test"):  # the fit resumes a finished run: it tests the best checkpoint
+        same_length = ["--trainer.max_epochs", "1"] * (subcommand == "fit")  # the schedule's length is the run's
+        cli = cli_main(
+            [subcommand, "--ckpt_path", str(last), *same_length, "--data.data_dir", str(synthetic_data_dir), *QUIET]
+        )
+        assert cli.model.hparams.number_features == 64 and cli.model.net.number.out_features == 64
+        assert cli.datamodule.hparams.seed == 2  # the split and the test pairs of the run
+        assert cli.datamodule.hparams.rotate == (5 if subcommand == "fit" else 10)  # evaluation leaves training's
 
 
 def test_resume_may_change_where_the_data_lives_and_what_is_tested(run_in_runs, synthetic_data_dir):
@@ -187,7 +219,7 @@ def test_evaluating_a_runs_checkpoint_writes_into_that_run(
     assert [p.name for p in run_in_runs.parent.iterdir()] == ["version_0"]
     assert not list((tmp_path / "elsewhere").iterdir())
     assert (run_in_runs / "config.yaml").read_bytes() == config
-    assert (run_in_runs / "mnist_adder.run.predictions.csv").is_file() == (subcommand == "predict")
+    assert (run_in_runs / "predictions.csv").is_file() == (subcommand == "predict")
 
 
 def test_a_checkpoint_outside_any_run_makes_no_run_folder(run_in_runs, tmp_path, synthetic_data_dir, monkeypatch):
@@ -277,7 +309,7 @@ def test_seed_everything_true_and_false(tmp_path, synthetic_data_dir, monkeypatc
 
 @pytest.mark.parametrize(
     "crash, extra, saved_at",
-    [("CrashAtSecondEpoch", [], (0, 10)), ("CrashMidEpoch", ["--checkpoint.every_n_train_steps", "7"], (1, 14))],
+    [("CrashAtSecondEpoch", [], (0, 10)), ("CrashMidEpoch", ["--last_checkpoint.every_n_train_steps", "7"], (1, 14))],
     ids=["epoch end", "mid-epoch"],
 )
 def test_a_resumed_run_logs_what_the_uninterrupted_run_logged(
@@ -354,7 +386,7 @@ def test_two_stops_in_one_epoch_resume_where_each_left_off(tmp_path, synthetic_d
         "3",
         "--trainer.deterministic",
         "true",
-        "--checkpoint.every_n_train_steps",
+        "--last_checkpoint.every_n_train_steps",
         "2",
         "--checkpoint.monitor",
         "null",
