@@ -168,8 +168,9 @@ def test_predict_without_a_manifest_writes_the_test_set_with_its_accuracy(checkp
 
 def test_trainer_predict_from_python_writes_each_rows_own_answer(checkpoint, tmp_path, synthetic_data_dir):
     """A plain `Trainer.predict` (no command line) with the PredictionsCSV callback writes the CSV. A manifest
-    file,digit,number,id with unreadable rows between readable ones: the person's four columns come through as written, in their order; each readable
-    row carries its own picture's answer; an unreadable one its reason and empty prediction columns."""
+    file,digit,number,id with unreadable rows between readable ones: the person's four columns come through as
+    written, in their order; each readable row carries its own picture's answer; an unreadable one its reason and
+    empty prediction columns."""
     rng = np.random.default_rng(1)
     lines = ["file,digit,number,id"]
     for k in range(6):
