@@ -11,6 +11,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from cli import DEFAULT_CONFIG, DESCRIPTION, cli_main
+from conftest import SYNTHETIC_SIZES
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
 from mnist_adder.run.progress import ProgressBar
@@ -21,8 +22,17 @@ SMALL = ["--data.val_size", "100", "--data.batch_size", "50", "--model.channels"
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
 def test_fast_dev_run_each_subcommand(in_tmp, subcommand):
+    """Two batches of each stage, and what each subcommand is for comes out of them."""
     cli = cli_main([subcommand, "--trainer.fast_dev_run", "2", *SMALL])
-    assert cli.trainer.state.finished
+    metrics = cli.trainer.callback_metrics
+    if subcommand == "fit":
+        assert cli.trainer.global_step == 2 and {"test/sum_acc", "test/sum_acc_all_pairs"} <= set(metrics)
+    elif subcommand == "predict":
+        rows = (in_tmp / "predictions.csv").read_text().splitlines()  # fast_dev_run: no logger, no run folder
+        assert rows[0].startswith("index,number,pred_digit") and len(rows) == 1 + SYNTHETIC_SIZES["t10k"]
+    else:
+        stage = {"validate": "val", "test": "test"}[subcommand]
+        assert {f"{stage}/digit_acc", f"{stage}/sum_acc", f"{stage}/digit_ece_uncalibrated"} <= set(metrics)
 
 
 def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):

