@@ -137,7 +137,7 @@ class MNISTAdderData(L.LightningDataModule):
 
     def _eval_loader(self, dataset: Dataset, batch_size: int = 1000, num_workers: int = 0) -> DataLoader:
         # No padding under DDP: every sample is counted exactly once.
-        sampler = Shard(len(dataset), **self._shard())
+        sampler = Shard(dataset, **self._shard())
         return self._loader(dataset, batch_size, sampler, num_workers=num_workers)
 
     def train_dataloader(self) -> DataLoader:

@@ -104,14 +104,12 @@ class MNISTAdder(L.LightningModule):
         self.register_buffer("temperature", torch.ones(2))  # [digit head, sum head]
         self.register_buffer("calibrated_step", torch.tensor(-1))
         self.train_metrics, self.val_metrics, self.test_metrics = (stage_metrics(agreement > 0) for _ in range(3))
-        self.val_metrics["sum_consistency"] = MeanMetric()
+        self.val_metrics.update({"sum_consistency": MeanMetric(), **calibration_metrics()})
+        all_pairs = {"digit_acc": accuracy(10), "sum_acc": accuracy(19), "sum_consistency": MeanMetric()}
+        self.test_metrics.update({**calibration_metrics(), **{f"{k}_all_pairs": m for k, m in all_pairs.items()}})
         self.val_sum_acc_best = MaxMetric(sync_on_compute=False)  # of val/sum_acc, synced already
         self.val_sum_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps its best so far
         self.val_temperatures = Temperatures()
-        self.val_calibration, self.test_calibration = calibration_metrics(), calibration_metrics()
-        self.test_all_pairs = nn.ModuleDict(
-            {"digit_acc": accuracy(10), "sum_acc": accuracy(19), "sum_consistency": MeanMetric()}
-        )
 
     def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         return self.calibrated(self.net(images, numbers))
@@ -138,15 +136,15 @@ class MNISTAdder(L.LightningModule):
         optimizer.step()  # clips the gradients in on_before_optimizer_step
         if self.hparams.scheduler_interval == "step":
             self._step_scheduler()
-        self._log_stage("train", self.train_metrics, logits, batch, losses)
+        update_stage(self.train_metrics, logits, batch["digit"], batch["sum"], losses)
         self.log("loss", losses.loss, prog_bar=True)
         return losses.loss  # for callbacks (StopOnNonFiniteLoss)
 
-    def _log_stage(self, stage: str, metrics: nn.ModuleDict, logits, batch: dict, losses: Losses) -> None:
-        update_stage(metrics, logits, batch["digit"], batch["sum"], losses)
+    def _log_epoch(self, stage: str, metrics: nn.ModuleDict) -> None:
+        # The metric objects, once an epoch: Lightning computes (syncs) and resets them; a call per step costs time.
         for name, metric in metrics.items():
-            shown = stage == "val" and name.endswith("acc")  # on the progress bar
-            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=shown, add_dataloader_idx=False)
+            if metric.update_called:
+                self.log(f"{stage}/{name}", metric, prog_bar=stage == "val" and name.endswith("acc"))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this inside optimizer.step(), after a grad scaler (16-mixed) has unscaled the gradients.
@@ -161,6 +159,7 @@ class MNISTAdder(L.LightningModule):
             check_schedule_length(scheduler, self.trainer, self.hparams.scheduler_interval)
 
     def on_train_epoch_end(self) -> None:
+        self._log_epoch("train", self.train_metrics)
         if self.hparams.scheduler_interval == "epoch":
             self._step_scheduler()
 
@@ -171,10 +170,11 @@ class MNISTAdder(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.net(batch["image"], batch["number"])  # raw: the losses and accuracies of the net itself
-        self.val_metrics["sum_consistency"].update(sum_consistency(logits, batch["number"]).float())
-        self._log_stage("val", self.val_metrics, logits, batch, self.losses(logits, batch["digit"], batch["number"]))
-        update_calibration(self.val_calibration, "_uncalibrated", logits, batch["digit"], batch["sum"])
-        self.val_temperatures.update(logits, batch["digit"], batch["sum"])
+        metrics, digits, sums = self.val_metrics, batch["digit"], batch["sum"]
+        update_stage(metrics, logits, digits, sums, self.losses(logits, digits, batch["number"]))
+        metrics["sum_consistency"].update(sum_consistency(logits, batch["number"]).float())
+        update_calibration(metrics, "_uncalibrated", logits, digits, sums)
+        self.val_temperatures.update(logits, digits, sums)
         return logits  # for callbacks (the dashboard's confusion matrix and misclassified samples)
 
     def on_validation_epoch_end(self) -> None:
@@ -182,34 +182,29 @@ class MNISTAdder(L.LightningModule):
             self.temperature.copy_(self.val_temperatures.compute())  # from every process's logits, the same everywhere
             self.calibrated_step.fill_(self.global_step)
             logits, digits, sums = self.val_temperatures.local()
-            update_calibration(self.val_calibration, "", self.calibrated(logits), digits, sums)
+            update_calibration(self.val_metrics, "", self.calibrated(logits), digits, sums)
             self.val_sum_acc_best(self.val_metrics["sum_acc"].compute())  # compute() syncs; Lightning reuses it
             # The value, not the object, which Lightning would reset every epoch; reduced once, here.
             self.log("val/sum_acc_best", self.val_sum_acc_best.compute(), sync_dist=True)
         self.val_temperatures.reset()
-        for name, metric in self.val_calibration.items():
-            if metric.update_called:
-                self.log(f"val/{name}", metric)
+        self._log_epoch("val", self.val_metrics)  # in the sanity check too: Lightning then resets them
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        metrics, digits, sums = self.test_metrics, batch["digit"], batch["sum"]
         if batch["number"].ndim == 1:
             logits = self.net(batch["image"], batch["number"])
-            self._log_stage(
-                "test", self.test_metrics, logits, batch, self.losses(logits, batch["digit"], batch["number"])
-            )
-            for suffix, scaled in (("", self.calibrated(logits)), ("_uncalibrated", logits)):
-                update_calibration(self.test_calibration, suffix, scaled, batch["digit"], batch["sum"])
-            for name, metric in self.test_calibration.items():
-                self.log(f"test/{name}", metric, add_dataloader_idx=False)
+            update_stage(metrics, logits, digits, sums, self.losses(logits, digits, batch["number"]))
+            update_calibration(metrics, "", self.calibrated(logits), digits, sums)
+            update_calibration(metrics, "_uncalibrated", logits, digits, sums)
             return
         logits = self.net.paired_logits(batch["image"], batch["number"])  # each image with all ten numbers
         digit_logits, sum_logits = split_logits(logits)
-        pairs = batch["number"].shape[1]
-        self.test_all_pairs["digit_acc"].update(digit_logits, batch["digit"].repeat_interleave(pairs))
-        self.test_all_pairs["sum_acc"].update(sum_logits, batch["sum"].flatten())
-        self.test_all_pairs["sum_consistency"].update(sum_consistency(logits, batch["number"].flatten()).float())
-        for name, metric in self.test_all_pairs.items():
-            self.log(f"test/{name}_all_pairs", metric, add_dataloader_idx=False)
+        metrics["digit_acc_all_pairs"].update(digit_logits, digits.repeat_interleave(batch["number"].shape[1]))
+        metrics["sum_acc_all_pairs"].update(sum_logits, sums.flatten())
+        metrics["sum_consistency_all_pairs"].update(sum_consistency(logits, batch["number"].flatten()).float())
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test", self.test_metrics)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         digit_logits, sum_logits = split_logits(self(batch["image"], batch["number"]))

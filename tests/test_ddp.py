@@ -59,14 +59,14 @@ class CountTestSamples(Callback):
     def on_test_epoch_end(self, trainer, pl_module):  # runs before the module's hook, which syncs and logs
         counts = {
             "images": pl_module.test_metrics["digit_loss"].weight.item(),
-            "pairs": pl_module.test_all_pairs["sum_consistency"].weight.item(),
+            "pairs": pl_module.test_metrics["sum_consistency_all_pairs"].weight.item(),
         }
         torch.save(counts, self.folder / f"counts{trainer.global_rank}.pt")
 
 
 def new_model():
     torch.manual_seed(0)
-    return MNISTAdder(channels=(8, 16, 16), hidden=32, optimizer=partial(torch.optim.SGD, lr=0.05))
+    return MNISTAdder(channels=(8, 16, 16), hidden=32, optimizer=partial(torch.optim.SGD, lr=0.05), scheduler=None)
 
 
 def new_data(data_dir, batch_size):

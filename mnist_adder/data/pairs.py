@@ -7,7 +7,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mnist_adder.data.photos import read_picture
 
@@ -155,12 +155,13 @@ class EpochSampler(DistributedSampler):
         self.dataset.set_epoch(epoch, self.rank)
 
 
-class Shard(Sampler):
+class Shard(DistributedSampler):
     """This process's share of an evaluation set, in order and without padding (DistributedSampler repeats samples
-    to even the shares out): every sample is counted exactly once."""
+    to even the shares out): every sample is counted exactly once. A DistributedSampler, so Lightning keeps it."""
 
-    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0):
-        self.indices = range(rank, size, num_replicas)
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = range(rank, len(dataset), num_replicas)
 
     def __iter__(self):
         return iter(self.indices)
