@@ -65,8 +65,11 @@ class CountTestSamples(Callback):
 
 
 def new_model():
+    """One conv a stage: with the default's two, float32 alone ends 7e-4 from float64 on the first conv after
+    these 4 steps (six BatchNorms over batches of 25), too near what a wrongly reduced gradient would show."""
     torch.manual_seed(0)
-    return MNISTAdder(channels=(8, 16, 16), hidden=32, optimizer=partial(torch.optim.SGD, lr=0.05), scheduler=None)
+    sgd = partial(torch.optim.SGD, lr=0.05)
+    return MNISTAdder(channels=(8, 16, 16), convs_per_stage=1, hidden=32, optimizer=sgd, scheduler=None)
 
 
 def new_data(data_dir, batch_size):
