@@ -147,7 +147,14 @@ def test_tensorboard_opens_on_the_dashboard_after_a_default_run(default_checkpoi
     )
     page = browser_page
     page.goto(url + "#custom_scalars")
-    for title in ("digit accuracy", "sum accuracy", "losses", "learning rate", "sum = predicted digit + number"):
+    for title in (
+        "digit accuracy",
+        "sum accuracy",
+        "losses",
+        "learning rate",
+        "sum = predicted digit + number",
+        "calibration error",
+    ):
         page.get_by_text(title, exact=True).first.wait_for(timeout=60_000)
     page.wait_for_timeout(3000)  # the charts draw their lines
     keep_screenshot(page, "dashboard.png")

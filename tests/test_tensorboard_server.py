@@ -8,6 +8,7 @@ import urllib.request
 import pytest
 
 from cli import cli_main
+from mnist_adder.run.dashboard import CHARTS
 
 
 @pytest.mark.slow
@@ -57,10 +58,11 @@ def test_tensorboard_server_serves_both_accuracies(tmp_path, synthetic_data_dir,
             tags = json.load(response)
         served = {tag for run in tags.values() for tag in run}
         assert {"val/digit_acc", "val/sum_acc", "test/sum_acc_all_pairs", "lr-SGD", "val/sum_consistency"} <= served
+        assert {"val/digit_ece", "val/sum_ece_uncalibrated"} <= served
         with urllib.request.urlopen(f"{url}/data/plugin/custom_scalars/layout", timeout=30) as response:
             layout = json.load(response)
         charts = [chart["title"] for category in layout["category"] for chart in category["chart"]]
-        assert charts == ["digit accuracy", "sum accuracy", "losses", "learning rate", "sum = predicted digit + number"]
+        assert charts == [title for title, _ in CHARTS]  # the dashboard's, in its order
         request = urllib.request.Request(
             f"{url}/data/plugin/hparams/experiment",
             data=b'{"experimentName": ""}',
