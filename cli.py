@@ -50,7 +50,8 @@ DESCRIPTION = """mnist-adder: a network reads an MNIST digit and a number 0-9 an
 `python cli.py fit --help` lists every option with the value a plain `python cli.py fit` uses."""
 
 
-# Raised inside Lightning and torch, about their own internals: nothing a user of this project can change.
+# Warnings a user of this project can do nothing about: LightningCLI's when cli_main(args) runs from Python while
+# sys.argv holds another program's arguments (pytest's); torch's about its own internals.
 UNACTIONABLE_WARNINGS = ["LightningCLI's args parameter", r"`isinstance\(treespec, LeafSpec\)` is deprecated"]
 
 
@@ -91,8 +92,9 @@ class AdderCLI(LightningCLI):
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_data_seed)
 
     def parse_arguments(self, parser, args) -> None:
-        """As LightningCLI's; with a ckpt_path (on the command line or in a --config file), the checkpoint is read,
-        once, and decides the settings it was trained with (checkpoints.apply_checkpoint)."""
+        """As LightningCLI's; with a ckpt_path (on the command line or in a --config file), the checkpoint is read
+        (here, for one clear line on a bad file; LightningCLI and the Trainer read it again) and decides the settings
+        it was trained with (checkpoints.apply_checkpoint)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
@@ -144,7 +146,10 @@ class AdderCLI(LightningCLI):
                 )
             )
         self._place_logs(config, ckpt_path)
-        show_bar = trainer.enable_progress_bar is not False and sys.stdout.isatty()
+        bar = trainer.enable_progress_bar
+        show_bar = bar or (bar is None and sys.stdout.isatty())
+        if not show_bar:  # the epoch lines instead; left unset, Lightning would add its own bar beside them
+            trainer.enable_progress_bar = False
         self.trainer_defaults["callbacks"].append(ProgressBar() if show_bar else EpochLog())
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
@@ -248,7 +253,7 @@ class AdderCLI(LightningCLI):
 
 def cli_main(args=None, run: bool = True) -> AdderCLI:
     """``run=False`` only builds the model, data module and trainer from the configs (no subcommand)."""
-    args = sys.argv[1:] if args is None else list(args)
+    args = None if args is None else list(args)  # None: LightningCLI reads sys.argv
     defaults = {"default_config_files": [str(DEFAULT_CONFIG)]}  # the base of every run; --config overrides it
     parser_kwargs = (
         {"description": DESCRIPTION, "formatter_class": HelpFormatter, **{name: defaults for name in SUBCOMMANDS}}

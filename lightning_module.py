@@ -60,6 +60,9 @@ class MNISTAdder(L.LightningModule):
     Logged per stage (train, val, test), as epoch means: ``digit_acc``, ``sum_acc``, ``loss``, the objective
     minimised, ``digit_loss`` + ``sum_loss_weight`` * (``sum_loss`` + ``agreement``); ``digit_loss``;
     ``sum_loss``; ``agreement``, only when it is on. The training step logs ``loss`` at Lightning's cadence.
+    Validation and test log each head's calibration error, ``{head}_ece_uncalibrated`` (temperature 1) and
+    ``{head}_ece``: in validation with the temperatures fitted on that very pass (in-sample), in test with the
+    checkpoint's (the honest figure).
     """
 
     def __init__(
@@ -184,7 +187,8 @@ class MNISTAdder(L.LightningModule):
             logits, digits, sums = self.val_temperatures.local()
             update_calibration(self.val_metrics, "", self.calibrated(logits), digits, sums)
             self.val_sum_acc_best(self.val_metrics["sum_acc"].compute())  # compute() syncs; Lightning reuses it
-            # The value, not the object, which Lightning would reset every epoch; reduced once, here.
+            # The value, not the object, which Lightning would reset every epoch. It is the same on every process;
+            # sync_dist (a mean of equal values) tells Lightning so.
             self.log("val/sum_acc_best", self.val_sum_acc_best.compute(), sync_dist=True)
         self.val_temperatures.reset()
         self._log_epoch("val", self.val_metrics)  # in the sanity check too: Lightning then resets them
@@ -228,6 +232,8 @@ class MNISTAdder(L.LightningModule):
         own_metric_states(self)  # runs before a restore
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "calibrated_step" not in checkpoint["state_dict"]:
+            raise ValueError("this checkpoint was written by an older version of this model: train it anew")
         calibrated = int(checkpoint["state_dict"]["calibrated_step"])
         if calibrated < 0:
             rank_zero_warn("this checkpoint was saved before any validation: its probabilities are not calibrated")

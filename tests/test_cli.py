@@ -14,6 +14,7 @@ from cli import DEFAULT_CONFIG, DESCRIPTION, cli_main
 from conftest import SYNTHETIC_SIZES
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
+from mnist_adder.run.checkpoints import flat
 from mnist_adder.run.progress import ProgressBar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,11 +105,14 @@ def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
-def test_every_config_parses(config, capsys):
+def test_every_config_parses_and_every_value_it_sets_is_in_effect(config, capsys):
+    path = ROOT / "configs" / config
     with pytest.raises(SystemExit) as end:
-        cli_main(["fit", "--config", str(ROOT / "configs" / config), "--print_config"])
+        cli_main(["fit", "--config", str(path), "--print_config"])
     assert end.value.code in (0, None)
-    assert "sum_loss:" in capsys.readouterr().out
+    printed = flat(yaml.safe_load(capsys.readouterr().out))
+    for key, value in flat(yaml.safe_load(path.read_text())).items():
+        assert printed[key] == value, key  # e.g. gpu.yaml's bf16-mixed, fast.yaml's one conv a stage
 
 
 def test_the_classes_with_no_arguments_are_the_default_run(tmp_path, capsys):

@@ -1,14 +1,17 @@
 """The README's commands and the configs' comments cannot go stale silently."""
 
+import inspect
 import re
 import runpy
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from cli import cli_main
+from lightning_module import MNISTAdder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,3 +89,10 @@ def test_config_comments_state_no_measured_figure():
         for number, line in enumerate(config.read_text().splitlines(), 1):
             comment = line.partition("#")[2]
             assert not figure.search(comment), f"{config.name}:{number} states a figure: {comment.strip()}"
+
+
+def test_the_readme_prints_the_training_step_as_it_is():
+    """The README's lesson is the step itself: a change to `training_step` that the README does not follow fails."""
+    printed = re.search(r"```python\n(\s*def training_step.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert printed, "the README prints no training_step"
+    assert textwrap.dedent(printed.group(1)) == textwrap.dedent(inspect.getsource(MNISTAdder.training_step))
