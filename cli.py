@@ -28,6 +28,7 @@ from mnist_adder.run.checkpoints import (
     SaveOnInterrupt,
     apply_checkpoint,
     check_weights,
+    named_settings,
     newest_checkpoint,
     read_checkpoint,
     run_folder,
@@ -102,7 +103,8 @@ class AdderCLI(LightningCLI):
         self.checkpoint = read_checkpoint(str(path)) if path else None
         if self.checkpoint is not None:
             defaults = parser.parse_args([subcommand])[subcommand]
-            apply_checkpoint(config, defaults, self.checkpoint, str(path), evaluating=subcommand != "fit")
+            named = named_settings(sys.argv[1:] if args is None else args, config.get("config") or [])
+            apply_checkpoint(config, defaults, named, self.checkpoint, str(path), evaluating=subcommand != "fit")
 
     def before_instantiate_classes(self) -> None:
         """Settings that Lightning would take badly, turned into what the user meant or one clear error."""

@@ -99,6 +99,7 @@ def test_resume_with_another_split_is_refused(run_in_runs, synthetic_data_dir, c
         (["--model.agreement", "1"], "model.agreement 3.0, this run sets 1.0"),
         (["--model.optimizer.init_args.weight_decay", "0.01"], "model.optimizer.init_args.weight_decay 0.0005, this"),
         (["--model.scheduler.init_args.pct_start", "0.3"], "model.scheduler.init_args.pct_start 0.2, this run"),
+        (["--data.batch_size", "256"], "data.batch_size 50, this run sets 256"),  # given, though the default
     ],
 )
 def test_resume_with_another_model_or_data_setting_is_refused(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
@@ -81,11 +82,20 @@ def checkpoint_settings(checkpoint: dict) -> dict:
     return {**flat(model, "model."), **flat({k: v for k, v in data.items() if k != "seed"}, "data."), **seed}
 
 
-def apply_checkpoint(config, defaults, checkpoint: dict, path: str, evaluating: bool) -> None:
+def named_settings(args: list[str], config_files) -> set[str]:
+    """The dotted keys a run names itself, on the command line or in a --config file, whatever their value."""
+    names = {arg[2:].partition("=")[0] for arg in args if arg.startswith("--")}
+    for file in map(Path, map(str, config_files)):
+        if file.is_file():
+            names |= set(flat(yaml.safe_load(file.read_text()) or {}))
+    return names
+
+
+def apply_checkpoint(config, defaults, named: set[str], checkpoint: dict, path: str, evaluating: bool) -> None:
     """LightningCLI's rule, for the data and the seed as for the model: the checkpoint decides. A setting this run
-    gives (one that differs from its default: from the command line or a --config file) and the checkpoint contradicts
-    ends in ValueError, in one line; the data settings and seed it does not give become the checkpoint's, in `config`.
-    LightningCLI itself then puts the checkpoint's model settings in."""
+    gives (`named`, or one that differs from its default) and the checkpoint contradicts ends in ValueError, in one
+    line; the data settings and seed it does not give become the checkpoint's, in `config`. LightningCLI itself then
+    puts the checkpoint's model settings in."""
     saved, asked, default = checkpoint_settings(checkpoint), flat(config), flat(defaults)
     unknown = sorted(k for k in saved if k.startswith("model.") and k.split(".")[1] not in config.model)
     if unknown:
@@ -97,7 +107,8 @@ def apply_checkpoint(config, defaults, checkpoint: dict, path: str, evaluating: 
     for key, value in saved.items():
         if key.startswith(free) or key not in asked:
             continue
-        if asked[key] != default.get(key) and asked[key] != value:
+        given = asked[key] != default.get(key) or any(key == n or key.startswith(f"{n}.") for n in named)
+        if given and asked[key] != value:
             raise ValueError(
                 f"ckpt_path {path!r} was trained with {key} {value}, this run sets {asked[key]}: leave the option "
                 "out (the checkpoint decides), or start a new run without --ckpt_path"
