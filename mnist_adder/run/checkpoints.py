@@ -1,5 +1,5 @@
-"""Checkpoints: a clear word on a bad one or a resume that cannot be exact, before any work; where they
-are; a last.ckpt after every epoch, and one when Ctrl-C or SIGTERM stops a fit."""
+"""Checkpoints: a clear word on a bad one, before any work; the settings a checkpoint decides on resume; where they
+are; one written when Ctrl-C or SIGTERM stops a fit; every one written whole."""
 
 import io
 import pickle
@@ -59,8 +59,14 @@ def check_weights(checkpoint: dict, path: str, model: L.LightningModule) -> None
 
 # Data settings a checkpoint leaves to the run: where the data lives and how it is held, what is tested or predicted
 # and by how many workers. Evaluation also leaves the training-only ones.
-FREE = ("data.data_dir", "data.on_device", "data.test_pairs", "data.predict_manifest", "data.predict_output")
-FREE += ("data.num_workers",)
+FREE = (
+    "data.data_dir",
+    "data.on_device",
+    "data.num_workers",
+    "data.test_pairs",
+    "data.predict_manifest",
+    "data.predict_output",
+)
 FREE_IN_EVALUATION = ("data.batch_size", "data.rotate", "data.translate", "data.scale")
 
 
@@ -76,10 +82,13 @@ def flat(value, prefix: str = "") -> dict:
 def checkpoint_settings(checkpoint: dict) -> dict:
     """What a checkpoint decides, as {dotted key: value}: its model settings (optimizer and scheduler included when
     LightningCLI built the model), its data settings, and the seed."""
-    model = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
-    data = checkpoint.get("datamodule_hyper_parameters", {})
-    seed = {"seed_everything": data["seed"]} if "seed" in data else {}
-    return {**flat(model, "model."), **flat({k: v for k, v in data.items() if k != "seed"}, "data."), **seed}
+
+    def settings(section: str) -> dict:  # without the instantiator LightningCLI records beside them
+        return {k: v for k, v in checkpoint.get(section, {}).items() if k != "_instantiator"}
+
+    model, data = settings("hyper_parameters"), settings("datamodule_hyper_parameters")
+    seed = {"seed_everything": data.pop("seed")} if "seed" in data else {}
+    return {**flat(model, "model."), **flat(data, "data."), **seed}
 
 
 def named_settings(args: list[str], config_files) -> set[str]:
