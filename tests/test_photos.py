@@ -68,6 +68,15 @@ def test_blank_picture_has_no_ink():
         to_mnist(np.full((40, 40), 0.8, dtype=np.float32))
 
 
+def test_a_digit_cut_off_by_the_edge_is_refused_and_the_whole_one_is_read():
+    paper = np.ones((60, 60), np.float32)
+    paper[10:50, 27:33] = 0.1  # a bar of dark ink, a "1" with a margin all round
+    assert to_mnist(paper).sum() > 0
+    paper[:10, 27:33] = 0.1  # the bar now runs into the top edge
+    with pytest.raises(PhotoError, match="runs off the picture's edge"):
+        to_mnist(paper)
+
+
 def test_manifest_rows_each_get_their_own_error(tmp_path):
     printed_digit(5, 0, np.random.default_rng(4)).save(tmp_path / "five.png")
     Image.new("RGB", (30, 30), "white").save(tmp_path / "blank.png")

@@ -61,6 +61,9 @@ def to_mnist(gray: np.ndarray) -> torch.Tensor:
         raise PhotoError("no ink found (the picture is blank or has too little contrast)")
     level = _otsu(ink)  # between the paper's residue and the strokes: half of it is taken as black
     ink = np.clip((ink - level / 2) / (np.percentile(ink[ink >= level], 90) - level / 2), 0, 1)
+    band = max(1, round(EDGE * max(ink.shape)))
+    if ink[band:-band, band:-band].sum() < (1 - EDGE_INK) * ink.sum():
+        raise PhotoError("the ink runs off the picture's edge: a digit cut off? Leave a margin around it")
     top, bottom = _span(ink.sum(1))
     left, right = _span(ink.sum(0))
     ink = ink[top : bottom + 1, left : right + 1]
@@ -77,6 +80,7 @@ def to_mnist(gray: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(canvas).unsqueeze(0)
 
 
+EDGE, EDGE_INK = 0.02, 0.01  # more than 1 % of the ink within 2 % of the picture's edge: it runs off it
 WORK_SIZE = 512  # the ink is worked out on a copy this large (longer side): plenty for a 20 px digit
 DECODE_SIZE = 3 * WORK_SIZE // 2  # a JPEG is decoded at least this large (longer side): a margin over WORK_SIZE
 PAPER_SIZE = 64  # the background is estimated on a copy this large (longer side): fast, and smooth anyway

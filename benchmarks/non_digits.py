@@ -1,0 +1,188 @@
+"""Pictures that are not one digit, made here from a seed, in six kinds, each photographed as a phone would
+(tests/phone.py) and read back as `predict` reads a photo.
+
+The validation and held-out test sets share no glyph, no font and no MNIST image: validation draws letters and
+symbols from `GLYPHS["val"]`, fonts from DejaVu and digits from the validation split; test from the other half,
+Liberation fonts and the official test set. Letters that are read as digits by people too (O, I, l, S, Z, B, b,
+g, q) and strokes like "/", "(" or "|" are in neither.
+"""
+
+import glob
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from phone import phone_photo
+
+SIZE = 84  # the ink is drawn on an 84x84 canvas (three times MNIST's), white on black
+GLYPHS = {"val": "ACEFHKMNRVWXYacefhkmnrw#%&+=?@<", "test": "DGJLPTUdhjtuvxy*$€^~>"}
+FONTS = {
+    "val": sorted(glob.glob("/usr/share/fonts/truetype/dejavu/DejaVu*.ttf")),
+    "test": sorted(glob.glob("/usr/share/fonts/truetype/liberation/Liberation*.ttf")),
+}
+# Hand-drawn glyphs as strokes (polylines in the unit square, y down), drawn with a wobbly hand.
+STROKES = {
+    "val": {
+        "A": [[(0.1, 1), (0.5, 0), (0.9, 1)], [(0.28, 0.6), (0.72, 0.6)]],
+        "X": [[(0.1, 0), (0.9, 1)], [(0.9, 0), (0.1, 1)]],
+        "H": [[(0.15, 0), (0.15, 1)], [(0.85, 0), (0.85, 1)], [(0.15, 0.5), (0.85, 0.5)]],
+        "K": [[(0.2, 0), (0.2, 1)], [(0.85, 0), (0.2, 0.55)], [(0.4, 0.4), (0.85, 1)]],
+        "M": [[(0.05, 1), (0.15, 0), (0.5, 0.7), (0.85, 0), (0.95, 1)]],
+        "E": [[(0.85, 0), (0.2, 0), (0.2, 1), (0.85, 1)], [(0.2, 0.5), (0.7, 0.5)]],
+        "#": [[(0.35, 0), (0.3, 1)], [(0.7, 0), (0.65, 1)], [(0, 0.35), (1, 0.35)], [(0, 0.68), (1, 0.68)]],
+        "+": [[(0.5, 0.05), (0.5, 0.95)], [(0.05, 0.5), (0.95, 0.5)]],
+    },
+    "test": {
+        "W": [[(0, 0), (0.25, 1), (0.5, 0.35), (0.75, 1), (1, 0)]],
+        "N": [[(0.15, 1), (0.15, 0), (0.85, 1), (0.85, 0)]],
+        "F": [[(0.85, 0), (0.2, 0), (0.2, 1)], [(0.2, 0.5), (0.7, 0.5)]],
+        "Y": [[(0.1, 0), (0.5, 0.5), (0.9, 0)], [(0.5, 0.5), (0.5, 1)]],
+        "R": [[(0.2, 1), (0.2, 0), (0.75, 0.05), (0.8, 0.3), (0.7, 0.48), (0.2, 0.5)], [(0.45, 0.5), (0.85, 1)]],
+        "*": [[(0.5, 0), (0.5, 1)], [(0.07, 0.25), (0.93, 0.75)], [(0.93, 0.25), (0.07, 0.75)]],
+        "=": [[(0.05, 0.35), (0.95, 0.35)], [(0.05, 0.65), (0.95, 0.65)]],
+        "%": [[(0.85, 0), (0.15, 1)], *[[(x + 0.15 * np.cos(a), y + 0.15 * np.sin(a)) for a in np.linspace(0, 6.3, 13)]
+                                         for x, y in ((0.2, 0.2), (0.8, 0.8))]],
+    },
+}
+KINDS = ("printed", "hand-drawn", "several digits", "cut-off digit", "scribble", "strokes and noise")
+
+
+def _canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    canvas = Image.new("L", (SIZE, SIZE), 0)
+    return canvas, ImageDraw.Draw(canvas)
+
+
+def _ink(canvas: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    blurred = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 1.2))))
+    return np.asarray(blurred, dtype=np.float32) / 255
+
+
+def _box(rng: np.random.Generator, low: float = 0.45, high: float = 0.85) -> tuple[float, float, float, float]:
+    """(left, top, width, height) of a glyph on the canvas, in pixels."""
+    width, height = SIZE * rng.uniform(low, high), SIZE * rng.uniform(low, high)
+    return rng.uniform(0, SIZE - width), rng.uniform(0, SIZE - height), width, height
+
+
+def printed(split: str, rng: np.random.Generator, _digits: np.ndarray) -> np.ndarray:
+    canvas, draw = _canvas()
+    glyph = GLYPHS[split][rng.integers(len(GLYPHS[split]))]
+    fonts = FONTS[split]
+    size = int(rng.integers(40, 70))
+    font = ImageFont.truetype(fonts[rng.integers(len(fonts))], size) if fonts else ImageFont.load_default(size)
+    left, top, right, bottom = draw.textbbox((0, 0), glyph, font=font)
+    x = (SIZE - (right - left)) / 2 - left + rng.uniform(-6, 6)
+    y = (SIZE - (bottom - top)) / 2 - top + rng.uniform(-6, 6)
+    draw.text((x, y), glyph, fill=255, font=font)
+    return _ink(canvas, rng)
+
+
+def _polyline(draw: ImageDraw.ImageDraw, points: np.ndarray, width: int) -> None:
+    draw.line([tuple(p) for p in points], fill=255, width=width, joint="curve")
+    for x, y in points[[0, -1]]:  # round ends, as a pen leaves them
+        draw.ellipse((x - width / 2, y - width / 2, x + width / 2, y + width / 2), fill=255)
+
+
+def hand_drawn(split: str, rng: np.random.Generator, _digits: np.ndarray) -> np.ndarray:
+    canvas, draw = _canvas()
+    glyphs = STROKES[split]
+    strokes = glyphs[list(glyphs)[rng.integers(len(glyphs))]]
+    left, top, width, height = _box(rng, 0.5, 0.85)
+    shear, width_px = rng.uniform(-0.25, 0.25), int(rng.integers(4, 10))
+    for stroke in strokes:
+        points = np.asarray(stroke, dtype=np.float64)
+        dense = np.concatenate([np.linspace(a, b, 8, endpoint=False) for a, b in zip(points[:-1], points[1:])])
+        dense = np.vstack([dense, points[-1:]])
+        dense += np.cumsum(rng.normal(0, 0.012, dense.shape), axis=0)  # a hand wobbles, and drifts
+        x = left + (dense[:, 0] + shear * (1 - dense[:, 1])) * width / (1 + abs(shear))
+        _polyline(draw, np.stack([x, top + dense[:, 1] * height], 1), width_px)
+    return _ink(canvas, rng)
+
+
+def several_digits(_split: str, rng: np.random.Generator, digits: np.ndarray) -> np.ndarray:
+    count = int(rng.choice([2, 2, 2, 3]))
+    picked = digits[rng.choice(len(digits), count, replace=False)]
+    step = int(rng.uniform(16, 24))  # MNIST digits are 20 px wide at most: the digits nearly touch, or not
+    strip = np.zeros((28 + 8, step * (count - 1) + 28), dtype=np.float32)
+    for k, digit in enumerate(picked):
+        dy = int(rng.integers(0, 9))
+        strip[dy : dy + 28, k * step : k * step + 28] = np.maximum(strip[dy : dy + 28, k * step : k * step + 28], digit)
+    side = max(strip.shape) + 4
+    square = np.zeros((side, side), dtype=np.float32)  # the phone writes a square; the strip sits in it
+    top, left = (side - strip.shape[0]) // 2, (side - strip.shape[1]) // 2
+    square[top : top + strip.shape[0], left : left + strip.shape[1]] = strip
+    return square
+
+
+def cut_off_digit(_split: str, rng: np.random.Generator, digits: np.ndarray) -> np.ndarray:
+    """A digit of which the picture holds 40-65 %: the rest lies beyond one of its edges (see `photograph`)."""
+    return digits[rng.integers(len(digits))]
+
+
+def scribble(_split: str, rng: np.random.Generator, _digits: np.ndarray) -> np.ndarray:
+    """A pen that loops back and forth: each coordinate a sum of three waves of random frequency and phase."""
+    canvas, draw = _canvas()
+    t = np.linspace(0, 2 * np.pi, 200)
+    waves = [
+        sum(rng.uniform(0.3, 1) * np.sin(f * t + rng.uniform(0, 2 * np.pi)) for f in rng.uniform(0.5, 4, 3))
+        for _ in range(2)
+    ]
+    points = np.stack(waves, 1)
+    points -= points.min(0)
+    points *= SIZE * rng.uniform(0.5, 0.9, 2) / np.maximum(points.max(0), 1e-6)
+    points += rng.uniform(0, SIZE - points.max(0))
+    _polyline(draw, points, int(rng.integers(3, 9)))
+    return _ink(canvas, rng)
+
+
+def strokes_and_noise(_split: str, rng: np.random.Generator, _digits: np.ndarray) -> np.ndarray:
+    canvas, draw = _canvas()
+    kind = rng.integers(3)
+    if kind == 0:  # straight strokes every which way
+        for _ in range(int(rng.integers(3, 8))):
+            _polyline(draw, rng.uniform(4, SIZE - 4, (2, 2)), int(rng.integers(3, 9)))
+        return _ink(canvas, rng)
+    if kind == 1:  # dots and blobs
+        for _ in range(int(rng.integers(5, 25))):
+            x, y, r = *rng.uniform(6, SIZE - 6, 2), rng.uniform(2, 7)
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
+        return _ink(canvas, rng)
+    noise = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8))  # smudged noise, thresholded
+    smooth = np.asarray(noise.filter(ImageFilter.GaussianBlur(float(rng.uniform(1.5, 4)))))
+    return (smooth > np.quantile(smooth, rng.uniform(0.6, 0.85))).astype(np.float32)
+
+
+MAKERS: dict[str, Callable[[str, np.random.Generator, np.ndarray], np.ndarray]] = dict(
+    zip(KINDS, (printed, hand_drawn, several_digits, cut_off_digit, scribble, strokes_and_noise))
+)
+
+
+def photograph(kind: str, ink: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """`ink` as a phone photographs it; a cut-off digit's photo is then cropped through the digit, found as where
+    the photo differs from one of blank paper taken with the same draws."""
+    blank_rng = np.random.default_rng()
+    blank_rng.bit_generator.state = rng.bit_generator.state
+    picture = phone_photo(ink, rng)
+    if kind != "cut-off digit":
+        return picture
+    paper = phone_photo(np.zeros_like(ink), blank_rng)
+    difference = np.abs(np.asarray(picture, np.float32) - np.asarray(paper, np.float32)).max(2)
+    rows, cols = np.nonzero(difference > 60)  # the digit's strokes
+    keep = rng.uniform(0.4, 0.65)
+    box = [0, 0, picture.width, picture.height]  # left, top, right, bottom
+    edge = int(rng.integers(4))  # the picture ends inside the digit: at its right, left, bottom or top
+    strokes = cols if edge < 2 else rows
+    low, high = int(strokes.min()), int(strokes.max())
+    kept = int(keep * (high - low))
+    box[(2, 0, 3, 1)[edge]] = low + kept if edge % 2 == 0 else high - kept
+    return picture.crop(tuple(box))
+
+
+def non_digit_photos(split: str, per_kind: int, digits: np.ndarray, seed: int = 0) -> dict[str, list[Image.Image]]:
+    """`per_kind` phone photos of each kind; `digits` (float [N, 28, 28], white on black): the MNIST images the
+    several-digit and cut-off pictures are made of."""
+    rng = np.random.default_rng([seed, ("val", "test").index(split)])
+    return {
+        kind: [photograph(kind, make(split, rng, digits), rng) for _ in range(per_kind)]
+        for kind, make in MAKERS.items()
+    }
