@@ -36,9 +36,12 @@ def drawn(drawing: dict | None) -> Image.Image | None:
     return picture
 
 
-def answer_line(digits: torch.Tensor, sums: torch.Tensor, number: int) -> str:
+def answer_line(digits: torch.Tensor, sums: torch.Tensor, number: int, not_digit: bool = False) -> str:
     """The result line from both heads' probabilities, e.g. `digit 3 (99.1 %) + number 4 -> sum 7 (99.0 %)`, and
-    ", unsure" after it where the digit's probability is below calibration.UNSURE_BELOW."""
+    ", unsure" after it where the digit's probability is below calibration.UNSURE_BELOW; "not a digit" alone for
+    a picture that looks like no digit (MNISTAdder.not_a_digit): it has no sum."""
+    if not_digit:
+        return "not a digit: this looks like no digit 0-9"
     digit, total = int(digits.argmax()), int(sums.argmax())
     line = f"digit {digit} ({100 * digits[digit]:.1f} %) + number {number} -> sum {total} ({100 * sums[total]:.1f} %)"
     return line + (", unsure" if digits[digit] < UNSURE_BELOW else "")
@@ -58,10 +61,11 @@ def predictor(model: MNISTAdder):
             return f"Cannot read this picture: {err}", None, None, None
         logits = model(image.unsqueeze(0), torch.tensor([int(number)]))[0]
         digits, sums = (head.softmax(0) for head in split_logits(logits))
+        not_digit = bool(model.not_a_digit(logits))
         return (
-            answer_line(digits, sums, int(number)),
-            {str(k): float(p) for k, p in enumerate(digits)},
-            {str(k): float(p) for k, p in enumerate(sums)},
+            answer_line(digits, sums, int(number), not_digit),
+            None if not_digit else {str(k): float(p) for k, p in enumerate(digits)},
+            None if not_digit else {str(k): float(p) for k, p in enumerate(sums)},
             Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).resize((112, 112), Image.Resampling.NEAREST),
         )
 

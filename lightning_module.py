@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
-from mnist_adder.model.calibration import UNSURE_BELOW, Temperatures
+from mnist_adder.model.calibration import UNSURE_BELOW, ValidationFit, not_digit_score
 from mnist_adder.model.losses import DEFAULT_SUM_LOSS_WEIGHT, Losses, SumLoss, compute_losses, weighted_sum_loss
 from mnist_adder.model.metrics import (
     accuracy,
@@ -37,6 +37,7 @@ class MNISTAdder(L.LightningModule):
     by its temperature (the buffer ``temperature``, fitted on every validation pass: calibration.py), so that
     their softmax gives calibrated probabilities. ``calibrated_step`` is the global step of that validation, -1
     before any (the temperatures are then 1: raw probabilities). ``self.net`` gives the raw logits.
+    ``not_a_digit(logits)`` says which pictures look like no digit at all, by a threshold fitted on the same pass.
 
     Args:
         sum_loss: ``cross_entropy``, or ``mse``: the Brier score, squared error between the softmax
@@ -106,13 +107,14 @@ class MNISTAdder(L.LightningModule):
         self.example_input_array = (torch.zeros(2, 1, 28, 28), torch.tensor([3, 7]))  # the summary's sizes and FLOPs
         self.register_buffer("temperature", torch.ones(2))  # [digit head, sum head]
         self.register_buffer("calibrated_step", torch.tensor(-1))
+        self.register_buffer("not_digit_above", torch.tensor(float("inf")))  # no picture is refused before validation
         self.train_metrics, self.val_metrics, self.test_metrics = (stage_metrics(agreement > 0) for _ in range(3))
         self.val_metrics.update({"sum_consistency": MeanMetric(), **calibration_metrics()})
         all_pairs = {"digit_acc": accuracy(10), "sum_acc": accuracy(19), "sum_consistency": MeanMetric()}
         self.test_metrics.update({**calibration_metrics(), **{f"{k}_all_pairs": m for k, m in all_pairs.items()}})
         self.val_sum_acc_best = MaxMetric(sync_on_compute=False)  # of val/sum_acc, synced already
         self.val_sum_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps its best so far
-        self.val_temperatures = Temperatures()
+        self.val_fit = ValidationFit()
 
     def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         return self.calibrated(self.net(images, numbers))
@@ -120,6 +122,11 @@ class MNISTAdder(L.LightningModule):
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         digit, sum_ = split_logits(logits)
         return torch.cat([digit / self.temperature[0], sum_ / self.temperature[1]], dim=-1)
+
+    def not_a_digit(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per picture, from `forward`'s logits [..., 29]: does it look like no digit at all (its digit logits'
+        energy score above the threshold fitted on validation, calibration.py)?"""
+        return not_digit_score(split_logits(logits).digit) > self.not_digit_above
 
     def losses(self, logits: torch.Tensor, digits: torch.Tensor, numbers: torch.Tensor) -> Losses:
         hp = self.hparams
@@ -177,20 +184,22 @@ class MNISTAdder(L.LightningModule):
         update_stage(metrics, logits, digits, sums, self.losses(logits, digits, batch["number"]))
         metrics["sum_consistency"].update(sum_consistency(logits, batch["number"]).float())
         update_calibration(metrics, "_uncalibrated", logits, digits, sums)
-        self.val_temperatures.update(logits, digits, sums)
+        self.val_fit.update(logits, digits, sums)
         return logits  # for callbacks (the dashboard's confusion matrix and misclassified samples)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:  # a couple of batches: no temperature, no best
-            self.temperature.copy_(self.val_temperatures.compute())  # from every process's logits, the same everywhere
+            temperatures, not_digit_above = self.val_fit.compute()  # from every process's logits, the same everywhere
+            self.temperature.copy_(temperatures)
+            self.not_digit_above.copy_(not_digit_above)
             self.calibrated_step.fill_(self.global_step)
-            logits, digits, sums = self.val_temperatures.local()
+            logits, digits, sums = self.val_fit.local()
             update_calibration(self.val_metrics, "", self.calibrated(logits), digits, sums)
             self.val_sum_acc_best(self.val_metrics["sum_acc"].compute())  # compute() syncs; Lightning reuses it
             # The value, not the object, which Lightning would reset every epoch. It is the same on every process;
             # sync_dist (a mean of equal values) tells Lightning so.
             self.log("val/sum_acc_best", self.val_sum_acc_best.compute(), sync_dist=True)
-        self.val_temperatures.reset()
+        self.val_fit.reset()
         self._log_epoch("val", self.val_metrics)  # in the sanity check too: Lightning then resets them
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -211,7 +220,8 @@ class MNISTAdder(L.LightningModule):
         self._log_epoch("test", self.test_metrics)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        digit_logits, sum_logits = split_logits(self(batch["image"], batch["number"]))
+        logits = self(batch["image"], batch["number"])
+        digit_logits, sum_logits = split_logits(logits)
         digit_prob, digit = digit_logits.softmax(1).max(1)
         sum_prob, sum_ = sum_logits.softmax(1).max(1)
         # which manifest row (a person's pictures), or which test image and its true digit and sum
@@ -225,6 +235,7 @@ class MNISTAdder(L.LightningModule):
             "sum": sum_,
             "sum_prob": sum_prob,
             "unsure": digit_prob < UNSURE_BELOW,
+            "not_digit": self.not_a_digit(logits),
             **extra,
         }
 
@@ -232,7 +243,7 @@ class MNISTAdder(L.LightningModule):
         own_metric_states(self)  # runs before a restore
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "calibrated_step" not in checkpoint["state_dict"]:
+        if not {"calibrated_step", "not_digit_above"} <= checkpoint["state_dict"].keys():
             raise ValueError("this checkpoint was written by an older version of this model: train it anew")
         calibrated = int(checkpoint["state_dict"]["calibrated_step"])
         if calibrated < 0:

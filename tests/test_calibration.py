@@ -78,6 +78,16 @@ def test_every_checkpoint_holds_the_temperatures_of_its_latest_validation_and_th
     torch.testing.assert_close(model.temperature, temperatures[1])
 
 
+def test_the_not_a_digit_threshold_refuses_one_in_a_hundred_of_the_validation_digits_it_was_fitted_on(fitted):
+    cli, run = fitted
+    assert MNISTAdder().not_digit_above == float("inf")  # before any validation, no picture is refused
+    model = MNISTAdder.load_from_checkpoint(sorted(run.glob("checkpoints/best-*.ckpt"))[-1], map_location="cpu")
+    with torch.no_grad():
+        batches = list(cli.datamodule.val_dataloader())
+        refused = torch.cat([model.eval().predict_step(batch, 0)["not_digit"] for batch in batches])
+    assert len(refused) == 100 and int(refused.sum()) == 1  # NOT_DIGIT_SHARE: the one highest score of 100
+
+
 def test_on_a_trained_model_the_calibration_error_after_the_temperatures_is_below_the_one_before(in_tmp):
     """fast.yaml's recipe, four short epochs: digit accuracy near 100 %, sum near 80 % on the synthetic digits."""
     fast = ["--config", str(ROOT / "configs" / "fast.yaml"), "--trainer.max_epochs", "4"]

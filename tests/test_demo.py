@@ -63,3 +63,11 @@ def test_an_unclear_digit_is_answered_as_unsure():
     sure, unclear = torch.tensor([0.99] + [0.01 / 9] * 9), torch.tensor([0.5, 0.3] + [0.025] * 8)
     assert answer_line(sure, sums, 4) == "digit 0 (99.0 %) + number 4 -> sum 0 (5.3 %)"
     assert answer_line(unclear, sums, 4) == "digit 0 (50.0 %) + number 4 -> sum 0 (5.3 %), unsure"
+
+
+def test_a_picture_that_looks_like_no_digit_is_answered_so_with_no_sum(model):
+    photo = printed_digit(7, 0, np.random.default_rng(0))
+    model.not_digit_above.fill_(float("-inf"))  # every picture scores above it
+    line, digit_probs, sum_probs, shown = predictor(model)(PHOTO, drawing(False), photo, 4)
+    assert line.startswith("not a digit") and "sum" not in line
+    assert digit_probs is None and sum_probs is None and shown.size == (112, 112)  # still shows what it read

@@ -1,4 +1,4 @@
-"""export.py: the ONNX file gives forward's logits, for any batch size, without torch."""
+"""export.py: the ONNX file gives forward's logits and the "not a digit" flag, for any batch size, without torch."""
 
 import numpy as np
 import pytest
@@ -18,6 +18,9 @@ def checkpoint(tmp_path):
     trainer = quiet_trainer(tmp_path, max_epochs=1)
     trainer.fit(model, DataLoader(fixed_batches(), batch_size=None))
     model.temperature.copy_(torch.tensor([0.5, 2.0]))  # the file must divide by them too
+    with torch.no_grad():  # a threshold that some random pictures are above and some below (eval: as predicted)
+        scores = -torch.logsumexp(model.eval()(torch.rand(64, 1, 28, 28), torch.zeros(64, dtype=torch.long))[:, :10], 1)
+    model.not_digit_above.copy_(scores.median())
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     return tmp_path / "m.ckpt"
 
@@ -26,17 +29,20 @@ def test_onnx_matches_forward_for_any_batch_size(checkpoint, tmp_path):
     export_main(["--ckpt_path", str(checkpoint), "--output", str(tmp_path / "out" / "model.onnx")])
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images", "numbers"]
-    assert [o.name for o in session.get_outputs()] == ["logits"]
+    assert [o.name for o in session.get_outputs()] == ["logits", "not_digit"]
     model = MNISTAdder.load_from_checkpoint(checkpoint).eval()
     rng = np.random.default_rng(0)
     for size in (1, 7, 256):
         images = rng.random((size, 1, 28, 28), dtype=np.float32)
         numbers = rng.integers(0, 10, size).astype(np.int64)
-        (logits,) = session.run(None, {"images": images, "numbers": numbers})
+        logits, not_digit = session.run(None, {"images": images, "numbers": numbers})
         with torch.no_grad():
-            expected = model(torch.from_numpy(images), torch.from_numpy(numbers)).numpy()
+            expected = model(torch.from_numpy(images), torch.from_numpy(numbers))
         assert logits.shape == (size, 29)
-        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=0)
+        flags = model.not_a_digit(expected).numpy()
+        assert not_digit.dtype == bool and (size < 256 or 0 < flags.sum() < size)
+        assert (not_digit == flags).mean() > 0.95  # a score within 1e-4 of the threshold may fall either way
 
 
 def test_bad_checkpoint_is_one_line(tmp_path):

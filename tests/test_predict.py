@@ -149,6 +149,7 @@ def test_predict_without_a_manifest_writes_the_test_set_with_its_accuracy(checkp
         "pred_sum",
         "pred_sum_prob",
         "pred_unsure",
+        "pred_not_digit",
         "true_digit",
         "true_sum",
     ]
@@ -156,6 +157,7 @@ def test_predict_without_a_manifest_writes_the_test_set_with_its_accuracy(checkp
     assert [r["pred_unsure"] for r in rows] == [
         "unsure" if float(r["pred_digit_prob"]) < UNSURE_BELOW else "" for r in rows
     ]
+    assert {r["pred_not_digit"] for r in rows} <= {"not a digit", ""}
     assert [int(r["index"]) for r in rows] == list(range(SYNTHETIC_SIZES["t10k"]))
     images, labels = synthetic_digits(SYNTHETIC_SIZES["t10k"], seed=len("t10k"))  # as conftest writes them
     assert [int(r["true_digit"]) for r in rows] == labels.tolist()

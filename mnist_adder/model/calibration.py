@@ -1,8 +1,10 @@
-"""Probabilities that can be taken at their word: one temperature per head, fitted on each validation pass's own
-logits by minimising their negative log-likelihood (temperature scaling, Guo et al., 2017).
+"""What each validation pass fits on its own logits, so that answers can be taken at their word:
 
-Dividing a head's logits by its temperature changes how sure its softmax is, never which class wins: the
-accuracies stay those of the raw logits."""
+- one temperature per head, minimising their negative log-likelihood (temperature scaling, Guo et al., 2017).
+  Dividing a head's logits by its temperature changes how sure its softmax is, never which class wins: the
+  accuracies stay those of the raw logits;
+- the "not a digit" threshold on the energy score of the calibrated digit logits (Liu et al., 2020): above it lie
+  `NOT_DIGIT_SHARE` of the validation digits; a picture scored above it is answered "not a digit"."""
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,16 @@ from mnist_adder.model.net import split_logits
 # An answer whose calibrated digit probability is below this is marked "unsure" (predict's table and CSV, the demo):
 # it flags at most 1 % of the right validation answers (docs/experiments.md, "unsure").
 UNSURE_BELOW = 0.95
+
+
+# The share of validation digits the "not a digit" threshold refuses (docs/experiments.md, "not a digit").
+NOT_DIGIT_SHARE = 0.01
+
+
+def not_digit_score(digit_logits: torch.Tensor) -> torch.Tensor:
+    """The energy score of calibrated digit logits [..., 10]: minus their log-sum-exp, higher the less the picture
+    looks like any digit."""
+    return -torch.logsumexp(digit_logits, dim=-1)
 
 
 def calibration_error(classes: int) -> MulticlassCalibrationError:
@@ -39,9 +51,10 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(log_t.detach().exp())
 
 
-class Temperatures(Metric):
+class ValidationFit(Metric):
     """A validation pass's raw logits and targets; `compute` gathers every process's (torchmetrics concatenates
-    them) and fits each head's temperature on them all: [digit, sum], the same on every process."""
+    them) and fits on them all, the same on every process: each head's temperature [digit, sum], and the
+    "not a digit" threshold on the digits' scores at those temperatures."""
 
     full_state_update = False
 
@@ -59,7 +72,9 @@ class Temperatures(Metric):
         """This process's own logits, digits and sums (outside `compute`, the states are unsynced)."""
         return dim_zero_cat(self.logits), dim_zero_cat(self.digits), dim_zero_cat(self.sums)
 
-    def compute(self) -> torch.Tensor:
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         logits, digits, sums = self.local()
         digit_logits, sum_logits = split_logits(logits)
-        return torch.tensor([fit_temperature(digit_logits, digits), fit_temperature(sum_logits, sums)])
+        temperatures = torch.tensor([fit_temperature(digit_logits, digits), fit_temperature(sum_logits, sums)])
+        scores = not_digit_score(digit_logits / temperatures[0].to(logits.device)).double()
+        return temperatures, torch.quantile(scores, 1 - NOT_DIGIT_SHARE).float().cpu()

@@ -18,6 +18,7 @@ PREDICTED = {
     "sum": "pred_sum",
     "sum_prob": "pred_sum_prob",
     "unsure": "pred_unsure",  # "unsure" where the digit's calibrated probability is below calibration.UNSURE_BELOW
+    "not_digit": "pred_not_digit",  # "not a digit" where MNISTAdder.not_a_digit says so
 }
 RESERVED = (*PREDICTED.values(), "error")  # a manifest with a column of these names is refused
 
@@ -55,20 +56,28 @@ def predictions_csv(columns: list[str], rows: list[dict]) -> bytes:
     writer = csv.DictWriter(out, [*columns, *RESERVED], lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        predicted = {name: cell(row[name]) for name in PREDICTED.values() if name in row}
+        predicted = {name: cell(row[name], name) for name in PREDICTED.values() if name in row}
         writer.writerow({**row["columns"], **predicted, "error": row["error"]})
     return out.getvalue().encode()
 
 
-def cell(value) -> str | int:
-    """A prediction as the CSV holds it: probabilities to four places, the unsure flag as the word or nothing."""
+FLAGS = {"pred_unsure": "unsure", "pred_not_digit": "not a digit"}  # a flag's word in the CSV and the table
+
+
+def cell(value, name: str = "") -> str | int:
+    """A prediction as the CSV holds it: probabilities to four places, a flag as its word or nothing."""
     if isinstance(value, bool):
-        return "unsure" if value else ""
+        return FLAGS[name] if value else ""
     return f"{value:.4f}" if isinstance(value, float) else value
 
 
 def percent(probability: float) -> str:
     return f"{100 * probability:5.1f} %"
+
+
+def note(row: dict) -> str:
+    """"not a digit" (the digit and its probabilities then mean little), else "unsure" or nothing."""
+    return next((word for name, word in reversed(FLAGS.items()) if row[name]), "")
 
 
 def predictions_table(rows: list[dict]) -> str:
@@ -81,7 +90,7 @@ def predictions_table(rows: list[dict]) -> str:
             digit, total = percent(row["pred_digit_prob"]), percent(row["pred_sum_prob"])
             lines.append(
                 f"{row['file']:<{width}}  {row['number']:>6}  {row['pred_digit']:>10}  {digit}  {row['pred_sum']:>8}"
-                f"  {total}" + ("  unsure" if row["pred_unsure"] else "")
+                f"  {total}  {note(row)}".rstrip()
             )
     return "\n".join(lines)
 
@@ -96,9 +105,10 @@ def test_set_predictions(batches: list[dict]) -> tuple[bytes, str]:
     columns = {key: values[order].tolist() for key, values in columns.items()}
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([PREDICTED.get(key, key) for key in TEST_COLUMNS])
+    names = [PREDICTED.get(key, key) for key in TEST_COLUMNS]
+    writer.writerow(names)
     for row in zip(*columns.values(), strict=True):
-        writer.writerow([cell(v) for v in row])
+        writer.writerow([cell(v, name) for v, name in zip(row, names)])
     n = len(columns["index"])
     digit = sum(map(int.__eq__, columns["digit"], columns["true_digit"])) / max(n, 1)
     sum_ = sum(map(int.__eq__, columns["sum"], columns["true_sum"])) / max(n, 1)
