@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from phone import phone_photo
 
 SIZE = 84  # the ink is drawn on an 84x84 canvas (three times MNIST's), white on black
-GLYPHS = {"val": "ACEFHKMNRVWXYacefhkmnrw#%&+=?@<", "test": "DGJLPTUdhjtuvxy*$€^~>"}
+GLYPHS = {"val": "ACEFHKMNRVWXYacefhkmnrw#%&+=?@<", "test": "DGJLPTUdjtuvxy*$€^~>"}
 FONTS = {
     "val": sorted(glob.glob("/usr/share/fonts/truetype/dejavu/DejaVu*.ttf")),
     "test": sorted(glob.glob("/usr/share/fonts/truetype/liberation/Liberation*.ttf")),
@@ -41,8 +41,13 @@ STROKES = {
         "R": [[(0.2, 1), (0.2, 0), (0.75, 0.05), (0.8, 0.3), (0.7, 0.48), (0.2, 0.5)], [(0.45, 0.5), (0.85, 1)]],
         "*": [[(0.5, 0), (0.5, 1)], [(0.07, 0.25), (0.93, 0.75)], [(0.93, 0.25), (0.07, 0.75)]],
         "=": [[(0.05, 0.35), (0.95, 0.35)], [(0.05, 0.65), (0.95, 0.65)]],
-        "%": [[(0.85, 0), (0.15, 1)], *[[(x + 0.15 * np.cos(a), y + 0.15 * np.sin(a)) for a in np.linspace(0, 6.3, 13)]
-                                         for x, y in ((0.2, 0.2), (0.8, 0.8))]],
+        "%": [
+            [(0.85, 0), (0.15, 1)],
+            *[
+                [(x + 0.15 * np.cos(a), y + 0.15 * np.sin(a)) for a in np.linspace(0, 6.3, 13)]
+                for x, y in ((0.2, 0.2), (0.8, 0.8))
+            ],
+        ],
     },
 }
 KINDS = ("printed", "hand-drawn", "several digits", "cut-off digit", "scribble", "strokes and noise")

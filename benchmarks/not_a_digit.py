@@ -1,0 +1,187 @@
+"""How well "not a digit" is told apart: `python benchmarks/not_a_digit.py CKPT` (about 5 minutes on two cores).
+
+Makes `--per-kind` phone-like photos of each kind of non-digit picture (benchmarks/non_digits.py), for validation
+and for the held-out test set, reads them as `predict` does (a picture it refuses, a digit cut off by the edge
+say, counts as caught), and scores them and the real digits three ways, each from the checkpoint's 29 logits or
+the features under them:
+
+- msp: minus the calibrated maximum softmax probability of the digit head (Hendrycks & Gimpel, 2017);
+- energy: minus the log-sum-exp of the calibrated digit logits (Liu et al., 2020), what `MNISTAdder.not_a_digit`
+  thresholds;
+- mahalanobis: the smallest Mahalanobis distance of the conv features to a digit's mean, with one covariance
+  shared by the ten digits (Lee et al., 2018), fitted on 20,000 training images.
+
+Each method's threshold refuses 1 % of the validation digits. Reported: AUROC against the validation digits
+(validation) and the official test digits (test), the share of non-digits caught, per kind, and the shares of
+validation digits, phone-like photos of validation digits, official test digits and phone-like photos of test
+digits refused. Written into docs/experiments.md and BENCHMARKS.md between the `not_a_digit` markers.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import ROOT, write_report
+
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from datamodule import MNISTAdderData  # noqa: E402
+from lightning_module import MNISTAdder  # noqa: E402
+from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist  # noqa: E402
+from mnist_adder.model.calibration import NOT_DIGIT_SHARE, not_digit_score  # noqa: E402
+from mnist_adder.model.net import split_logits  # noqa: E402
+from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
+from non_digits import KINDS, non_digit_photos  # noqa: E402
+from phone import phone_photo  # noqa: E402
+
+START, END = "<!-- not_a_digit:start -->", "<!-- not_a_digit:end -->"
+METHODS = ("msp", "energy", "mahalanobis")
+
+
+def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """The chance that a random positive scores above a random negative, ties counting half."""
+    negatives = np.sort(negatives)
+    below = np.searchsorted(negatives, positives, "left")
+    tied = np.searchsorted(negatives, positives, "right") - below
+    return float((below + tied / 2).sum() / (len(positives) * len(negatives)))
+
+
+def read(pictures: list) -> tuple[torch.Tensor, int]:
+    """The pictures `predict` can read, made MNIST-like, and how many it refuses."""
+    images = []
+    for picture in pictures:
+        try:
+            images.append(to_mnist(gray_levels(picture)))
+        except PhotoError:
+            pass
+    return torch.stack(images) if images else torch.zeros(0, 1, 28, 28), len(pictures) - len(images)
+
+
+class Scores:
+    """Each method's score of MNIST-like images, higher the less they look like a digit."""
+
+    def __init__(self, model: MNISTAdder, train_images: torch.Tensor, train_digits: torch.Tensor):
+        self.model = model
+        features = self.features(train_images)
+        self.means = torch.stack([features[train_digits == d].mean(0) for d in range(10)])
+        centred = (features - self.means[train_digits]).double()
+        covariance = centred.T @ centred / len(centred)
+        ridge = 1e-3 * covariance.diagonal().mean() * torch.eye(len(covariance), dtype=torch.float64)
+        self.precision = torch.linalg.inv(covariance + ridge).float()  # a ridge: some features barely vary
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.model.net.image_features(chunk) for chunk in images.split(1000)])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        if not len(images):
+            return {method: np.zeros(0) for method in METHODS}
+        features = self.features(images)
+        numbers = torch.zeros(len(images), dtype=torch.long)  # the digit head barely heeds the number
+        digit = split_logits(self.model.calibrated(self.model.net.logits(features, numbers))).digit
+        distances = torch.stack(
+            [((features - mean) @ self.precision * (features - mean)).sum(1) for mean in self.means]
+        )
+        return {
+            "msp": -digit.softmax(1).max(1).values.numpy(),
+            "energy": not_digit_score(digit).numpy(),
+            "mahalanobis": distances.min(0).values.numpy(),
+        }
+
+
+def percent(share: float) -> str:
+    return f"{100 * share:.1f} %"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt_path", help="a checkpoint written by `python cli.py fit`")
+    parser.add_argument("--per-kind", type=int, default=300, help="non-digit photos of each kind, in each set")
+    parser.add_argument("--phone-digits", type=int, default=1000, help="phone-like photos of val and of test digits")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
+    parser.add_argument("--no-write", action="store_true", help="print the tables only")
+    args = parser.parse_args(argv)
+    checkpoint = read_checkpoint(args.ckpt_path)
+    model = MNISTAdder.load_from_checkpoint(args.ckpt_path, map_location="cpu").eval()
+    data = MNISTAdderData(
+        str(args.data_dir), **{key: checkpoint["datamodule_hyper_parameters"][key] for key in ("seed", "val_size")}
+    )  # the checkpoint's own split
+    data.prepare_data()
+    data.setup("test")
+    train = data.train_set.__getitems__(list(range(20_000)))
+    val, test = (s.__getitems__(list(range(len(s)))) for s in (data.val_set, data.test_set))
+    scores = Scores(model, train["image"], train["digit"])
+    rng = np.random.default_rng(0)
+    digits = {
+        "validation digits": scores(val["image"]),
+        "phone photos of validation digits": scores(
+            read([phone_photo(i[0].numpy(), rng) for i in val["image"][: args.phone_digits]])[0]
+        ),
+        "official test digits": scores(test["image"]),
+        "phone photos of test digits": scores(
+            read([phone_photo(i[0].numpy(), rng) for i in test["image"][: args.phone_digits]])[0]
+        ),
+    }
+    non_digits = {}
+    for split, images in (("validation", val["image"]), ("test", test["image"])):
+        photos = non_digit_photos("val" if split == "validation" else "test", args.per_kind, images[:, 0].numpy())
+        for kind in KINDS:
+            read_images, refused = read(photos[kind])
+            non_digits[split, kind] = scores(read_images), refused
+    rows = []
+    for method in METHODS:
+        threshold = np.quantile(digits["validation digits"][method], 1 - NOT_DIGIT_SHARE)
+        row = {"method": method}
+        for split, reference in (("validation", "validation digits"), ("test", "official test digits")):
+            caught = {
+                kind: ((s[method] > threshold).sum() + refused) / args.per_kind
+                for kind in KINDS
+                for s, refused in [non_digits[split, kind]]
+            }
+            every = np.concatenate(
+                [
+                    np.concatenate([s[method], np.full(refused, np.inf)])
+                    for s, refused in (non_digits[split, k] for k in KINDS)
+                ]
+            )
+            row[split] = (auroc(every, digits[reference][method]), np.mean(list(caught.values())), caught)
+        row["refused"] = {name: float((s[method] > threshold).mean()) for name, s in digits.items()}
+        rows.append(row)
+    text = report(rows, args.per_kind)
+    print(text)
+    if not args.no_write:
+        for path in (ROOT / "docs" / "experiments.md", ROOT / "BENCHMARKS.md"):
+            write_report(path, text, START, END)
+
+
+def report(rows: list[dict], per_kind: int) -> str:
+    lines = [
+        "| method | set | AUROC | non-digits caught | " + " | ".join(KINDS) + " |",
+        "|---|---|---|---|" + "---|" * len(KINDS),
+    ]
+    for row in rows:
+        for split in ("validation", "test"):
+            area, caught, kinds = row[split]
+            lines.append(
+                f"| {row['method']} | {split} | {area:.4f} | {percent(caught)} | "
+                + " | ".join(percent(kinds[k]) for k in KINDS)
+                + " |"
+            )
+    names = list(rows[0]["refused"])
+    lines += ["", "| method | " + " | ".join(f"{n} refused" for n in names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {row['method']} | " + " | ".join(percent(row["refused"][n]) for n in names) + " |" for row in rows]
+    lines += [
+        "",
+        f"{per_kind} non-digit phone photos of each kind in each set; a picture `predict` refuses counts as caught. "
+        "Each method's threshold refuses 1 % of the validation digits. "
+        "Written by `python benchmarks/not_a_digit.py CKPT`.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The non-digit pictures and the AUROC of benchmarks/not_a_digit.py."""
+
+import numpy as np
+import pytest
+
+from non_digits import GLYPHS, KINDS, STROKES, non_digit_photos
+from not_a_digit import auroc
+
+from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist
+
+
+def test_auroc_is_the_chance_a_positive_outscores_a_negative():
+    assert auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert auroc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 0.0
+    assert auroc(np.array([1.0, 3.0]), np.array([2.0, 2.0])) == 0.5
+    assert auroc(np.array([2.0]), np.array([2.0])) == 0.5  # a tie counts half
+
+
+def test_validation_and_test_share_no_glyph():
+    assert not set(GLYPHS["val"]) & set(GLYPHS["test"])
+    assert not set(STROKES["val"]) & set(STROKES["test"])
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_every_kind_is_made_and_only_the_cut_off_digits_are_refused(split):
+    digits = np.zeros((5, 28, 28), np.float32)
+    digits[:, 6:22, 12:16] = 1  # a bar, a "1", with MNIST's margin
+    photos = non_digit_photos(split, 3, digits)
+    assert list(photos) == list(KINDS) and all(len(p) == 3 for p in photos.values())
+    for kind, pictures in photos.items():
+        for picture in pictures:
+            if kind == "cut-off digit":
+                with pytest.raises(PhotoError, match="edge"):
+                    to_mnist(gray_levels(picture))
+            else:
+                assert to_mnist(gray_levels(picture)).sum() > 0, kind
