@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from mnist_adder.data.mnist_files import OFFICIAL_MD5, ensure_mnist, read_idx
+from mnist_adder.data.non_digits import non_digit_images
 from mnist_adder.data.pairs import (
     AllPairs,
     EpochSampler,
@@ -43,6 +44,8 @@ class MNISTAdderData(L.LightningDataModule):
         rotate: augmentation, maximum rotation in degrees (0 turns it off).
         translate: augmentation, maximum shift as a fraction of the image size.
         scale: augmentation, maximum relative zoom in or out.
+        non_digits: generated pictures that are no digit (mnist_adder/data/non_digits.py) added to the training
+            images, as a share of them, with the digit -1: the model learns to refuse them (0 adds none).
         on_device: keep all images on the accelerator and cut batches there (fast on a GPU).
         predict_manifest: a CSV with the columns ``file,number`` (paths relative to the CSV's folder):
             ``predict`` then reads these pictures instead of the test set.
@@ -62,6 +65,7 @@ class MNISTAdderData(L.LightningDataModule):
         rotate: float = 10.0,
         translate: float = 0.05,
         scale: float = 0.1,
+        non_digits: float = 0.1,
         on_device: bool = False,
         predict_manifest: str | None = None,
         predict_output: str | None = None,
@@ -74,8 +78,8 @@ class MNISTAdderData(L.LightningDataModule):
             raise ValueError(f"val_size must be within 1..59999, got {val_size}")
         if test_pairs not in ("all", "fixed", "both"):
             raise ValueError(f"test_pairs must be 'all', 'fixed' or 'both', got {test_pairs!r}")
-        if min(rotate, translate, scale) < 0:
-            raise ValueError("rotate, translate and scale must be >= 0")
+        if min(rotate, translate, scale, non_digits) < 0:
+            raise ValueError("rotate, translate, scale and non_digits must be >= 0")
         if predict_manifest is not None and not Path(predict_manifest).is_file():
             raise ValueError(f"predict_manifest {predict_manifest!r}: no such file")
         if num_workers is not None and num_workers < 0:
@@ -108,7 +112,10 @@ class MNISTAdderData(L.LightningDataModule):
         train, val = order[hp.val_size :], order[: hp.val_size]
         test_images = read_idx(self.raw_dir / "t10k-images-idx3-ubyte")
         test_digits = read_idx(self.raw_dir / "t10k-labels-idx1-ubyte").long()
-        self.train_set = TrainPairs(images[train], digits[train], hp.seed)
+        extra = non_digit_images(round(hp.non_digits * len(train)), hp.seed, images[train])
+        self.train_set = TrainPairs(
+            torch.cat([images[train], extra]), torch.cat([digits[train], digits.new_full((len(extra),), -1)]), hp.seed
+        )
         self.val_set = Pairs(images[val], digits[val], draw_numbers(len(val), "val", hp.seed))
         self.test_set = Pairs(test_images, test_digits, draw_numbers(len(test_digits), "test", hp.seed))
         self.all_pairs_set = AllPairs(test_images, test_digits)

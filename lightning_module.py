@@ -57,6 +57,8 @@ class MNISTAdder(L.LightningModule):
         agreement: weight of a term added to the sum loss: the mean squared difference between the sum
             head's logits of number+0..number+9 and the digit head's logits, each centred, so that the
             two heads rank alike; its gradient reaches both heads. 0 turns it off.
+        not_digit_weight: weight, in the digit loss, of the cross-entropy against equal probabilities on the
+            training pictures that are no digit (digit -1: the data module's ``non_digits``). 0 turns it off.
 
     Logged per stage (train, val, test), as epoch means: ``digit_acc``, ``sum_acc``, ``loss``, the objective
     minimised, ``digit_loss`` + ``sum_loss_weight`` * (``sum_loss`` + ``agreement``); ``digit_loss``;
@@ -81,6 +83,7 @@ class MNISTAdder(L.LightningModule):
         sum_loss_weight: float | None = None,
         label_smoothing: float = 0.1,
         agreement: float = 3.0,
+        not_digit_weight: float = 0.5,
     ):
         super().__init__()
         if sum_loss not in ("cross_entropy", "mse"):
@@ -88,12 +91,12 @@ class MNISTAdder(L.LightningModule):
         self.sum_loss_weight = DEFAULT_SUM_LOSS_WEIGHT[sum_loss] if sum_loss_weight is None else sum_loss_weight
         if (
             min(*channels, number_features, hidden, convs_per_stage) < 1
-            or min(gradient_clip_val, agreement) < 0
+            or min(gradient_clip_val, agreement, not_digit_weight) < 0
             or self.sum_loss_weight <= 0
         ):
             raise ValueError(
                 "channels, number_features, convs_per_stage and hidden must be >= 1, "
-                "gradient_clip_val and agreement >= 0, sum_loss_weight > 0"
+                "gradient_clip_val, agreement and not_digit_weight >= 0, sum_loss_weight > 0"
             )
         if not 0 <= label_smoothing < 1 or not 0 <= dropout < 1:
             raise ValueError(f"label_smoothing and dropout must be within [0, 1), got {label_smoothing} and {dropout}")
@@ -131,7 +134,14 @@ class MNISTAdder(L.LightningModule):
     def losses(self, logits: torch.Tensor, digits: torch.Tensor, numbers: torch.Tensor) -> Losses:
         hp = self.hparams
         return compute_losses(
-            logits, digits, numbers, hp.sum_loss, self.sum_loss_weight, hp.label_smoothing, hp.agreement
+            logits,
+            digits,
+            numbers,
+            hp.sum_loss,
+            self.sum_loss_weight,
+            hp.label_smoothing,
+            hp.agreement,
+            hp.not_digit_weight,
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

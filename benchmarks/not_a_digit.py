@@ -1,9 +1,9 @@
 """How well "not a digit" is told apart: `python benchmarks/not_a_digit.py CKPT` (about 5 minutes on two cores).
 
-Makes `--per-kind` phone-like photos of each kind of non-digit picture (benchmarks/non_digits.py), for validation
-and for the held-out test set, reads them as `predict` does (a picture it refuses, a digit cut off by the edge
-say, counts as caught), and scores them and the real digits three ways, each from the checkpoint's 29 logits or
-the features under them:
+Makes `--per-kind` phone-like photos of each kind of non-digit picture for validation and for the held-out test
+set (the "val" and "test" splits of mnist_adder/data/non_digits.py, photographed by non_digit_photos.py), reads
+them as `predict` does (a picture it refuses, a digit cut off by the edge say, counts as caught), and scores them
+and the real digits three ways, from the checkpoint's 29 logits or the features under them:
 
 - msp: minus the calibrated maximum softmax probability of the digit head (Hendrycks & Gimpel, 2017);
 - energy: minus the log-sum-exp of the calibrated digit logits (Liu et al., 2020), what `MNISTAdder.not_a_digit`
@@ -11,10 +11,12 @@ the features under them:
 - mahalanobis: the smallest Mahalanobis distance of the conv features to a digit's mean, with one covariance
   shared by the ten digits (Lee et al., 2018), fitted on 20,000 training images.
 
-Each method's threshold refuses 1 % of the validation digits. Reported: AUROC against the validation digits
-(validation) and the official test digits (test), the share of non-digits caught, per kind, and the shares of
-validation digits, phone-like photos of validation digits, official test digits and phone-like photos of test
-digits refused. Written into docs/experiments.md and BENCHMARKS.md between the `not_a_digit` markers.
+A checkpoint trained with outlier exposure (the data's `non_digits`, the model's `not_digit_weight`) is a fourth
+method: its scores are these same three. Each method's threshold refuses 1 % of the validation digits. Reported:
+AUROC against the validation digits (validation) and the official test digits (test), the share of non-digits
+caught, per kind, and the shares of validation digits, phone-like photos of validation digits, official test
+digits and phone-like photos of test digits refused. Written into docs/experiments.md and BENCHMARKS.md between
+the `not_a_digit` markers.
 """
 
 import argparse
@@ -30,11 +32,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from datamodule import MNISTAdderData  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
+from mnist_adder.data.non_digits import KINDS  # noqa: E402
 from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist  # noqa: E402
 from mnist_adder.model.calibration import NOT_DIGIT_SHARE, not_digit_score  # noqa: E402
 from mnist_adder.model.net import split_logits  # noqa: E402
 from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
-from non_digits import KINDS, non_digit_photos  # noqa: E402
+from non_digit_photos import non_digit_photos  # noqa: E402
 from phone import phone_photo  # noqa: E402
 
 START, END = "<!-- not_a_digit:start -->", "<!-- not_a_digit:end -->"

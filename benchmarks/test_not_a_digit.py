@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from non_digits import GLYPHS, KINDS, STROKES, non_digit_photos
-from not_a_digit import auroc
-
+from mnist_adder.data.non_digits import GLYPHS, KINDS, STROKES
 from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist
+from non_digit_photos import non_digit_photos
+from not_a_digit import auroc
 
 
 def test_auroc_is_the_chance_a_positive_outscores_a_negative():

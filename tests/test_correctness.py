@@ -43,20 +43,22 @@ def test_every_loader_pairs_each_image_with_its_own_label(synthetic_data_dir):
     for name, loader in loaders.items():
         seen = 0
         for batch in loader:
-            assert torch.equal(batch["digit"], digit_in_pixels(batch["image"])), name
-            digits = batch["digit"].view(-1, *[1] * (batch["number"].dim() - 1))
-            assert torch.equal(batch["sum"], digits + batch["number"]), name
+            digit = batch["digit"] >= 0  # else a generated picture that is no digit (train only): no digit, no sum
+            assert torch.equal(batch["digit"][digit], digit_in_pixels(batch["image"][digit])), name
+            assert (batch["sum"][~digit] == -1).all() and (name == "train" or digit.all()), name
+            digits = batch["digit"][digit].view(-1, *[1] * (batch["number"].dim() - 1))
+            assert torch.equal(batch["sum"][digit], digits + batch["number"][digit]), name
             seen += len(batch["digit"])
-        assert seen == {"train": 500 // 50 * 50, "val": 100}.get(name, SYNTHETIC_SIZES["t10k"]), name
+        assert seen == {"train": 550 // 50 * 50, "val": 100}.get(name, SYNTHETIC_SIZES["t10k"]), name
 
 
 def test_split_is_a_partition_that_depends_on_the_seed(synthetic_data_dir):
     def images(data):
         return [{bytes(x.numpy()) for x in s.images} for s in (data.train_set, data.val_set)]
 
-    train, val = images(plain_data(synthetic_data_dir))
+    train, val = images(plain_data(synthetic_data_dir, non_digits=0))
     assert len(train) + len(val) == SYNTHETIC_SIZES["train"] and not train & val
-    assert images(plain_data(synthetic_data_dir, seed=1))[1] != val
+    assert images(plain_data(synthetic_data_dir, seed=1, non_digits=0))[1] != val
 
 
 def test_val_and_test_numbers_are_the_same_in_every_run_and_uniform(synthetic_data_dir):
@@ -109,7 +111,7 @@ class RecordPairs(Callback):
 
 
 def test_training_through_the_loader_redraws_numbers_every_epoch(tmp_path, synthetic_data_dir):
-    data = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, batch_size=50)
+    data = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, batch_size=50, non_digits=0)
     record = RecordPairs()
     quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[record]).fit(
         MNISTAdder(channels=(8, 16, 16), hidden=32), data
@@ -205,7 +207,7 @@ def test_the_scheduler_steps_every_batch_and_every_epoch(tmp_path, synthetic_dat
             scheduler_interval=interval,
             scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1, total_steps=None),
         )
-        data = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, batch_size=50)
+        data = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, batch_size=50, non_digits=0)
         trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
         trainer.fit(model, data)
         scheduler = trainer.lr_scheduler_configs[0].scheduler
@@ -225,6 +227,22 @@ def test_mse_sum_loss_is_the_brier_score():
     assert abs(model.losses(wrong, digits, numbers).sum_loss.item() - 2.0) < 1e-6  # sure and wrong: 1 + 1
     uniform = torch.zeros(3, 29)
     assert abs(model.losses(uniform, digits, numbers).sum_loss.item() - 18 / 19) < 1e-6  # (18/19)^2 + 18/19^2
+
+
+@pytest.mark.parametrize("sum_loss", ["cross_entropy", "mse"])
+def test_a_picture_that_is_no_digit_counts_only_against_equal_digit_probabilities(sum_loss):
+    """Outlier exposure: the digit -1 adds not_digit_weight times the cross-entropy of its digit logits against
+    1/10 each (log 10 - mean log-softmax) to the digit loss, and nothing to the sum loss."""
+    torch.manual_seed(0)
+    logits, numbers = torch.randn(6, 29), torch.tensor([1, 2, 3, 4, 5, 6])
+    digits = torch.tensor([3, 1, 4, 1, -1, -1])
+    model = MNISTAdder(sum_loss=sum_loss, not_digit_weight=0.5, label_smoothing=0.0, agreement=0.0)
+    mixed, alone = model.losses(logits, digits, numbers), model.losses(logits[:4], digits[:4], numbers[:4])
+    uniform = -F.log_softmax(logits[4:, :10], 1).mean(1).mean()
+    torch.testing.assert_close(mixed.digit_loss, alone.digit_loss + 0.5 * uniform)
+    torch.testing.assert_close(mixed.sum_loss, alone.sum_loss)
+    off = MNISTAdder(sum_loss=sum_loss, not_digit_weight=0.0, label_smoothing=0.0, agreement=0.0)
+    torch.testing.assert_close(off.losses(logits, digits, numbers).digit_loss, alone.digit_loss)
 
 
 def test_on_device_sets_keep_every_tensor_on_the_device(synthetic_data_dir):

@@ -72,7 +72,24 @@ def test_datamodule_prepares_from_empty_dir_offline(tmp_path, wheel_source, monk
     assert 0 <= batch["image"].min() and batch["image"].max() <= 1
     assert all(batch[k].dtype == torch.int64 and batch[k].shape == (8,) for k in ("number", "digit", "sum"))
     assert torch.equal(batch["sum"], batch["digit"] + batch["number"])
-    assert len(dm.train_set) + len(dm.val_set) == 70 and len(dm.test_set) == 30
+    assert len(dm.train_set) + len(dm.val_set) == 70 + 6 and len(dm.test_set) == 30  # 6: a tenth of 60, no digit
+    refused = dm.train_set.__getitems__(list(range(60, 66)))
+    assert (refused["digit"] == -1).all() and (refused["sum"] == -1).all()
+    assert refused["image"].amax((1, 2, 3)).min() > 0.5  # each has ink
+
+
+def test_the_non_digit_pictures_come_from_the_seed_and_are_no_digit_images(tmp_path, synthetic_data_dir):
+    sets = []
+    for seed in (0, 0, 1):
+        dm = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, seed=seed, non_digits=0.2)
+        dm.setup("fit")
+        images, digits = dm.train_set.images, dm.train_set.digits
+        assert len(digits) == 600 and (digits[500:] == -1).all() and (digits[:500] >= 0).all()
+        sets.append(images[500:])
+    assert torch.equal(sets[0], sets[1]) and not torch.equal(sets[0], sets[2])
+    none = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, non_digits=0)
+    none.setup("fit")
+    assert (none.train_set.digits >= 0).all() and len(none.train_set) == 500
 
 
 def test_pickle_that_runs_code_is_refused_and_code_does_not_run(tmp_path):
@@ -130,7 +147,7 @@ def test_interrupted_write_leaves_no_file_that_passes(tmp_path, monkeypatch):
 
 def test_pairings_are_seeded_and_disjoint(synthetic_data_dir):
     def setup(seed=0):
-        dm = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, seed=seed)
+        dm = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, seed=seed, non_digits=0)
         dm.setup("fit")
         return dm
 

@@ -69,10 +69,11 @@ class Recording(MNISTAdder):
 
 def test_manual_optimization_two_backwards_one_step_per_batch(tmp_path, synthetic_data_dir):
     model = Recording()
-    dm = MNISTAdderData(data_dir=str(synthetic_data_dir), batch_size=50, val_size=100)  # 500 train: 10 batches
+    dm = MNISTAdderData(data_dir=str(synthetic_data_dir), batch_size=50, val_size=100)
     trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
     trainer.fit(model, dm)
-    batches = 2 * (500 // 50)
+    assert len(dm.train_set) == 500 + 50  # and a tenth as many pictures that are no digit: 11 batches
+    batches = 2 * (550 // 50)
     assert trainer.global_step == batches == model.optimizer_steps
     assert model.backward_calls == [(step, retain) for step in range(batches) for retain in (True, False)]
 

@@ -25,7 +25,7 @@ class Pairs(Dataset):
     """Images with one number each; `__getitems__` cuts a whole batch with one index.
 
     A batch is a dict: image float [B,1,28,28] in [0,1], number, digit, sum and index (of the image
-    in this set) int64 [B].
+    in this set) int64 [B]. A picture that is no digit has the digit -1 and the sum -1.
     """
 
     def __init__(self, images: torch.Tensor, digits: torch.Tensor, numbers: torch.Tensor):
@@ -37,11 +37,12 @@ class Pairs(Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices, device=self.images.device)
         number, digit = self.numbers[idx], self.digits[idx]
+        per_pair = digit.view(-1, *[1] * (number.dim() - 1))  # [B, 1] against AllPairs' numbers [B, 10]
         return {
             "image": self.images[idx].unsqueeze(1).float().div_(255),
             "number": number,
             "digit": digit,
-            "sum": digit.view(-1, *[1] * (number.dim() - 1)) + number,
+            "sum": torch.where(per_pair >= 0, per_pair + number, -1),
             "index": idx,
         }
 

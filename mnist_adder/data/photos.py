@@ -64,6 +64,12 @@ def to_mnist(gray: np.ndarray) -> torch.Tensor:
     band = max(1, round(EDGE * max(ink.shape)))
     if ink[band:-band, band:-band].sum() < (1 - EDGE_INK) * ink.sum():
         raise PhotoError("the ink runs off the picture's edge: a digit cut off? Leave a margin around it")
+    return centred(ink)
+
+
+def centred(ink: np.ndarray) -> torch.Tensor:
+    """Bright ink on black in [0, 1], cropped to its central mass, longer side 20 px, centred by mass in 28x28:
+    float [1, 28, 28], as MNIST's digits."""
     top, bottom = _span(ink.sum(1))
     left, right = _span(ink.sum(0))
     ink = ink[top : bottom + 1, left : right + 1]

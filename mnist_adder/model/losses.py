@@ -16,7 +16,7 @@ class Losses(NamedTuple):
     """A batch's losses, as logged: `loss` = `digit_loss` + sum_loss_weight * (`sum_loss` + `agreement`)."""
 
     loss: torch.Tensor  # the objective the training step minimises
-    digit_loss: torch.Tensor  # the digit head's cross-entropy
+    digit_loss: torch.Tensor  # the digit head's cross-entropy, on the pictures that are no digit against all ten alike
     sum_loss: torch.Tensor  # the sum head's own loss: cross-entropy, or the Brier score for `mse`
     agreement: torch.Tensor  # `agreement` * logit_mismatch (0 when the weight is 0)
 
@@ -29,15 +29,25 @@ def compute_losses(
     sum_loss_weight: float,
     label_smoothing: float,
     agreement: float,
+    not_digit_weight: float = 0.0,
 ) -> Losses:
-    sums = digits + numbers
+    """Pictures that are no digit (digit -1) count only in the digit loss: `not_digit_weight` times the
+    cross-entropy of their digit logits against the uniform distribution (outlier exposure, Hendrycks et al.,
+    2019), so that such a picture's energy score (calibration.not_digit_score) rises."""
+    is_digit = digits >= 0
+    sums = torch.where(is_digit, digits + numbers, -1)
     digit_logits, sum_logits = split_logits(logits)
-    digit_loss = F.cross_entropy(digit_logits, digits, label_smoothing=label_smoothing)
+    digit_loss = F.cross_entropy(digit_logits, digits, label_smoothing=label_smoothing, ignore_index=-1)
+    if not_digit_weight:
+        uniform = digit_logits.logsumexp(1) - digit_logits.mean(1)  # cross-entropy against 1/10 each
+        refused = ~is_digit
+        digit_loss = digit_loss + not_digit_weight * (uniform * refused).sum() / refused.sum().clamp(min=1)
     if sum_loss == "mse":
-        target = F.one_hot(sums, 19).to(logits.dtype)
-        own = (sum_logits.softmax(dim=1) - target).square().sum(dim=1).mean()
+        target = F.one_hot(sums.clamp(min=0), 19).to(logits.dtype)
+        brier = (sum_logits.softmax(dim=1) - target).square().sum(dim=1)
+        own = (brier * is_digit).sum() / is_digit.sum().clamp(min=1)
     else:
-        own = F.cross_entropy(sum_logits, sums, label_smoothing=label_smoothing)
+        own = F.cross_entropy(sum_logits, sums, label_smoothing=label_smoothing, ignore_index=-1)
     term = agreement * logit_mismatch(logits, numbers) if agreement else logits.new_zeros(())
     return Losses(digit_loss + weighted_sum_loss(own, term, sum_loss_weight), digit_loss, own, term)
 

@@ -11,7 +11,8 @@ from mnist_adder.model.net import split_logits
 
 
 def accuracy(classes: int) -> MulticlassAccuracy:
-    return MulticlassAccuracy(classes, average="micro", validate_args=False)  # checks cost a sync per batch
+    # -1: a picture that is no digit, which has neither digit nor sum; checks cost a sync per batch
+    return MulticlassAccuracy(classes, average="micro", ignore_index=-1, validate_args=False)
 
 
 def stage_metrics(agreement: bool) -> nn.ModuleDict:

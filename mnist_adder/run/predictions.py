@@ -76,7 +76,7 @@ def percent(probability: float) -> str:
 
 
 def note(row: dict) -> str:
-    """"not a digit" (the digit and its probabilities then mean little), else "unsure" or nothing."""
+    """ "not a digit" (the digit and its probabilities then mean little), else "unsure" or nothing."""
     return next((word for name, word in reversed(FLAGS.items()) if row[name]), "")
 
 

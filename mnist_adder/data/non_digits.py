@@ -1,28 +1,41 @@
-"""Pictures that are not one digit, made here from a seed, in six kinds, each photographed as a phone would
-(tests/phone.py) and read back as `predict` reads a photo.
+"""Pictures that are not one digit, drawn from a seed as white ink on black: printed and hand-drawn glyphs,
+several digits side by side, scribbles, strokes and noise (and, for the benchmark, a digit to be cut off).
 
-The validation and held-out test sets share no glyph, no font and no MNIST image: validation draws letters and
-symbols from `GLYPHS["val"]`, fonts from DejaVu and digits from the validation split; test from the other half,
-Liberation fonts and the official test set. Letters that are read as digits by people too (O, I, l, S, Z, B, b,
-g, q) and strokes like "/", "(" or "|" are in neither.
+Three splits share no glyph: "train" (Greek letters, arrows and other signs, in DejaVu Sans fonts) makes the
+non-digit pictures the model is trained to refuse (`non_digit_images`); "val" and "test" (Latin letters and
+common symbols; DejaVu and Liberation fonts) make the benchmark's (benchmarks/not_a_digit.py). Glyphs that
+people read as digits too (O, I, l, S, Z, B, b, g, q, θ, δ...) and strokes like "/" or "|" are in none.
 """
 
 import glob
 from collections.abc import Callable
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from phone import phone_photo
+from mnist_adder.data.photos import centred
 
 SIZE = 84  # the ink is drawn on an 84x84 canvas (three times MNIST's), white on black
-GLYPHS = {"val": "ACEFHKMNRVWXYacefhkmnrw#%&+=?@<", "test": "DGJLPTUdjtuvxy*$€^~>"}
+GLYPHS = {
+    "train": "αγεηλμξπψωΓΔΞΠΣΨΩ♥§¶©®±÷∞√∑≈≠≤≥←→↑↓",
+    "val": "ACEFHKMNRVWXYacefhkmnrw#%&+=?@<",
+    "test": "DGJLPTUdjtuvxy*$€^~>",
+}
 FONTS = {
+    "train": sorted(glob.glob("/usr/share/fonts/truetype/dejavu/DejaVuSans*.ttf")),
     "val": sorted(glob.glob("/usr/share/fonts/truetype/dejavu/DejaVu*.ttf")),
     "test": sorted(glob.glob("/usr/share/fonts/truetype/liberation/Liberation*.ttf")),
 }
 # Hand-drawn glyphs as strokes (polylines in the unit square, y down), drawn with a wobbly hand.
 STROKES = {
+    "train": {
+        "Δ": [[(0.5, 0), (0.95, 1), (0.05, 1), (0.5, 0)]],
+        "→": [[(0, 0.5), (1, 0.5)], [(0.7, 0.2), (1, 0.5), (0.7, 0.8)]],
+        "✓": [[(0.05, 0.55), (0.35, 1), (0.95, 0)]],
+        "Π": [[(0.15, 1), (0.15, 0), (0.85, 0), (0.85, 1)]],
+        "↑": [[(0.5, 1), (0.5, 0)], [(0.2, 0.3), (0.5, 0), (0.8, 0.3)]],
+    },
     "val": {
         "A": [[(0.1, 1), (0.5, 0), (0.9, 1)], [(0.28, 0.6), (0.72, 0.6)]],
         "X": [[(0.1, 0), (0.9, 1)], [(0.9, 0), (0.1, 1)]],
@@ -51,6 +64,7 @@ STROKES = {
     },
 }
 KINDS = ("printed", "hand-drawn", "several digits", "cut-off digit", "scribble", "strokes and noise")
+TRAINED = ("printed", "hand-drawn", "several digits", "scribble", "strokes and noise")  # a cut-off digit is refused
 
 
 def _canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -162,32 +176,11 @@ MAKERS: dict[str, Callable[[str, np.random.Generator, np.ndarray], np.ndarray]] 
 )
 
 
-def photograph(kind: str, ink: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    """`ink` as a phone photographs it; a cut-off digit's photo is then cropped through the digit, found as where
-    the photo differs from one of blank paper taken with the same draws."""
-    blank_rng = np.random.default_rng()
-    blank_rng.bit_generator.state = rng.bit_generator.state
-    picture = phone_photo(ink, rng)
-    if kind != "cut-off digit":
-        return picture
-    paper = phone_photo(np.zeros_like(ink), blank_rng)
-    difference = np.abs(np.asarray(picture, np.float32) - np.asarray(paper, np.float32)).max(2)
-    rows, cols = np.nonzero(difference > 60)  # the digit's strokes
-    keep = rng.uniform(0.4, 0.65)
-    box = [0, 0, picture.width, picture.height]  # left, top, right, bottom
-    edge = int(rng.integers(4))  # the picture ends inside the digit: at its right, left, bottom or top
-    strokes = cols if edge < 2 else rows
-    low, high = int(strokes.min()), int(strokes.max())
-    kept = int(keep * (high - low))
-    box[(2, 0, 3, 1)[edge]] = low + kept if edge % 2 == 0 else high - kept
-    return picture.crop(tuple(box))
-
-
-def non_digit_photos(split: str, per_kind: int, digits: np.ndarray, seed: int = 0) -> dict[str, list[Image.Image]]:
-    """`per_kind` phone photos of each kind; `digits` (float [N, 28, 28], white on black): the MNIST images the
-    several-digit and cut-off pictures are made of."""
-    rng = np.random.default_rng([seed, ("val", "test").index(split)])
-    return {
-        kind: [photograph(kind, make(split, rng, digits), rng) for _ in range(per_kind)]
-        for kind, make in MAKERS.items()
-    }
+def non_digit_images(count: int, seed: int, digits: torch.Tensor) -> torch.Tensor:
+    """`count` MNIST-like non-digit pictures of the "train" split, uint8 [count, 28, 28], the kinds in turn, made
+    as `predict` makes a picture (`photos.centred`); the first 10,000 of `digits` (uint8 [N, 28, 28]) make the
+    several-digit pictures."""
+    rng = np.random.default_rng([seed, 2])
+    pool = digits[:10_000].numpy().astype(np.float32) / 255
+    images = [centred(MAKERS[TRAINED[k % len(TRAINED)]]("train", rng, pool))[0] for k in range(count)]
+    return (torch.stack(images) * 255).round().to(torch.uint8) if images else torch.zeros(0, 28, 28, dtype=torch.uint8)
