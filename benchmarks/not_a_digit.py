@@ -100,88 +100,125 @@ def percent(share: float) -> str:
     return f"{100 * share:.1f} %"
 
 
+def spread(values: list[float], form=percent) -> str:
+    """One checkpoint's figure, or the mean ± standard deviation (minimum) of several."""
+    if len(values) == 1:
+        return form(values[0])
+    return f"{form(np.mean(values))} ± {form(np.std(values, ddof=1))} (min {form(min(values))})"
+
+
+def training(checkpoint: dict) -> str:
+    """What the checkpoint was trained with, as the table names it."""
+    exposed = checkpoint["datamodule_hyper_parameters"].get("non_digits", 0) > 0
+    return "outlier exposure" if exposed and checkpoint["hyper_parameters"].get("not_digit_weight", 0) > 0 else "none"
+
+
+class Pictures:
+    """A data split's digits and non-digits, made once per (seed, val_size) and read as `predict` reads them."""
+
+    def __init__(self, data: MNISTAdderData, per_kind: int, phone_digits: int):
+        rng = np.random.default_rng(0)
+        val, test = (s.__getitems__(list(range(len(s)))) for s in (data.val_set, data.test_set))
+        train = data.train_set.__getitems__(list(range(20_000)))
+        self.train = train["image"], train["digit"]
+        self.digits = {
+            "validation digits": val["image"],
+            "phone photos of validation digits": read(
+                [phone_photo(i[0].numpy(), rng) for i in val["image"][:phone_digits]]
+            )[0],
+            "official test digits": test["image"],
+            "phone photos of test digits": read([phone_photo(i[0].numpy(), rng) for i in test["image"][:phone_digits]])[
+                0
+            ],
+        }
+        self.non_digits = {}
+        for split, images in (("val", val["image"]), ("test", test["image"])):
+            photos = non_digit_photos(split, per_kind, images[:, 0].numpy())
+            self.non_digits.update({(split, kind): read(photos[kind]) for kind in KINDS})
+
+
+def measure(scores: Scores, pictures: Pictures, per_kind: int) -> dict:
+    """Per method: AUROC, share caught (all, per kind) for each set, and the share of each set of digits refused."""
+    digits = {name: scores(images) for name, images in pictures.digits.items()}
+    non_digits = {key: (scores(images), refused) for key, (images, refused) in pictures.non_digits.items()}
+    figures = {}
+    for method in METHODS:
+        threshold = np.quantile(digits["validation digits"][method], 1 - NOT_DIGIT_SHARE)
+        for split, reference in (("val", "validation digits"), ("test", "official test digits")):
+            caught = {
+                kind: ((non_digits[split, kind][0][method] > threshold).sum() + non_digits[split, kind][1]) / per_kind
+                for kind in KINDS
+            }
+            every = np.concatenate(
+                [np.concatenate([s[method], np.full(n, np.inf)]) for s, n in (non_digits[split, k] for k in KINDS)]
+            )
+            figures[method, split] = {
+                "AUROC": auroc(every, digits[reference][method]),
+                "caught": np.mean(list(caught.values())),
+                **caught,
+            }
+        figures[method, "refused"] = {name: float((s[method] > threshold).mean()) for name, s in digits.items()}
+    return figures
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpt_path", help="a checkpoint written by `python cli.py fit`")
+    parser.add_argument("checkpoints", nargs="+", help="checkpoints written by `python cli.py fit` (one per seed, say)")
     parser.add_argument("--per-kind", type=int, default=300, help="non-digit photos of each kind, in each set")
     parser.add_argument("--phone-digits", type=int, default=1000, help="phone-like photos of val and of test digits")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
     args = parser.parse_args(argv)
-    checkpoint = read_checkpoint(args.ckpt_path)
-    model = MNISTAdder.load_from_checkpoint(args.ckpt_path, map_location="cpu").eval()
-    data = MNISTAdderData(
-        str(args.data_dir), **{key: checkpoint["datamodule_hyper_parameters"][key] for key in ("seed", "val_size")}
-    )  # the checkpoint's own split
-    data.prepare_data()
-    data.setup("test")
-    train = data.train_set.__getitems__(list(range(20_000)))
-    val, test = (s.__getitems__(list(range(len(s)))) for s in (data.val_set, data.test_set))
-    scores = Scores(model, train["image"], train["digit"])
-    rng = np.random.default_rng(0)
-    digits = {
-        "validation digits": scores(val["image"]),
-        "phone photos of validation digits": scores(
-            read([phone_photo(i[0].numpy(), rng) for i in val["image"][: args.phone_digits]])[0]
-        ),
-        "official test digits": scores(test["image"]),
-        "phone photos of test digits": scores(
-            read([phone_photo(i[0].numpy(), rng) for i in test["image"][: args.phone_digits]])[0]
-        ),
-    }
-    non_digits = {}
-    for split, images in (("validation", val["image"]), ("test", test["image"])):
-        photos = non_digit_photos("val" if split == "validation" else "test", args.per_kind, images[:, 0].numpy())
-        for kind in KINDS:
-            read_images, refused = read(photos[kind])
-            non_digits[split, kind] = scores(read_images), refused
-    rows = []
-    for method in METHODS:
-        threshold = np.quantile(digits["validation digits"][method], 1 - NOT_DIGIT_SHARE)
-        row = {"method": method}
-        for split, reference in (("validation", "validation digits"), ("test", "official test digits")):
-            caught = {
-                kind: ((s[method] > threshold).sum() + refused) / args.per_kind
-                for kind in KINDS
-                for s, refused in [non_digits[split, kind]]
-            }
-            every = np.concatenate(
-                [
-                    np.concatenate([s[method], np.full(refused, np.inf)])
-                    for s, refused in (non_digits[split, k] for k in KINDS)
-                ]
-            )
-            row[split] = (auroc(every, digits[reference][method]), np.mean(list(caught.values())), caught)
-        row["refused"] = {name: float((s[method] > threshold).mean()) for name, s in digits.items()}
-        rows.append(row)
-    text = report(rows, args.per_kind)
+    made, results = {}, {}
+    for path in args.checkpoints:
+        checkpoint = read_checkpoint(path)
+        split = {key: checkpoint["datamodule_hyper_parameters"][key] for key in ("seed", "val_size")}
+        if tuple(split.values()) not in made:
+            data = MNISTAdderData(str(args.data_dir), non_digits=0, **split)  # the checkpoint's own split
+            data.prepare_data()
+            data.setup("test")
+            made[tuple(split.values())] = Pictures(data, args.per_kind, args.phone_digits)
+        pictures = made[tuple(split.values())]
+        model = MNISTAdder.load_from_checkpoint(path, map_location="cpu").eval()
+        figures = measure(Scores(model, *pictures.train), pictures, args.per_kind)
+        results.setdefault(training(checkpoint), []).append(figures)
+        print(f"measured {path}", flush=True)
+    text = report(results, args.per_kind)
     print(text)
     if not args.no_write:
         for path in (ROOT / "docs" / "experiments.md", ROOT / "BENCHMARKS.md"):
             write_report(path, text, START, END)
 
 
-def report(rows: list[dict], per_kind: int) -> str:
+def report(results: dict[str, list[dict]], per_kind: int) -> str:
     lines = [
-        "| method | set | AUROC | non-digits caught | " + " | ".join(KINDS) + " |",
-        "|---|---|---|---|" + "---|" * len(KINDS),
+        "| training | score | set | AUROC | non-digits caught | " + " | ".join(KINDS) + " |",
+        "|---|---|---|---|---|" + "---|" * len(KINDS),
     ]
-    for row in rows:
-        for split in ("validation", "test"):
-            area, caught, kinds = row[split]
-            lines.append(
-                f"| {row['method']} | {split} | {area:.4f} | {percent(caught)} | "
-                + " | ".join(percent(kinds[k]) for k in KINDS)
-                + " |"
-            )
-    names = list(rows[0]["refused"])
-    lines += ["", "| method | " + " | ".join(f"{n} refused" for n in names) + " |", "|---|" + "---|" * len(names)]
-    lines += [f"| {row['method']} | " + " | ".join(percent(row["refused"][n]) for n in names) + " |" for row in rows]
+    for name, runs in results.items():
+        for method in METHODS:
+            for split in ("val", "test"):
+                cells = [spread([run[method, split]["AUROC"] for run in runs], lambda v: f"{v:.4f}")]
+                cells += [spread([run[method, split]["caught"] for run in runs])]
+                cells += [percent(np.mean([run[method, split][kind] for run in runs])) for kind in KINDS]
+                lines.append(f"| {name} | {method} | {split} | " + " | ".join(cells) + " |")
+    sets = list(next(iter(results.values()))[0][METHODS[0], "refused"])
     lines += [
         "",
-        f"{per_kind} non-digit phone photos of each kind in each set; a picture `predict` refuses counts as caught. "
-        "Each method's threshold refuses 1 % of the validation digits. "
-        "Written by `python benchmarks/not_a_digit.py CKPT`.",
+        "| training | score | " + " | ".join(f"{s} refused" for s in sets) + " |",
+        "|---|---|" + "---|" * len(sets),
+    ]
+    for name, runs in results.items():
+        for method in METHODS:
+            cells = [spread([run[method, "refused"][s] for run in runs]) for s in sets]
+            lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{name}: {len(runs)}" for name, runs in results.items())
+    lines += [
+        "",
+        f"Checkpoints ({counts}; several: mean ± standard deviation (minimum), each kind the mean); "
+        f"{per_kind} non-digit phone photos of each kind in each set, a picture `predict` refuses counting as "
+        "caught. Each score's threshold refuses 1 % of the validation digits. "
+        "Written by `python benchmarks/not_a_digit.py CKPT ...`.",
     ]
     return "\n".join(lines)
 
