@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from printed import printed_digit
 from test_cli import ROOT
@@ -89,6 +90,68 @@ def draw_a_stroke(page) -> None:
     for step in range(1, 11):
         page.mouse.move(x, top + step * box["height"] / 20)
     page.mouse.up()
+
+
+def draw_an_x(page) -> None:
+    """Two diagonal strokes across the Draw tab's canvas, corner to corner of its middle half."""
+    page.locator("#drawing").get_by_role("button", name="Brush").click()
+    page.locator("#drawing canvas").first.wait_for(state="visible", timeout=60_000)
+    box = page.locator("#drawing canvas").first.bounding_box()
+    side = min(box["width"], box["height"]) / 2
+    left, top = box["x"] + box["width"] / 2 - side / 2, box["y"] + box["height"] / 2 - side / 2
+    for start, end in (((left, top), (left + side, top + side)), ((left + side, top), (left, top + side))):
+        page.mouse.move(*start)
+        page.mouse.down()
+        for step in range(1, 11):
+            page.mouse.move(start[0] + (end[0] - start[0]) * step / 10, start[1] + (end[1] - start[1]) * step / 10)
+        page.mouse.up()
+
+
+def demo_page(page, checkpoint, serve):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    serve([sys.executable, str(ROOT / "demo.py"), "--ckpt_path", str(checkpoint), "--port", str(port)], url)
+    page.goto(url)
+    return page.locator("#result textarea")
+
+
+def test_a_drawn_x_is_answered_not_a_digit(default_checkpoint, browser_page, serve):
+    expect = pytest.importorskip("playwright.sync_api").expect
+    result = demo_page(browser_page, default_checkpoint, serve)
+    for _ in range(3):  # a stroke drawn while a slow page still lays out its canvas is lost: then the X again
+        draw_an_x(browser_page)
+        try:
+            expect(result).to_have_value(re.compile("^not a digit"), timeout=20_000)
+            break
+        except AssertionError:
+            browser_page.locator("#clear").click()
+    expect(result).to_have_value(re.compile("^not a digit"), timeout=1_000)
+    for label in ("#digit", "#sum"):  # no digit and no sum to show
+        expect(browser_page.locator(f"{label} [data-testid=label-output-value]")).to_have_count(0, timeout=30_000)
+
+
+def test_a_number_picked_while_a_photo_uploads_is_answered_with_that_photo(
+    tmp_path, default_checkpoint, browser_page, serve
+):
+    """A photo on screen, then a bigger one uploading slowly (the browser's upload throttled to 400 kB/s, about
+    8 s): the number picked meanwhile is answered with the new photo once it is there, not left unanswered."""
+    expect = pytest.importorskip("playwright.sync_api").expect
+    printed_digit(5, 0, np.random.default_rng(2)).save(tmp_path / "five.png")
+    three = np.asarray(printed_digit(3, 0, np.random.default_rng(1)).resize((1200, 1200)), np.int16)
+    grain = np.random.default_rng(0).integers(-20, 20, three.shape)  # grain: the PNG stays large (about 3 MB)
+    Image.fromarray((three + grain).clip(0, 255).astype(np.uint8)).save(tmp_path / "three.png")
+    page = browser_page
+    result = demo_page(page, default_checkpoint, serve)
+    page.get_by_role("tab", name="Upload a photo").click()
+    page.locator("#photo input[type=file]").set_input_files(str(tmp_path / "five.png"))
+    expect(result).to_have_value(re.compile(r"^digit 5 .* number 7 -> sum 12 "), timeout=60_000)
+    network = page.context.new_cdp_session(page)
+    network.send("Network.enable")
+    conditions = {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 400_000}
+    network.send("Network.emulateNetworkConditions", conditions)
+    page.locator("#photo input[type=file]").set_input_files(str(tmp_path / "three.png"))
+    page.locator("#number").get_by_label("4").check()  # while the photo is on its way
+    expect(result).to_have_value(re.compile(r"^digit 3 \(\d+\.\d %\) \+ number 4 -> sum 7 \("), timeout=90_000)
 
 
 def test_demo_page_answers_the_input_on_screen_as_it_changes(tmp_path, default_checkpoint, browser_page, serve):
