@@ -212,6 +212,12 @@ def report(results: dict[str, list[dict]], per_kind: int) -> str:
         for method in METHODS:
             cells = [spread([run[method, "refused"][s] for run in runs]) for s in sets]
             lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    mean = {
+        (name, method): tuple(np.mean([run[method, "val"][key] for run in runs]) for key in ("caught", "AUROC"))
+        for name, runs in results.items()
+        for method in METHODS
+    }
+    best = max(mean, key=mean.get)
     counts = ", ".join(f"{name}: {len(runs)}" for name, runs in results.items())
     lines += [
         "",
@@ -219,6 +225,9 @@ def report(results: dict[str, list[dict]], per_kind: int) -> str:
         f"{per_kind} non-digit phone photos of each kind in each set, a picture `predict` refuses counting as "
         "caught. Each score's threshold refuses 1 % of the validation digits. "
         "Written by `python benchmarks/not_a_digit.py CKPT ...`.",
+        "",
+        f"Best on validation (the share caught, then the AUROC): training {best[0]}, score {best[1]}, "
+        f"{percent(mean[best][0])} caught, AUROC {mean[best][1]:.4f}.",
     ]
     return "\n".join(lines)
 

@@ -67,7 +67,7 @@ FREE = (
     "data.predict_manifest",
     "data.predict_output",
 )
-FREE_IN_EVALUATION = ("data.batch_size", "data.rotate", "data.translate", "data.scale")
+FREE_IN_EVALUATION = ("data.batch_size", "data.rotate", "data.translate", "data.scale", "data.non_digits")
 
 
 def flat(value, prefix: str = "") -> dict:
