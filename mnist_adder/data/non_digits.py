@@ -1,10 +1,10 @@
 """Pictures that are not one digit, drawn from a seed as white ink on black: printed and hand-drawn glyphs,
 several digits side by side, scribbles, strokes and noise (and, for the benchmark, a digit to be cut off).
 
-Three splits share no glyph: "train" (Greek letters, arrows and other signs, in DejaVu Sans fonts) makes the
+Three splits share no glyph: "train" (Greek and Cyrillic letters, arrows and other signs) makes the
 non-digit pictures the model is trained to refuse (`non_digit_images`); "val" and "test" (Latin letters and
 common symbols; DejaVu and Liberation fonts) make the benchmark's (benchmarks/not_a_digit.py). Glyphs that
-people read as digits too (O, I, l, S, Z, B, b, g, q, θ, δ...) and strokes like "/" or "|" are in none.
+people read as digits too (O, I, l, S, Z, B, b, g, q, θ, δ, ε, Э...) and strokes like "/" or "|" are in none.
 """
 
 import glob
@@ -18,12 +18,15 @@ from mnist_adder.data.photos import centred
 
 SIZE = 84  # the ink is drawn on an 84x84 canvas (three times MNIST's), white on black
 GLYPHS = {
-    "train": "αγεηλμξπψωΓΔΞΠΣΨΩ♥§¶©®±÷∞√∑≈≠≤≥←→↑↓",
+    "train": "αηλξπψωΓΔΞΠΣΨΩЖШЩЮЯФЦЙДЛЫИжшщюяфцйлыиÆŒæœŋħ♥¶©®±÷∞√∑≈≠≤≥←→↑↓",
     "val": "ACEFHKMNRVWXYacefhkmnrw#%&+=?@<",
     "test": "DGJLPTUdjtuvxy*$€^~>",
 }
 FONTS = {
-    "train": sorted(glob.glob("/usr/share/fonts/truetype/dejavu/DejaVuSans*.ttf")),
+    "train": sorted(
+        set(glob.glob("/usr/share/fonts/truetype/dejavu/DejaVu*.ttf"))
+        - set(glob.glob("/usr/share/fonts/truetype/dejavu/*Math*"))
+    ),
     "val": sorted(glob.glob("/usr/share/fonts/truetype/dejavu/DejaVu*.ttf")),
     "test": sorted(glob.glob("/usr/share/fonts/truetype/liberation/Liberation*.ttf")),
 }
