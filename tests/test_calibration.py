@@ -43,8 +43,9 @@ def test_forward_divides_each_head_by_its_temperature_and_keeps_every_answer():
 
 @pytest.fixture
 def fitted(in_tmp):
-    """Three epochs of 10 steps, every epoch's checkpoint kept (monitor: epoch), last.ckpt every 3 steps instead
-    of every epoch: the last is written at step 30, before the third epoch's validation."""
+    """Three epochs of 11 steps (500 digits and 50 non-digits), every epoch's checkpoint kept (monitor: epoch),
+    last.ckpt every 3 steps instead of every epoch: the last is written at step 33, before the third epoch's
+    validation."""
     keep_all = ["--checkpoint.monitor", "epoch", "--checkpoint.save_top_k", "-1"]
     every = ["--last_checkpoint.every_n_train_steps", "3"]
     cli = cli_main(["fit", "--trainer.max_epochs", "3", *keep_all, *every, *SMALL])
@@ -73,7 +74,7 @@ def test_every_checkpoint_holds_the_temperatures_of_its_latest_validation_and_th
         temperatures.append(model.temperature.clone())
     assert not torch.equal(temperatures[0], temperatures[1]) and not torch.equal(temperatures[1], temperatures[2])
     # a step-interval file written before a validation holds the one before's temperatures, and says at which step
-    with pytest.warns(UserWarning, match="fitted at step 20, its weights are from step 30"):
+    with pytest.warns(UserWarning, match="fitted at step 22, its weights are from step 33"):
         model = MNISTAdder.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
     torch.testing.assert_close(model.temperature, temperatures[1])
 

@@ -37,7 +37,7 @@ def test_ctrl_c_in_fit_saves_last_then_resume_finishes(tmp_path, synthetic_data_
     assert torch.load(last, weights_only=True)["global_step"] == 3
     assert f"Stopped by Ctrl-C: saved {last}" in caplog.text and f"--ckpt_path {last}" in caplog.text
     cli = cli_main([*run, "--ckpt_path", str(last)])
-    assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 2 * 500 // 50
+    assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 2 * 550 // 50  # 500 digits, 50 non-digits
     assert Path(cli.trainer.log_dir) == last.parents[1]  # the resumed run writes on into its own folder
     assert sorted(p.name for p in last.parents[2].iterdir()) == ["version_0"]
 

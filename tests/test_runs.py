@@ -188,7 +188,7 @@ def test_extending_a_finished_run_stops_before_training_with_a_command(run_in_ru
         ],
         capsys,
     )
-    assert "spans 10 steps, this run 30" in message and "python cli.py fit --trainer.max_epochs N" in message
+    assert "spans 11 steps, this run 33" in message and "python cli.py fit --trainer.max_epochs N" in message
     assert last.stat().st_mtime_ns == before
 
 
@@ -312,7 +312,7 @@ def test_seed_everything_true_and_false(tmp_path, synthetic_data_dir, monkeypatc
 
 @pytest.mark.parametrize(
     "crash, extra, saved_at",
-    [("CrashAtSecondEpoch", [], (0, 10)), ("CrashMidEpoch", ["--last_checkpoint.every_n_train_steps", "7"], (1, 14))],
+    [("CrashAtSecondEpoch", [], (0, 11)), ("CrashMidEpoch", ["--last_checkpoint.every_n_train_steps", "7"], (1, 14))],
     ids=["epoch end", "mid-epoch"],
 )
 def test_a_resumed_run_logs_what_the_uninterrupted_run_logged(
@@ -361,7 +361,7 @@ class CrashAtSecondEpoch(Callback):
 
 
 class CrashMidEpoch(Callback):
-    """Dies like a killed process would in the middle of epoch 1, after the checkpoint of step 14 (4 of its 10
+    """Dies like a killed process would in the middle of epoch 1, after the checkpoint of step 14 (3 of its 11
     batches) and two batches more."""
 
     step = 16
