@@ -21,7 +21,7 @@ from mnist_adder.run.checkpoints import read_checkpoint
 OPSET = 18
 
 
-class Answers(torch.nn.Module):
+class LogitsAndNotDigit(torch.nn.Module):
     """`forward`'s logits and `not_a_digit`'s flag, the two outputs of the file."""
 
     def __init__(self, model: MNISTAdder):
@@ -42,7 +42,7 @@ def export(ckpt_path: str, output: Path) -> Path:
     example = (torch.rand(2, 1, 28, 28), torch.tensor([3, 7]))
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
-        Answers(model).eval(),
+        LogitsAndNotDigit(model).eval(),
         example,
         input_names=["images", "numbers"],
         output_names=["logits", "not_digit"],

@@ -12,11 +12,12 @@ and the real digits three ways, from the checkpoint's 29 logits or the features 
   shared by the ten digits (Lee et al., 2018), fitted on 20,000 training images.
 
 A checkpoint trained with outlier exposure (the data's `non_digits`, the model's `not_digit_weight`) is a fourth
-method: its scores are these same three. Each method's threshold refuses 1 % of the validation digits. Reported:
-AUROC against the validation digits (validation) and the official test digits (test), the share of non-digits
-caught, per kind, and the shares of validation digits, phone-like photos of validation digits, official test
-digits and phone-like photos of test digits refused. Written into docs/experiments.md and BENCHMARKS.md between
-the `not_a_digit` markers.
+method: its scores are these same three. Each score's threshold refuses `calibration.NOT_DIGIT_SHARE` of the
+validation digits, as `predict`'s does (every picture is scored with the number 0: the digit head barely heeds
+it). Reported: AUROC against the validation digits (validation) and the official test digits (test), the share
+of non-digits caught, per kind, and the shares of validation digits, phone-like photos of validation digits,
+official test digits and phone-like photos of test digits refused. Written into docs/experiments.md and
+BENCHMARKS.md between the `not_a_digit` markers.
 """
 
 import argparse
@@ -223,7 +224,7 @@ def report(results: dict[str, list[dict]], per_kind: int) -> str:
         "",
         f"Checkpoints ({counts}; several: mean ± standard deviation (minimum), each kind the mean); "
         f"{per_kind} non-digit phone photos of each kind in each set, a picture `predict` refuses counting as "
-        "caught. Each score's threshold refuses 1 % of the validation digits. "
+        f"caught. Each score's threshold refuses {percent(NOT_DIGIT_SHARE)} of the validation digits. "
         "Written by `python benchmarks/not_a_digit.py CKPT ...`.",
         "",
         f"Best on validation (the share caught, then the AUROC): training {best[0]}, score {best[1]}, "

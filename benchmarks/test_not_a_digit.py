@@ -16,9 +16,10 @@ def test_auroc_is_the_chance_a_positive_outscores_a_negative():
     assert auroc(np.array([2.0]), np.array([2.0])) == 0.5  # a tie counts half
 
 
-def test_validation_and_test_share_no_glyph():
-    assert not set(GLYPHS["val"]) & set(GLYPHS["test"])
-    assert not set(STROKES["val"]) & set(STROKES["test"])
+def test_the_three_splits_share_no_glyph_printed_or_drawn():
+    glyphs = {split: set(GLYPHS[split]) | set(STROKES[split]) for split in ("train", "val", "test")}
+    assert not glyphs["train"] & glyphs["val"] and not glyphs["train"] & glyphs["test"]
+    assert not glyphs["val"] & glyphs["test"]
 
 
 @pytest.mark.parametrize("split", ["val", "test"])

@@ -9,7 +9,14 @@ from torch.utils.data import DataLoader
 
 from cli import cli_main
 from lightning_module import MNISTAdder
-from mnist_adder.model.calibration import UNSURE_BELOW, calibration_error, fit_temperature
+from mnist_adder.model.calibration import (
+    NOT_DIGIT_SHARE,
+    UNSURE_BELOW,
+    ValidationFit,
+    calibration_error,
+    fit_temperature,
+    not_digit_score,
+)
 from mnist_adder.model.net import split_logits
 from test_bad_inputs import ends_in_clear_error
 from test_cli import ROOT, SMALL, val_curve
@@ -87,6 +94,17 @@ def test_the_not_a_digit_threshold_refuses_one_in_a_hundred_of_the_validation_di
         batches = list(cli.datamodule.val_dataloader())
         refused = torch.cat([model.eval().predict_step(batch, 0)["not_digit"] for batch in batches])
     assert len(refused) == 100 and int(refused.sum()) == 1  # NOT_DIGIT_SHARE: the one highest score of 100
+
+
+def test_the_threshold_leaves_not_digit_share_of_the_digits_above_it_at_the_fitted_temperature():
+    generator = torch.Generator().manual_seed(0)
+    logits, digits = torch.randn(4000, 29, generator=generator) * 4, torch.randint(0, 10, (4000,), generator=generator)
+    fit = ValidationFit()
+    fit.update(logits, digits, torch.randint(0, 19, (4000,), generator=generator))
+    temperatures, above = fit.compute()
+    scores = not_digit_score(logits[:, :10] / temperatures[0])
+    assert (scores > above).float().mean().item() == pytest.approx(NOT_DIGIT_SHARE, abs=3 / 4000)  # float32 ties
+    assert (not_digit_score(logits[:, :10]) > above).float().mean().item() != pytest.approx(NOT_DIGIT_SHARE, abs=0.002)
 
 
 def test_on_a_trained_model_the_calibration_error_after_the_temperatures_is_below_the_one_before(in_tmp):

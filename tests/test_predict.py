@@ -1,4 +1,5 @@
 import csv
+import io
 import os
 
 import numpy as np
@@ -15,7 +16,7 @@ from mnist_adder.data.mnist_files import read_idx
 from mnist_adder.data.photos import load_gray, read_picture, to_mnist
 from mnist_adder.model.calibration import UNSURE_BELOW
 from mnist_adder.model.net import split_logits
-from mnist_adder.run.predictions import RESERVED, PredictionsCSV
+from mnist_adder.run.predictions import RESERVED, PredictionsCSV, predictions_csv, predictions_table
 from phone import phone_photo
 from printed import printed_digit
 from test_cli import SMALL
@@ -124,6 +125,24 @@ def test_phone_photos_of_test_digits_within_a_point_of_the_clean_digits(default_
         photo = (model(photos, numbers)[:, :10].argmax(1) == digits).float().mean().item()
     print(f"digit accuracy: clean {100 * clean:.2f} %, phone-like photos {100 * photo:.2f} %")
     assert photo >= clean - 0.01
+
+
+def test_the_table_and_csv_say_not_a_digit_over_unsure_and_keep_the_probabilities():
+    answer = {"pred_digit": 7, "pred_digit_prob": 0.4, "pred_sum": 9, "pred_sum_prob": 0.3, "error": ""}
+    rows = [
+        {"file": f"{name}.png", "number": 2, "columns": {"file": f"{name}.png", "number": "2"}, **answer, **flags}
+        for name, flags in (
+            ("odd", {"pred_unsure": True, "pred_not_digit": True}),
+            ("unclear", {"pred_unsure": True, "pred_not_digit": False}),
+            ("sure", {"pred_unsure": False, "pred_not_digit": False}),
+        )
+    ]
+    notes = [line.split("%")[-1].strip() for line in predictions_table(rows).splitlines()[1:]]
+    assert notes == ["not a digit", "unsure", ""]
+    written = list(csv.DictReader(io.StringIO(predictions_csv(["file", "number"], rows).decode())))
+    assert [r["pred_not_digit"] for r in written] == ["not a digit", "", ""]
+    assert [r["pred_unsure"] for r in written] == ["unsure", "unsure", ""]
+    assert all(r["pred_digit_prob"] == "0.4000" and r["pred_sum"] == "9" for r in written)
 
 
 def test_predict_without_a_manifest_writes_the_test_set_with_its_accuracy(checkpoint, tmp_path, capsys):

@@ -64,8 +64,9 @@ def predictions_csv(columns: list[str], rows: list[dict]) -> bytes:
 FLAGS = {"pred_unsure": "unsure", "pred_not_digit": "not a digit"}  # a flag's word in the CSV and the table
 
 
-def cell(value, name: str = "") -> str | int:
-    """A prediction as the CSV holds it: probabilities to four places, a flag as its word or nothing."""
+def cell(value, name: str) -> str | int:
+    """A prediction as the CSV holds it under the column `name`: probabilities to four places, a flag as its word
+    or nothing."""
     if isinstance(value, bool):
         return FLAGS[name] if value else ""
     return f"{value:.4f}" if isinstance(value, float) else value
@@ -76,7 +77,7 @@ def percent(probability: float) -> str:
 
 
 def note(row: dict) -> str:
-    """ "not a digit" (the digit and its probabilities then mean little), else "unsure" or nothing."""
+    """The table's note: "not a digit" (the digit and its probabilities then mean little), else "unsure", or ""."""
     return next((word for name, word in reversed(FLAGS.items()) if row[name]), "")
 
 
