@@ -98,9 +98,12 @@ class MNISTAdderData(L.LightningDataModule):
             return
         if not hasattr(self, "test_set"):
             self._load()
+        if stage == "fit" and not hasattr(self, "train_set"):  # its non-digits are drawn only to train
+            self.train_set = self._train_set()
         if self.hparams.on_device and self.trainer is not None:
-            for dataset in (self.train_set, self.val_set, self.test_set, self.all_pairs_set):
-                dataset.to(self.trainer.strategy.root_device)
+            for dataset in (getattr(self, "train_set", None), self.val_set, self.test_set, self.all_pairs_set):
+                if dataset is not None:
+                    dataset.to(self.trainer.strategy.root_device)
 
     def _load(self) -> None:
         hp = self.hparams
@@ -112,13 +115,16 @@ class MNISTAdderData(L.LightningDataModule):
         train, val = order[hp.val_size :], order[: hp.val_size]
         test_images = read_idx(self.raw_dir / "t10k-images-idx3-ubyte")
         test_digits = read_idx(self.raw_dir / "t10k-labels-idx1-ubyte").long()
-        extra = non_digit_images(round(hp.non_digits * len(train)), hp.seed, images[train])
-        self.train_set = TrainPairs(
-            torch.cat([images[train], extra]), torch.cat([digits[train], digits.new_full((len(extra),), -1)]), hp.seed
-        )
+        self.train_images, self.train_digits = images[train], digits[train]
         self.val_set = Pairs(images[val], digits[val], draw_numbers(len(val), "val", hp.seed))
         self.test_set = Pairs(test_images, test_digits, draw_numbers(len(test_digits), "test", hp.seed))
         self.all_pairs_set = AllPairs(test_images, test_digits)
+
+    def _train_set(self) -> TrainPairs:
+        """The training images and, with the digit -1, `non_digits` times as many generated non-digits."""
+        hp, images, digits = self.hparams, self.train_images, self.train_digits
+        extra = non_digit_images(round(hp.non_digits * len(images)), hp.seed, images)
+        return TrainPairs(torch.cat([images, extra]), torch.cat([digits, digits.new_full((len(extra),), -1)]), hp.seed)
 
     def _shard(self) -> dict:
         trainer = self.trainer

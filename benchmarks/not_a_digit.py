@@ -177,6 +177,7 @@ def main(argv=None) -> None:
         if tuple(split.values()) not in made:
             data = MNISTAdderData(str(args.data_dir), non_digits=0, **split)  # the checkpoint's own split
             data.prepare_data()
+            data.setup("fit")
             data.setup("test")
             made[tuple(split.values())] = Pictures(data, args.per_kind, args.phone_digits)
         pictures = made[tuple(split.values())]

@@ -8,6 +8,7 @@ people read as digits too (O, I, l, S, Z, B, b, g, q, θ, δ, ε, Э...) and str
 """
 
 import glob
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -177,6 +178,9 @@ def non_digit_images(count: int, seed: int, digits: torch.Tensor) -> torch.Tenso
     """`count` MNIST-like non-digit pictures of the "train" split, uint8 [count, 28, 28], the kinds in turn, made
     as `predict` makes a picture (`photos.centred`); the first 10,000 of `digits` (uint8 [N, 28, 28]) make the
     several-digit pictures."""
+    if not FONTS["train"]:
+        message = "no DejaVu fonts found: the printed non-digits are drawn in Pillow's default font instead"
+        warnings.warn(message, stacklevel=2)
     rng = np.random.default_rng([seed, 2])
     pool = digits[:10_000].numpy().astype(np.float32) / 255
     images = [centred(MAKERS[TRAINED[k % len(TRAINED)]]("train", rng, pool))[0] for k in range(count)]

@@ -31,17 +31,18 @@ def compute_losses(
     agreement: float,
     not_digit_weight: float = 0.0,
 ) -> Losses:
-    """Pictures that are no digit (digit -1) count only in the digit loss: `not_digit_weight` times the
-    cross-entropy of their digit logits against the uniform distribution (outlier exposure, Hendrycks et al.,
-    2019), so that such a picture's energy score (calibration.not_digit_score) rises."""
+    """Pictures that are no digit (digit -1) have no digit and no sum to learn: they add to the digit loss
+    `not_digit_weight` times the cross-entropy of their digit logits against the uniform distribution (outlier
+    exposure, Hendrycks et al., 2019), so that such a picture's energy score (calibration.not_digit_score) rises;
+    the agreement term, which asks nothing of the answer, keeps them."""
     is_digit = digits >= 0
     sums = torch.where(is_digit, digits + numbers, -1)
     digit_logits, sum_logits = split_logits(logits)
     digit_loss = F.cross_entropy(digit_logits, digits, label_smoothing=label_smoothing, ignore_index=-1)
     if not_digit_weight:
         uniform = digit_logits.logsumexp(1) - digit_logits.mean(1)  # cross-entropy against 1/10 each
-        refused = ~is_digit
-        digit_loss = digit_loss + not_digit_weight * (uniform * refused).sum() / refused.sum().clamp(min=1)
+        non_digit = ~is_digit
+        digit_loss = digit_loss + not_digit_weight * (uniform * non_digit).sum() / non_digit.sum().clamp(min=1)
     if sum_loss == "mse":
         target = F.one_hot(sums.clamp(min=0), 19).to(logits.dtype)
         brier = (sum_logits.softmax(dim=1) - target).square().sum(dim=1)
