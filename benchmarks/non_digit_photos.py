@@ -1,11 +1,19 @@
-"""The benchmark's non-digit pictures: mnist_adder/data/non_digits.py's "val" and "test" splits, each picture
-photographed as a phone would (tests/phone.py), a cut-off digit's photo then cropped through the digit."""
+"""The benchmark's non-digit pictures: mnist_adder/data/non_digits.py's "val" and "test" splits and digits cut off
+by the picture's edge, each picture photographed as a phone would (tests/phone.py), a cut-off digit's photo then
+cropped through the digit."""
 
 import numpy as np
 from PIL import Image
 
 from mnist_adder.data.non_digits import MAKERS
 from phone import phone_photo
+
+KINDS = ("printed", "hand-drawn", "several digits", "cut-off digit", "scribble", "strokes and noise")
+
+
+def cut_off_digit(_split: str, rng: np.random.Generator, digits: np.ndarray) -> np.ndarray:
+    """A digit of which the picture holds 40-65 %: the rest lies beyond one of its edges (see `photograph`)."""
+    return digits[rng.integers(len(digits))]
 
 
 def photograph(kind: str, ink: np.ndarray, rng: np.random.Generator) -> Image.Image:
@@ -33,7 +41,5 @@ def non_digit_photos(split: str, per_kind: int, digits: np.ndarray, seed: int = 
     """`per_kind` phone photos of each kind; `digits` (float [N, 28, 28], white on black): the MNIST images the
     several-digit and cut-off pictures are made of."""
     rng = np.random.default_rng([seed, ("val", "test").index(split)])
-    return {
-        kind: [photograph(kind, make(split, rng, digits), rng) for _ in range(per_kind)]
-        for kind, make in MAKERS.items()
-    }
+    makers = {**MAKERS, "cut-off digit": cut_off_digit}
+    return {kind: [photograph(kind, makers[kind](split, rng, digits), rng) for _ in range(per_kind)] for kind in KINDS}

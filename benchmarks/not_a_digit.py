@@ -33,12 +33,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from datamodule import MNISTAdderData  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
-from mnist_adder.data.non_digits import KINDS  # noqa: E402
 from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist  # noqa: E402
 from mnist_adder.model.calibration import NOT_DIGIT_SHARE, not_digit_score  # noqa: E402
 from mnist_adder.model.net import split_logits  # noqa: E402
 from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
-from non_digit_photos import non_digit_photos  # noqa: E402
+from non_digit_photos import KINDS, non_digit_photos  # noqa: E402
 from phone import phone_photo  # noqa: E402
 
 START, END = "<!-- not_a_digit:start -->", "<!-- not_a_digit:end -->"

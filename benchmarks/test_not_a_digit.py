@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from mnist_adder.data.non_digits import GLYPHS, KINDS, STROKES
+from mnist_adder.data.non_digits import FONTS, GLYPHS, STROKES, fonts_drawing
 from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist
-from non_digit_photos import non_digit_photos
+from non_digit_photos import KINDS, non_digit_photos
 from not_a_digit import auroc
 
 
@@ -20,6 +20,13 @@ def test_the_three_splits_share_no_glyph_printed_or_drawn():
     glyphs = {split: set(GLYPHS[split]) | set(STROKES[split]) for split in ("train", "val", "test")}
     assert not glyphs["train"] & glyphs["val"] and not glyphs["train"] & glyphs["test"]
     assert not glyphs["val"] & glyphs["test"]
+
+
+@pytest.mark.skipif(not FONTS["train"], reason="no DejaVu fonts on this machine")
+def test_a_glyph_is_printed_only_in_the_fonts_that_have_it():
+    """A font that lacks a glyph would print its "missing" box: no glyph lacks every font of its split."""
+    assert all(None not in fonts_drawing(split, glyph) for split, glyphs in GLYPHS.items() for glyph in glyphs)
+    assert fonts_drawing("train", "\ue000") == [None]  # a private-use code point: in no font
 
 
 @pytest.mark.parametrize("split", ["val", "test"])

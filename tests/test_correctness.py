@@ -243,6 +243,9 @@ def test_a_picture_that_is_no_digit_counts_only_against_equal_digit_probabilitie
     torch.testing.assert_close(mixed.sum_loss, alone.sum_loss)
     off = MNISTAdder(sum_loss=sum_loss, not_digit_weight=0.0, label_smoothing=0.0, agreement=0.0)
     torch.testing.assert_close(off.losses(logits, digits, numbers).digit_loss, alone.digit_loss)
+    only = model.losses(logits[4:], digits[4:], numbers[4:])  # a batch with no digit at all: finite, no NaN
+    torch.testing.assert_close(only.digit_loss, 0.5 * uniform)
+    assert only.sum_loss == 0
 
 
 def test_on_device_sets_keep_every_tensor_on_the_device(synthetic_data_dir):

@@ -1,25 +1,28 @@
-"""Pictures that are not one digit, drawn from a seed as white ink on black: printed and hand-drawn glyphs,
-several digits side by side, scribbles, strokes and noise (and, for the benchmark, a digit to be cut off).
+"""Pictures that are not one digit, drawn from a seed as white ink on black: printed, bent and hand-drawn glyphs,
+several digits side by side, scribbles, strokes and noise.
 
-Three splits share no glyph: "train" (Greek and Cyrillic letters, arrows and other signs) makes the
-non-digit pictures the model is trained to refuse (`non_digit_images`); "val" and "test" (Latin letters and
+Three splits share no glyph: "train" (Greek, Cyrillic, Armenian and Hebrew letters, arrows and other signs) makes
+the non-digit pictures the model is trained to refuse (`non_digit_images`); "val" and "test" (Latin letters and
 common symbols; DejaVu and Liberation fonts) make the benchmark's (benchmarks/not_a_digit.py). Glyphs that
-people read as digits too (O, I, l, S, Z, B, b, g, q, θ, δ, ε, Э...) and strokes like "/" or "|" are in none.
+people read as digits too (O, I, l, S, Z, B, b, g, q, θ, δ, ε, Э...), strokes like "/" or "|", and the training
+scripts' look-alikes of the Latin ones (Т, у, Ս, ט...) are in none.
 """
 
 import glob
 import warnings
 from collections.abc import Callable
+from functools import cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from mnist_adder.data.photos import centred
 
 SIZE = 84  # the ink is drawn on an 84x84 canvas (three times MNIST's), white on black
 GLYPHS = {
-    "train": "αηλξπψωΓΔΞΠΣΨΩЖШЩЮЯФЦЙДЛЫИжшщюяфцйлыиÆŒæœŋħ♥¶©®±÷∞√∑≈≠≤≥←→↑↓",
+    "train": "αηλξπφψωΓΔΞΠΣΨΩЖШЩЮЯФЦЙДЛЫИжшщюяфцйлыиԹԽԾՃՄՓՖթխծճփֆאמשתצקפÆŒæœŋħ♥♠♣♦♫★☆☺☼⌘※‰¤£¶©®±÷∞√∑≈≠≤≥∀∇⊕⊗←→↑↓↔↕⇒⇔✓",
     "val": "ACEFHKMNRVWXYacefhkmnrw#%&+=?@<",
     "test": "DGJLPTUdjtuvxy*$€^~>",
 }
@@ -61,8 +64,6 @@ STROKES = {
         "^": [[(0.1, 0.9), (0.5, 0.1), (0.9, 0.9)]],
     },
 }
-KINDS = ("printed", "hand-drawn", "several digits", "cut-off digit", "scribble", "strokes and noise")
-TRAINED = ("printed", "hand-drawn", "several digits", "scribble", "strokes and noise")  # a cut-off digit is refused
 
 
 def _canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -75,18 +76,29 @@ def _ink(canvas: Image.Image, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(blurred, dtype=np.float32) / 255
 
 
-def _box(rng: np.random.Generator, low: float = 0.45, high: float = 0.85) -> tuple[float, float, float, float]:
-    """(left, top, width, height) of a glyph on the canvas, in pixels."""
-    width, height = SIZE * rng.uniform(low, high), SIZE * rng.uniform(low, high)
-    return rng.uniform(0, SIZE - width), rng.uniform(0, SIZE - height), width, height
+@cache
+def _font(path: str | None, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, size) if path else ImageFont.load_default(size)
+
+
+@cache
+def fonts_drawing(split: str, glyph: str) -> list[str | None]:
+    """The split's fonts that have `glyph`: a font that lacks it draws its "missing" box instead."""
+
+    def drawn(path: str, text: str) -> bytes:
+        canvas, draw = _canvas()
+        draw.text((10, 10), text, fill=255, font=_font(path, 40))
+        return canvas.tobytes()
+
+    return [path for path in FONTS[split] if drawn(path, glyph) != drawn(path, "\uffff")] or [None]
 
 
 def printed(split: str, rng: np.random.Generator, _digits: np.ndarray) -> np.ndarray:
     canvas, draw = _canvas()
     glyph = GLYPHS[split][rng.integers(len(GLYPHS[split]))]
-    fonts = FONTS[split]
+    fonts = fonts_drawing(split, glyph)
     size = int(rng.integers(40, 70))
-    font = ImageFont.truetype(fonts[rng.integers(len(fonts))], size) if fonts else ImageFont.load_default(size)
+    font = _font(fonts[rng.integers(len(fonts))], size)
     left, top, right, bottom = draw.textbbox((0, 0), glyph, font=font)
     x = (SIZE - (right - left)) / 2 - left + rng.uniform(-6, 6)
     y = (SIZE - (bottom - top)) / 2 - top + rng.uniform(-6, 6)
@@ -100,11 +112,28 @@ def _polyline(draw: ImageDraw.ImageDraw, points: np.ndarray, width: int) -> None
         draw.ellipse((x - width / 2, y - width / 2, x + width / 2, y + width / 2), fill=255)
 
 
+def bent_glyph(split: str, rng: np.random.Generator, digits: np.ndarray) -> np.ndarray:
+    """A printed glyph turned, slanted and bent by a smooth random field, its strokes thinned or thickened: drawn
+    as a hand might, in shapes the split's few hand-drawn glyphs lack."""
+    ink = torch.from_numpy(printed(split, rng, digits))[None, None]
+    angle, slant = np.radians(rng.uniform(-15, 15)), rng.uniform(-0.3, 0.3)
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ [[1, slant], [0, 1]]
+    affine = torch.tensor(np.hstack([turn, np.zeros((2, 1))]), dtype=torch.float32)[None]
+    coarse = torch.from_numpy(rng.normal(0, rng.uniform(0.03, 0.1), (1, 2, 4, 4))).float()
+    bend = F.interpolate(coarse, size=(SIZE, SIZE), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    grid = F.affine_grid(affine, [1, 1, SIZE, SIZE], align_corners=False) + bend
+    ink = F.grid_sample(ink, grid, align_corners=False)
+    grow = int(rng.integers(-1, 3))  # pixels added to each side of a stroke (-1: taken off)
+    ink = F.max_pool2d(ink, 2 * grow + 1, 1, grow) if grow >= 0 else -F.max_pool2d(-ink, 3, 1, 1)
+    return ink[0, 0].numpy()
+
+
 def hand_drawn(split: str, rng: np.random.Generator, _digits: np.ndarray) -> np.ndarray:
     canvas, draw = _canvas()
     glyphs = STROKES[split]
     strokes = glyphs[list(glyphs)[rng.integers(len(glyphs))]]
-    left, top, width, height = _box(rng, 0.5, 0.85)
+    width, height = SIZE * rng.uniform(0.5, 0.85, 2)
+    left, top = rng.uniform(0, SIZE - width), rng.uniform(0, SIZE - height)
     shear, width_px = rng.uniform(-0.25, 0.25), int(rng.integers(4, 10))
     for stroke in strokes:
         points = np.asarray(stroke, dtype=np.float64)
@@ -129,11 +158,6 @@ def several_digits(_split: str, rng: np.random.Generator, digits: np.ndarray) ->
     top, left = (side - strip.shape[0]) // 2, (side - strip.shape[1]) // 2
     square[top : top + strip.shape[0], left : left + strip.shape[1]] = strip
     return square
-
-
-def cut_off_digit(_split: str, rng: np.random.Generator, digits: np.ndarray) -> np.ndarray:
-    """A digit of which the picture holds 40-65 %: the rest lies beyond one of its edges (see `photograph`)."""
-    return digits[rng.integers(len(digits))]
 
 
 def scribble(_split: str, rng: np.random.Generator, _digits: np.ndarray) -> np.ndarray:
@@ -169,9 +193,14 @@ def strokes_and_noise(_split: str, rng: np.random.Generator, _digits: np.ndarray
     return (smooth > np.quantile(smooth, rng.uniform(0.6, 0.85))).astype(np.float32)
 
 
-MAKERS: dict[str, Callable[[str, np.random.Generator, np.ndarray], np.ndarray]] = dict(
-    zip(KINDS, (printed, hand_drawn, several_digits, cut_off_digit, scribble, strokes_and_noise))
-)
+MAKERS: dict[str, Callable[[str, np.random.Generator, np.ndarray], np.ndarray]] = {
+    "printed": printed,
+    "hand-drawn": hand_drawn,
+    "bent glyph": bent_glyph,
+    "several digits": several_digits,
+    "scribble": scribble,
+    "strokes and noise": strokes_and_noise,
+}
 
 
 def non_digit_images(count: int, seed: int, digits: torch.Tensor) -> torch.Tensor:
@@ -183,5 +212,6 @@ def non_digit_images(count: int, seed: int, digits: torch.Tensor) -> torch.Tenso
         warnings.warn(message, stacklevel=2)
     rng = np.random.default_rng([seed, 2])
     pool = digits[:10_000].numpy().astype(np.float32) / 255
-    images = [centred(MAKERS[TRAINED[k % len(TRAINED)]]("train", rng, pool))[0] for k in range(count)]
+    makers = list(MAKERS.values())
+    images = [centred(makers[k % len(makers)]("train", rng, pool))[0] for k in range(count)]
     return (torch.stack(images) * 255).round().to(torch.uint8) if images else torch.zeros(0, 28, 28, dtype=torch.uint8)

@@ -38,7 +38,9 @@ def compute_losses(
     is_digit = digits >= 0
     sums = torch.where(is_digit, digits + numbers, -1)
     digit_logits, sum_logits = split_logits(logits)
-    digit_loss = F.cross_entropy(digit_logits, digits, label_smoothing=label_smoothing, ignore_index=-1)
+    count = is_digit.sum().clamp(min=1)  # a mean over the digits, 0 in a batch of only non-digits
+    smoothed = {"label_smoothing": label_smoothing, "ignore_index": -1, "reduction": "sum"}
+    digit_loss = F.cross_entropy(digit_logits, digits, **smoothed) / count
     if not_digit_weight:
         uniform = digit_logits.logsumexp(1) - digit_logits.mean(1)  # cross-entropy against 1/10 each
         non_digit = ~is_digit
@@ -46,9 +48,9 @@ def compute_losses(
     if sum_loss == "mse":
         target = F.one_hot(sums.clamp(min=0), 19).to(logits.dtype)
         brier = (sum_logits.softmax(dim=1) - target).square().sum(dim=1)
-        own = (brier * is_digit).sum() / is_digit.sum().clamp(min=1)
+        own = (brier * is_digit).sum() / count
     else:
-        own = F.cross_entropy(sum_logits, sums, label_smoothing=label_smoothing, ignore_index=-1)
+        own = F.cross_entropy(sum_logits, sums, **smoothed) / count
     term = agreement * logit_mismatch(logits, numbers) if agreement else logits.new_zeros(())
     return Losses(digit_loss + weighted_sum_loss(own, term, sum_loss_weight), digit_loss, own, term)
 
