@@ -1,4 +1,5 @@
-"""How well "not a digit" is told apart: `python benchmarks/not_a_digit.py CKPT` (about 5 minutes on two cores).
+"""How well "not a digit" is told apart: `python benchmarks/not_a_digit.py --training NAME CKPT...` (about 5
+minutes on two cores, and one more per checkpoint).
 
 Makes `--per-kind` phone-like photos of each kind of non-digit picture for validation and for the held-out test
 set (the "val" and "test" splits of mnist_adder/data/non_digits.py, photographed by non_digit_photos.py), reads
@@ -11,8 +12,9 @@ and the real digits three ways, from the checkpoint's 29 logits or the features 
 - mahalanobis: the smallest Mahalanobis distance of the conv features to a digit's mean, with one covariance
   shared by the ten digits (Lee et al., 2018), fitted on 20,000 training images.
 
-A checkpoint trained with outlier exposure (the data's `non_digits`, the model's `not_digit_weight`) is a fourth
-method: its scores are these same three. Each score's threshold refuses `calibration.NOT_DIGIT_SHARE` of the
+Training with outlier exposure (the data's `non_digits`, the model's `not_digit_weight`) is a fourth method: each
+`--training` group of checkpoints (trained with it or without, or on other non-digits) is scored these three
+ways. Each score's threshold refuses `calibration.NOT_DIGIT_SHARE` of the
 validation digits, as `predict`'s does (every picture is scored with the number 0: the digit head barely heeds
 it). Reported: AUROC against the validation digits (validation) and the official test digits (test), the share
 of non-digits caught, per kind, and the shares of validation digits, phone-like photos of validation digits,
@@ -107,12 +109,6 @@ def spread(values: list[float], form=percent) -> str:
     return f"{form(np.mean(values))} ± {form(np.std(values, ddof=1))} (min {form(min(values))})"
 
 
-def training(checkpoint: dict) -> str:
-    """What the checkpoint was trained with, as the table names it."""
-    exposed = checkpoint["datamodule_hyper_parameters"].get("non_digits", 0) > 0
-    return "outlier exposure" if exposed and checkpoint["hyper_parameters"].get("not_digit_weight", 0) > 0 else "none"
-
-
 class Pictures:
     """A data split's digits and non-digits, made once per (seed, val_size) and read as `predict` reads them."""
 
@@ -163,27 +159,34 @@ def measure(scores: Scores, pictures: Pictures, per_kind: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", nargs="+", help="checkpoints written by `python cli.py fit` (one per seed, say)")
+    parser.add_argument(
+        "--training",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar=("NAME", "CKPT"),
+        help="a name for how these checkpoints were trained, then the checkpoints (one per seed, say); repeatable",
+    )
     parser.add_argument("--per-kind", type=int, default=300, help="non-digit photos of each kind, in each set")
     parser.add_argument("--phone-digits", type=int, default=1000, help="phone-like photos of val and of test digits")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
     args = parser.parse_args(argv)
     made, results = {}, {}
-    for path in args.checkpoints:
-        checkpoint = read_checkpoint(path)
-        split = {key: checkpoint["datamodule_hyper_parameters"][key] for key in ("seed", "val_size")}
-        if tuple(split.values()) not in made:
-            data = MNISTAdderData(str(args.data_dir), non_digits=0, **split)  # the checkpoint's own split
-            data.prepare_data()
-            data.setup("fit")
-            data.setup("test")
-            made[tuple(split.values())] = Pictures(data, args.per_kind, args.phone_digits)
-        pictures = made[tuple(split.values())]
-        model = MNISTAdder.load_from_checkpoint(path, map_location="cpu").eval()
-        figures = measure(Scores(model, *pictures.train), pictures, args.per_kind)
-        results.setdefault(training(checkpoint), []).append(figures)
-        print(f"measured {path}", flush=True)
+    for name, *paths in args.training:
+        for path in paths:
+            checkpoint = read_checkpoint(path)
+            split = {key: checkpoint["datamodule_hyper_parameters"][key] for key in ("seed", "val_size")}
+            if tuple(split.values()) not in made:
+                data = MNISTAdderData(str(args.data_dir), non_digits=0, **split)  # the checkpoint's own split
+                data.prepare_data()
+                data.setup("fit")
+                data.setup("test")
+                made[tuple(split.values())] = Pictures(data, args.per_kind, args.phone_digits)
+            pictures = made[tuple(split.values())]
+            model = MNISTAdder.load_from_checkpoint(path, map_location="cpu").eval()
+            results.setdefault(name, []).append(measure(Scores(model, *pictures.train), pictures, args.per_kind))
+            print(f"measured {path}", flush=True)
     text = report(results, args.per_kind)
     print(text)
     if not args.no_write:
@@ -225,7 +228,7 @@ def report(results: dict[str, list[dict]], per_kind: int) -> str:
         f"Checkpoints ({counts}; several: mean ± standard deviation (minimum), each kind the mean); "
         f"{per_kind} non-digit phone photos of each kind in each set, a picture `predict` refuses counting as "
         f"caught. Each score's threshold refuses {percent(NOT_DIGIT_SHARE)} of the validation digits. "
-        "Written by `python benchmarks/not_a_digit.py CKPT ...`.",
+        "Written by `python benchmarks/not_a_digit.py --training NAME CKPT... [--training NAME CKPT...]`.",
         "",
         f"Best on validation (the share caught, then the AUROC): training {best[0]}, score {best[1]}, "
         f"{percent(mean[best][0])} caught, AUROC {mean[best][1]:.4f}.",
