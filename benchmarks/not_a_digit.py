@@ -7,17 +7,19 @@ them as `predict` does (a picture it refuses, a digit cut off by the edge say, c
 and the real digits three ways, from the checkpoint's 29 logits or the features under them:
 
 - msp: minus the calibrated maximum softmax probability of the digit head (Hendrycks & Gimpel, 2017);
-- energy: minus the log-sum-exp of the calibrated digit logits (Liu et al., 2020), what `MNISTAdder.not_a_digit`
-  thresholds;
+- energy: minus the log-sum-exp of the calibrated digit logits (Liu et al., 2020): `MNISTAdder.not_a_digit`, with
+  the threshold the checkpoint holds;
 - mahalanobis: the smallest Mahalanobis distance of the conv features to a digit's mean, with one covariance
   shared by the ten digits (Lee et al., 2018), fitted on 20,000 training images.
 
 Training with outlier exposure (the data's `non_digits`, the model's `not_digit_weight`) is a fourth method: each
 `--training` group of checkpoints (trained with it or without, or on other non-digits) is scored these three
-ways. Each score's threshold refuses `calibration.NOT_DIGIT_SHARE` of the
-validation digits, as `predict`'s does (every picture is scored with the number 0: the digit head barely heeds
-it). Reported: AUROC against the validation digits (validation) and the official test digits (test), the share
-of non-digits caught, per kind, and the shares of validation digits, phone-like photos of validation digits,
+ways. Each score's threshold refuses `calibration.NOT_DIGIT_SHARE` of the validation digits (energy's is the one
+each validation pass fitted, as `predict` uses it). Every picture is scored with a number, as `predict` scores it:
+a digit of the val or test set with its own, a photo with a random one.
+
+Reported: AUROC against the validation digits (validation) and the official test digits (test), the share of
+non-digits caught, per kind, and the shares of validation digits, phone-like photos of validation digits,
 official test digits and phone-like photos of test digits refused. Written into docs/experiments.md and
 BENCHMARKS.md between the `not_a_digit` markers.
 """
@@ -47,7 +49,8 @@ METHODS = ("msp", "energy", "mahalanobis")
 
 
 def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """The chance that a random positive scores above a random negative, ties counting half."""
+    """The chance that a random positive scores above a random negative, ties counting half. (torchmetrics' AUROC
+    takes scores outside [0, 1] for logits and squashes them through a sigmoid: large distances would tie.)"""
     negatives = np.sort(negatives)
     below = np.searchsorted(negatives, positives, "left")
     tied = np.searchsorted(negatives, positives, "right") - below
@@ -66,7 +69,9 @@ def read(pictures: list) -> tuple[torch.Tensor, int]:
 
 
 class Scores:
-    """Each method's score of MNIST-like images, higher the less they look like a digit."""
+    """Each method's score of MNIST-like images with their numbers, higher the less they look like a digit, and its
+    threshold: for energy the checkpoint's own (`MNISTAdder.not_a_digit`), for the others the share
+    `NOT_DIGIT_SHARE` of the validation digits' scores."""
 
     def __init__(self, model: MNISTAdder, train_images: torch.Tensor, train_digits: torch.Tensor):
         self.model = model
@@ -82,12 +87,11 @@ class Scores:
         return torch.cat([self.model.net.image_features(chunk) for chunk in images.split(1000)])
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+    def __call__(self, images: torch.Tensor, numbers: torch.Tensor) -> dict[str, np.ndarray]:
         if not len(images):
             return {method: np.zeros(0) for method in METHODS}
         features = self.features(images)
-        numbers = torch.zeros(len(images), dtype=torch.long)  # the digit head barely heeds the number
-        digit = split_logits(self.model.calibrated(self.model.net.logits(features, numbers))).digit
+        digit = split_logits(self.model(images, numbers)).digit
         distances = torch.stack(
             [((features - mean) @ self.precision * (features - mean)).sum(1) for mean in self.means]
         )
@@ -96,6 +100,10 @@ class Scores:
             "energy": not_digit_score(digit).numpy(),
             "mahalanobis": distances.min(0).values.numpy(),
         }
+
+    def thresholds(self, validation_digits: dict[str, np.ndarray]) -> dict[str, float]:
+        quantiles = {m: float(np.quantile(validation_digits[m], 1 - NOT_DIGIT_SHARE)) for m in METHODS}
+        return {**quantiles, "energy": float(self.model.not_digit_above)}
 
 
 def percent(share: float) -> str:
@@ -110,36 +118,41 @@ def spread(values: list[float], form=percent) -> str:
 
 
 class Pictures:
-    """A data split's digits and non-digits, made once per (seed, val_size) and read as `predict` reads them."""
+    """A data split's digits and non-digits, made once per (seed, val_size) and read as `predict` reads them, each
+    picture with a number: the split's own for the digits of the val and test sets, a random one for a photo."""
 
     def __init__(self, data: MNISTAdderData, per_kind: int, phone_digits: int):
         rng = np.random.default_rng(0)
         val, test = (s.__getitems__(list(range(len(s)))) for s in (data.val_set, data.test_set))
         train = data.train_set.__getitems__(list(range(20_000)))
         self.train = train["image"], train["digit"]
+
+        def photos(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            read_images = read([phone_photo(i[0].numpy(), rng) for i in images[:phone_digits]])[0]
+            return read_images, torch.from_numpy(rng.integers(0, 10, len(read_images)))
+
         self.digits = {
-            "validation digits": val["image"],
-            "phone photos of validation digits": read(
-                [phone_photo(i[0].numpy(), rng) for i in val["image"][:phone_digits]]
-            )[0],
-            "official test digits": test["image"],
-            "phone photos of test digits": read([phone_photo(i[0].numpy(), rng) for i in test["image"][:phone_digits]])[
-                0
-            ],
+            "validation digits": (val["image"], val["number"]),
+            "phone photos of validation digits": photos(val["image"]),
+            "official test digits": (test["image"], test["number"]),
+            "phone photos of test digits": photos(test["image"]),
         }
         self.non_digits = {}
         for split, images in (("val", val["image"]), ("test", test["image"])):
-            photos = non_digit_photos(split, per_kind, images[:, 0].numpy())
-            self.non_digits.update({(split, kind): read(photos[kind]) for kind in KINDS})
+            made = non_digit_photos(split, per_kind, images[:, 0].numpy())
+            for kind in KINDS:
+                read_images, refused = read(made[kind])
+                numbers = torch.from_numpy(rng.integers(0, 10, len(read_images)))
+                self.non_digits[split, kind] = (read_images, numbers), refused
 
 
 def measure(scores: Scores, pictures: Pictures, per_kind: int) -> dict:
     """Per method: AUROC, share caught (all, per kind) for each set, and the share of each set of digits refused."""
-    digits = {name: scores(images) for name, images in pictures.digits.items()}
-    non_digits = {key: (scores(images), refused) for key, (images, refused) in pictures.non_digits.items()}
+    digits = {name: scores(*pair) for name, pair in pictures.digits.items()}
+    non_digits = {key: (scores(*pair), refused) for key, (pair, refused) in pictures.non_digits.items()}
+    thresholds = scores.thresholds(digits["validation digits"])
     figures = {}
-    for method in METHODS:
-        threshold = np.quantile(digits["validation digits"][method], 1 - NOT_DIGIT_SHARE)
+    for method, threshold in thresholds.items():
         for split, reference in (("val", "validation digits"), ("test", "official test digits")):
             caught = {
                 kind: ((non_digits[split, kind][0][method] > threshold).sum() + non_digits[split, kind][1]) / per_kind
@@ -227,7 +240,8 @@ def report(results: dict[str, list[dict]], per_kind: int) -> str:
         "",
         f"Checkpoints ({counts}; several: mean ± standard deviation (minimum), each kind the mean); "
         f"{per_kind} non-digit phone photos of each kind in each set, a picture `predict` refuses counting as "
-        f"caught. Each score's threshold refuses {percent(NOT_DIGIT_SHARE)} of the validation digits. "
+        f"caught. Each score's threshold refuses {percent(NOT_DIGIT_SHARE)} of the validation digits (energy: the "
+        "checkpoint's own). "
         "Written by `python benchmarks/not_a_digit.py --training NAME CKPT... [--training NAME CKPT...]`.",
         "",
         f"Best on validation (the share caught, then the AUROC): training {best[0]}, score {best[1]}, "
