@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from datamodule import MNISTAdderData
@@ -189,6 +189,11 @@ class AdderCLI(LightningCLI):
         if self.trainer.max_epochs == 0:  # Lightning itself refuses other values below -1
             raise ValueError("trainer.max_epochs must be >= 1 (or -1 for no limit)")
         self.model.optimizer(self.model.parameters())  # a bad optimizer setting fails here, before any work
+        if (self.datamodule.hparams.non_digits > 0) != (self.model.hparams.not_digit_weight > 0):
+            rank_zero_warn(
+                "data.non_digits and model.not_digit_weight work together: with only one of them above 0, the "
+                'model does not learn to answer "not a digit"'
+            )
         self._check_weights()
         self._fit_start = time.perf_counter()
 

@@ -127,9 +127,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         read_checkpoint(args.ckpt_path)
+        model = MNISTAdder.load_from_checkpoint(args.ckpt_path, map_location="cpu").eval()
     except ValueError as err:
         sys.exit(f"error: {err}")
-    model = MNISTAdder.load_from_checkpoint(args.ckpt_path, map_location="cpu").eval()
     build_page(model).launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
 
 

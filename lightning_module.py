@@ -205,7 +205,7 @@ class MNISTAdder(L.LightningModule):
             self.calibrated_step.fill_(self.global_step)
             logits, digits, sums = self.val_fit.local()
             update_calibration(self.val_metrics, "", self.calibrated(logits), digits, sums)
-            self.val_sum_acc_best(self.val_metrics["sum_acc"].compute())  # compute() syncs; Lightning reuses it
+            self.val_sum_acc_best.update(self.val_metrics["sum_acc"].compute())  # compute() syncs; Lightning reuses it
             # The value, not the object, which Lightning would reset every epoch. It is the same on every process;
             # sync_dist (a mean of equal values) tells Lightning so.
             self.log("val/sum_acc_best", self.val_sum_acc_best.compute(), sync_dist=True)
@@ -253,8 +253,12 @@ class MNISTAdder(L.LightningModule):
         own_metric_states(self)  # runs before a restore
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if not {"calibrated_step", "not_digit_above"} <= checkpoint["state_dict"].keys():
+        state = checkpoint["state_dict"]
+        if "calibrated_step" not in state:
             raise ValueError("this checkpoint was written by an older version of this model: train it anew")
+        if "not_digit_above" not in state:  # written before the answer "not a digit" existed
+            state["not_digit_above"] = torch.tensor(float("inf"))
+            rank_zero_warn('this checkpoint predates the answer "not a digit": it gives every picture a digit')
         calibrated = int(checkpoint["state_dict"]["calibrated_step"])
         if calibrated < 0:
             rank_zero_warn("this checkpoint was saved before any validation: its probabilities are not calibrated")

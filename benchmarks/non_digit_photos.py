@@ -11,9 +11,9 @@ from phone import phone_photo
 KINDS = ("printed", "hand-drawn", "several digits", "cut-off digit", "scribble", "strokes and noise")
 
 
-def cut_off_digit(_split: str, rng: np.random.Generator, digits: np.ndarray) -> np.ndarray:
+def cut_off_digit(_split: str, rng: np.random.Generator, digit_images: np.ndarray) -> np.ndarray:
     """A digit of which the picture holds 40-65 %: the rest lies beyond one of its edges (see `photograph`)."""
-    return digits[rng.integers(len(digits))]
+    return digit_images[rng.integers(len(digit_images))]
 
 
 def photograph(kind: str, ink: np.ndarray, rng: np.random.Generator) -> Image.Image:
@@ -37,9 +37,13 @@ def photograph(kind: str, ink: np.ndarray, rng: np.random.Generator) -> Image.Im
     return picture.crop(tuple(box))
 
 
-def non_digit_photos(split: str, per_kind: int, digits: np.ndarray, seed: int = 0) -> dict[str, list[Image.Image]]:
-    """`per_kind` phone photos of each kind; `digits` (float [N, 28, 28], white on black): the MNIST images the
+def non_digit_photos(
+    split: str, per_kind: int, digit_images: np.ndarray, seed: int = 0
+) -> dict[str, list[Image.Image]]:
+    """`per_kind` phone photos of each kind; `digit_images` (float [N, 28, 28], white on black): the MNIST images the
     several-digit and cut-off pictures are made of."""
     rng = np.random.default_rng([seed, ("val", "test").index(split)])
     makers = {**MAKERS, "cut-off digit": cut_off_digit}
-    return {kind: [photograph(kind, makers[kind](split, rng, digits), rng) for _ in range(per_kind)] for kind in KINDS}
+    return {
+        kind: [photograph(kind, makers[kind](split, rng, digit_images), rng) for _ in range(per_kind)] for kind in KINDS
+    }

@@ -86,7 +86,7 @@ def test_every_checkpoint_holds_the_temperatures_of_its_latest_validation_and_th
     torch.testing.assert_close(model.temperature, temperatures[1])
 
 
-def test_the_not_a_digit_threshold_refuses_one_in_a_hundred_of_the_validation_digits_it_was_fitted_on(fitted):
+def test_the_not_a_digit_threshold_refuses_the_highest_scoring_of_the_validation_digits_it_was_fitted_on(fitted):
     cli, run = fitted
     assert MNISTAdder().not_digit_above == float("inf")  # before any validation, no picture is refused
     model = MNISTAdder.load_from_checkpoint(sorted(run.glob("checkpoints/best-*.ckpt"))[-1], map_location="cpu")

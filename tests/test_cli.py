@@ -21,6 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data.val_size", "100", "--data.batch_size", "50", "--model.channels", "[8, 16, 16]"]
 
 
+@pytest.mark.parametrize("option", ["--data.non_digits", "--model.not_digit_weight"])
+def test_fit_warns_when_non_digits_and_their_weight_are_not_both_on(in_tmp, option):
+    with pytest.warns(UserWarning, match="data.non_digits and model.not_digit_weight work together"):
+        cli_main(["fit", option, "0", "--trainer.fast_dev_run", "1", *SMALL])
+
+
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
 def test_fast_dev_run_each_subcommand(in_tmp, subcommand):
     """Two batches of each stage, and what each subcommand is for comes out of them."""

@@ -78,7 +78,7 @@ def test_datamodule_prepares_from_empty_dir_offline(tmp_path, wheel_source, monk
     assert refused["image"].amax((1, 2, 3)).min() > 0.5  # each has ink
 
 
-def test_the_non_digit_pictures_come_from_the_seed_and_are_no_digit_images(tmp_path, synthetic_data_dir):
+def test_the_non_digit_pictures_come_from_the_seed_with_the_digit_minus_one(tmp_path, synthetic_data_dir):
     sets = []
     for seed in (0, 0, 1):
         dm = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, seed=seed, non_digits=0.2)

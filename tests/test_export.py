@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from export import main as export_main
 from lightning_module import MNISTAdder
+from mnist_adder.model.calibration import not_digit_score
 from test_model import fixed_batches, quiet_trainer
 
 ort = pytest.importorskip("onnxruntime")
@@ -42,7 +43,8 @@ def test_onnx_matches_forward_for_any_batch_size(checkpoint, tmp_path):
         np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=0)
         flags = model.not_a_digit(expected).numpy()
         assert not_digit.dtype == bool and (size < 256 or 0 < flags.sum() < size)
-        assert (not_digit == flags).mean() > 0.95  # a score within 1e-4 of the threshold may fall either way
+        clear = ((not_digit_score(expected[:, :10]) - model.not_digit_above).abs() > 1e-3).numpy()
+        assert (not_digit[clear] == flags[clear]).all() and clear.mean() > 0.9  # a score near it may fall either way
 
 
 def test_bad_checkpoint_is_one_line(tmp_path):

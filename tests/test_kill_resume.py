@@ -78,6 +78,8 @@ def test_sigterm_saves_last_mid_epoch_and_the_resumed_run_logs_what_an_uninterru
         "2",
         "--data.non_digits",
         "0",  # no non-digits to draw: training starts within the 3 s below
+        "--model.not_digit_weight",
+        "0",
     ]
     run = subprocess.Popen(
         fit_command(real_data_dir, *one_epoch), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

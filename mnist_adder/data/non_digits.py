@@ -93,7 +93,7 @@ def fonts_drawing(split: str, glyph: str) -> list[str | None]:
     return [path for path in FONTS[split] if drawn(path, glyph) != drawn(path, "\uffff")] or [None]
 
 
-def printed(split: str, rng: np.random.Generator, _digits: np.ndarray) -> np.ndarray:
+def printed(split: str, rng: np.random.Generator, _digit_images: np.ndarray) -> np.ndarray:
     canvas, draw = _canvas()
     glyph = GLYPHS[split][rng.integers(len(GLYPHS[split]))]
     fonts = fonts_drawing(split, glyph)
@@ -112,10 +112,10 @@ def _polyline(draw: ImageDraw.ImageDraw, points: np.ndarray, width: int) -> None
         draw.ellipse((x - width / 2, y - width / 2, x + width / 2, y + width / 2), fill=255)
 
 
-def bent_glyph(split: str, rng: np.random.Generator, digits: np.ndarray) -> np.ndarray:
+def bent_glyph(split: str, rng: np.random.Generator, digit_images: np.ndarray) -> np.ndarray:
     """A printed glyph turned, slanted and bent by a smooth random field, its strokes thinned or thickened: drawn
     as a hand might, in shapes the split's few hand-drawn glyphs lack."""
-    ink = torch.from_numpy(printed(split, rng, digits))[None, None]
+    ink = torch.from_numpy(printed(split, rng, digit_images))[None, None]
     angle, slant = np.radians(rng.uniform(-15, 15)), rng.uniform(-0.3, 0.3)
     turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ [[1, slant], [0, 1]]
     affine = torch.tensor(np.hstack([turn, np.zeros((2, 1))]), dtype=torch.float32)[None]
@@ -128,7 +128,7 @@ def bent_glyph(split: str, rng: np.random.Generator, digits: np.ndarray) -> np.n
     return ink[0, 0].numpy()
 
 
-def hand_drawn(split: str, rng: np.random.Generator, _digits: np.ndarray) -> np.ndarray:
+def hand_drawn(split: str, rng: np.random.Generator, _digit_images: np.ndarray) -> np.ndarray:
     canvas, draw = _canvas()
     glyphs = STROKES[split]
     strokes = glyphs[list(glyphs)[rng.integers(len(glyphs))]]
@@ -145,9 +145,9 @@ def hand_drawn(split: str, rng: np.random.Generator, _digits: np.ndarray) -> np.
     return _ink(canvas, rng)
 
 
-def several_digits(_split: str, rng: np.random.Generator, digits: np.ndarray) -> np.ndarray:
+def several_digits(_split: str, rng: np.random.Generator, digit_images: np.ndarray) -> np.ndarray:
     count = int(rng.choice([2, 2, 2, 3]))
-    picked = digits[rng.choice(len(digits), count, replace=False)]
+    picked = digit_images[rng.choice(len(digit_images), count, replace=False)]
     step = int(rng.uniform(16, 24))  # MNIST digits are 20 px wide at most: the digits nearly touch, or not
     strip = np.zeros((28 + 8, step * (count - 1) + 28), dtype=np.float32)
     for k, digit in enumerate(picked):
@@ -160,7 +160,7 @@ def several_digits(_split: str, rng: np.random.Generator, digits: np.ndarray) ->
     return square
 
 
-def scribble(_split: str, rng: np.random.Generator, _digits: np.ndarray) -> np.ndarray:
+def scribble(_split: str, rng: np.random.Generator, _digit_images: np.ndarray) -> np.ndarray:
     """A pen that loops back and forth: each coordinate a sum of three waves of random frequency and phase."""
     canvas, draw = _canvas()
     t = np.linspace(0, 2 * np.pi, 200)
@@ -176,7 +176,7 @@ def scribble(_split: str, rng: np.random.Generator, _digits: np.ndarray) -> np.n
     return _ink(canvas, rng)
 
 
-def strokes_and_noise(_split: str, rng: np.random.Generator, _digits: np.ndarray) -> np.ndarray:
+def strokes_and_noise(_split: str, rng: np.random.Generator, _digit_images: np.ndarray) -> np.ndarray:
     canvas, draw = _canvas()
     kind = rng.integers(3)
     if kind == 0:  # straight strokes every which way
@@ -203,15 +203,15 @@ MAKERS: dict[str, Callable[[str, np.random.Generator, np.ndarray], np.ndarray]] 
 }
 
 
-def non_digit_images(count: int, seed: int, digits: torch.Tensor) -> torch.Tensor:
+def non_digit_images(count: int, seed: int, digit_images: torch.Tensor) -> torch.Tensor:
     """`count` MNIST-like non-digit pictures of the "train" split, uint8 [count, 28, 28], the kinds in turn, made
-    as `predict` makes a picture (`photos.centred`); the first 10,000 of `digits` (uint8 [N, 28, 28]) make the
+    as `predict` makes a picture (`photos.centred`); the first 10,000 of `digit_images` (uint8 [N, 28, 28]) make the
     several-digit pictures."""
     if not FONTS["train"]:
         message = "no DejaVu fonts found: the printed non-digits are drawn in Pillow's default font instead"
         warnings.warn(message, stacklevel=2)
     rng = np.random.default_rng([seed, 2])
-    pool = digits[:10_000].numpy().astype(np.float32) / 255
+    pool = digit_images[:10_000].numpy().astype(np.float32) / 255
     makers = list(MAKERS.values())
     images = [centred(makers[k % len(makers)]("train", rng, pool))[0] for k in range(count)]
     return (torch.stack(images) * 255).round().to(torch.uint8) if images else torch.zeros(0, 28, 28, dtype=torch.uint8)
