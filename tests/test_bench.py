@@ -59,7 +59,8 @@ def test_bench_writes_results_and_rewrites_only_its_table(synthetic_data_dir, tm
     assert set(results["to_99_runs"]) == {"0", "1"}
     for run in results["to_99_runs"].values():
         checks = run["checks"]
-        assert [c["step"] for c in checks] == [10, 20, 30, 31][: len(checks)]  # every 10 steps, then the epoch's end
+        # every 10 steps, then the epoch's end: 500 digits and 50 non-digits make 34 full batches of 16
+        assert [c["step"] for c in checks] == [10, 20, 30, 34][: len(checks)]
         assert [c["samples"] for c in checks] == [16 * c["step"] for c in checks]
         assert all(
             0 <= c[key] <= 1

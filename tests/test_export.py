@@ -44,7 +44,7 @@ def test_onnx_matches_forward_for_any_batch_size(checkpoint, tmp_path):
         flags = model.not_a_digit(expected).numpy()
         assert not_digit.dtype == bool and (size < 256 or 0 < flags.sum() < size)
         clear = ((not_digit_score(expected[:, :10]) - model.not_digit_above).abs() > 1e-3).numpy()
-        assert (not_digit[clear] == flags[clear]).all() and clear.mean() > 0.9  # a score near it may fall either way
+        assert (not_digit[clear] == flags[clear]).all() and clear.mean() > 0.5  # a score near it may fall either way
 
 
 def test_bad_checkpoint_is_one_line(tmp_path):
