@@ -253,12 +253,8 @@ class MNISTAdder(L.LightningModule):
         own_metric_states(self)  # runs before a restore
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        if "calibrated_step" not in state:
+        if not {"calibrated_step", "not_digit_above"} <= checkpoint["state_dict"].keys():
             raise ValueError("this checkpoint was written by an older version of this model: train it anew")
-        if "not_digit_above" not in state:  # written before the answer "not a digit" existed
-            state["not_digit_above"] = torch.tensor(float("inf"))
-            rank_zero_warn('this checkpoint predates the answer "not a digit": it gives every picture a digit')
         calibrated = int(checkpoint["state_dict"]["calibrated_step"])
         if calibrated < 0:
             rank_zero_warn("this checkpoint was saved before any validation: its probabilities are not calibrated")
