@@ -42,6 +42,13 @@ def test_fast_dev_run_each_subcommand(in_tmp, subcommand):
         assert {f"{stage}/digit_acc", f"{stage}/sum_acc", f"{stage}/digit_ece_uncalibrated"} <= set(metrics)
 
 
+def test_fit_without_a_logger(in_tmp):
+    """--trainer.logger false is honoured: the callbacks that log (the learning rate's) stay out of the run."""
+    cli = cli_main(["fit", "--trainer.logger", "false", "--trainer.max_epochs", "1", *SMALL])
+    assert cli.trainer.logger is None and "test/sum_acc" in cli.trainer.callback_metrics
+    assert not (in_tmp / "lightning_logs").exists() and any((in_tmp / "checkpoints").glob("best-*.ckpt"))
+
+
 def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
     cli = cli_main(["fit", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "5", *SMALL])
     run = in_tmp / "lightning_logs" / "version_0"
