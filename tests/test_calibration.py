@@ -124,17 +124,20 @@ def test_on_a_trained_model_the_calibration_error_after_the_temperatures_is_belo
         assert results[f"test/{head}_ece"] < results[f"test/{head}_ece_uncalibrated"]
 
 
-def test_validate_reports_the_calibration_error_with_and_without_the_fitted_temperatures(fitted):
+def test_validate_reports_the_calibration_error_with_and_without_the_checkpoint_s_temperatures(fitted):
+    """`validate` measures the checkpoint as it was saved: it fits no temperature and no threshold of its own."""
     cli, run = fitted
-    best = sorted(run.glob("checkpoints/best-*.ckpt"))[-1]
-    cli = cli_main(["validate", "--ckpt_path", str(best), *SMALL])
+    checkpoint = torch.load(sorted(run.glob("checkpoints/best-*.ckpt"))[-1], weights_only=True)
+    saved = {"temperature": torch.tensor([2.0, 0.5]), "not_digit_above": torch.tensor(-1.0)}
+    checkpoint["state_dict"].update(saved)  # far from what a fit on the validation logits would give
+    torch.save(checkpoint, run / "other.ckpt")
+    cli = cli_main(["validate", "--ckpt_path", str(run / "other.ckpt"), *SMALL])
+    assert all(torch.equal(getattr(cli.model, name), value) for name, value in saved.items())
     metrics = cli.trainer.callback_metrics
-    model = MNISTAdder.load_from_checkpoint(best, map_location="cpu").eval()
     batch = next(iter(cli.datamodule.val_dataloader()))
     with torch.no_grad():
-        raw = model.net(batch["image"], batch["number"])
-    temperatures = validation_temperatures(model, cli.datamodule.val_dataloader())
-    for suffix, logits in (("_uncalibrated", raw), ("", raw[:, :10] / temperatures[0])):
+        raw = cli.model.net.eval()(batch["image"], batch["number"])
+    for suffix, logits in (("_uncalibrated", raw), ("", raw[:, :10] / 2.0)):
         expected = calibration_error(10)(split_logits(logits).digit.softmax(1), batch["digit"])
         assert metrics[f"val/digit_ece{suffix}"].item() == pytest.approx(expected.item(), abs=1e-6)
 

@@ -1,4 +1,4 @@
-"""What each validation pass fits on its own logits, so that answers can be taken at their word:
+"""What each validation pass during training fits on its own logits, so that answers can be taken at their word:
 
 - one temperature per head, minimising their negative log-likelihood (temperature scaling, Guo et al., 2017).
   Dividing a head's logits by its temperature changes how sure its softmax is, never which class wins: the
