@@ -26,8 +26,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
-from lightning.pytorch.loops.fit_loop import _FitLoop
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import to_99  # noqa: E402
 from cli import cli_main  # noqa: E402
 from datamodule import MNISTAdderData  # noqa: E402
+from lightning_module import MNISTAdder  # noqa: E402
 from mnist_adder.model.losses import weighted_sum_loss  # noqa: E402
 from mnist_adder.run.checkpoints import AtomicCheckpointIO  # noqa: E402
 
@@ -248,46 +247,75 @@ def ops_per_training_step(extra: list[str], config: str, accelerator: str, warmu
 
 
 class Stopwatch:
-    """Seconds per label of the functions it wraps, each call's own: a wrapped call within another counts for its
-    label only (exclusive times, which add up to the time spent in wrapped calls)."""
+    """Seconds per label of what it times, each interval's own: one started within another counts for its label
+    only (exclusive times, which add up to the time spent in timed intervals)."""
 
     def __init__(self):
-        self.seconds, self._inner = collections.Counter(), []
+        self.seconds, self._open = collections.Counter(), []  # the open intervals: [label, start, inner seconds]
 
-    def wrapped(self, function, label):
-        """`function` timed under `label`, a string or a function of the call's arguments giving one."""
+    def start(self, label: str) -> None:
+        self._open.append([label, time.perf_counter(), 0.0])
+
+    def stop(self) -> None:
+        label, start, inner = self._open.pop()
+        spent = time.perf_counter() - start
+        self.seconds[label] += spent - inner
+        if self._open:
+            self._open[-1][2] += spent
+
+    def wrapped(self, function, label: str):
+        """`function`, each call timed under `label`."""
 
         @functools.wraps(function)
         def timed(*args, **kwargs):
-            self._inner.append(0.0)
-            start = time.perf_counter()
+            self.start(label)
             try:
                 return function(*args, **kwargs)
             finally:
-                spent = time.perf_counter() - start
-                self.seconds[label(*args) if callable(label) else label] += spent - self._inner.pop()
-                if self._inner:
-                    self._inner[-1] += spent
+                self.stop()
 
         return timed
 
 
-def _evaluation(loop, *step) -> str:
-    """The label of an evaluation loop's time, or of a step's (its arguments follow): the test's steps by loader."""
-    if loop.trainer.testing:
-        return f"test loader {step[2]}: steps" if step else "test loop"
-    return "sanity check" if loop.trainer.sanity_checking else "validation"
+class LoopTimes(Callback):
+    """The loops of a fit and its test, timed through Lightning's hooks: training (steps, fetching and the loop's
+    own work), the sanity check, validation, and the test's steps per loader apart from the rest of its loop."""
+
+    def __init__(self, watch: Stopwatch):
+        self.watch = watch
+
+    def on_train_start(self, *_):
+        self.watch.start("training steps (and Lightning's loop)")
+
+    def on_sanity_check_start(self, *_):
+        self.watch.start("sanity check")
+
+    def on_validation_start(self, trainer, *_):
+        if not trainer.sanity_checking:
+            self.watch.start("validation")
+
+    def on_validation_end(self, trainer, *_):
+        if not trainer.sanity_checking:
+            self.watch.stop()
+
+    def on_test_start(self, *_):
+        self.watch.start("test loop")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.watch.start(f"test loader {dataloader_idx}: steps")
+
+    def _stop(self, *_, **__):
+        self.watch.stop()
+
+    on_train_end = on_sanity_check_end = on_test_end = on_test_batch_end = _stop
 
 
-# Where `fit` spends its time: (owner, method, label); each method's own time goes to its label.
+# Where `fit` spends its time, besides LoopTimes: (owner, method, label); each method's own time goes to its label.
 FIT_PARTS = [
     (LightningCLI, "parse_arguments", "parse the command line and configs"),
     (LightningCLI, "instantiate_classes", "build the model, data module and trainer"),
     (MNISTAdderData, "prepare_data", "prepare_data: MD5 of the four files"),
-    (MNISTAdderData, "_load", "read, split and pair MNIST"),
-    (_FitLoop, "run", "training steps (and Lightning's loop)"),
-    (_EvaluationLoop, "run", _evaluation),
-    (_EvaluationLoop, "_evaluation_step", _evaluation),
+    (MNISTAdderData, "setup", "setup: read, split and pair MNIST, draw the non-digits"),
     (L.Trainer, "save_checkpoint", "checkpoint writes"),
     (AtomicCheckpointIO, "save_checkpoint", "checkpoint writes"),
     (AtomicCheckpointIO, "load_checkpoint", "checkpoint loads"),
@@ -304,6 +332,7 @@ def startup_split(extra: list[str], config: str) -> dict:
     with tempfile.TemporaryDirectory() as root, contextlib.ExitStack() as patches:
         for owner, name, label in FIT_PARTS:
             patches.enter_context(mock.patch.object(owner, name, watch.wrapped(getattr(owner, name), label)))
+        patches.enter_context(mock.patch.object(MNISTAdder, "configure_callbacks", lambda _: [LoopTimes(watch)]))
         start = time.perf_counter()
         cli_main(["fit", "--config", str(ROOT / config), f"--trainer.default_root_dir={root}", *extra])
         total = time.perf_counter() - start

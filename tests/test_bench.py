@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import bench, disagreements, tta, two_backward
+from benchmarks import bench, disagreements, outlier_time, tta, two_backward
 from datamodule import AllPairs
 from lightning_module import MNISTAdder
 from mnist_adder.model.losses import weighted_sum_loss
@@ -137,7 +137,8 @@ def test_ops_per_training_step_counts_a_whole_step_and_sgds_loop(synthetic_data_
 
 
 def test_stopwatch_gives_each_label_its_calls_own_time(monkeypatch):
-    """A wrapped call inside another counts for its own label only: the labels' times add up to the wall time."""
+    """A wrapped call or an interval inside another counts for its own label only: the labels' times add up to the
+    wall time."""
     now = [0.0]
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     watch = bench.Stopwatch()
@@ -148,11 +149,13 @@ def test_stopwatch_gives_each_label_its_calls_own_time(monkeypatch):
             then()
             now[0] += seconds
 
-    inner = watch.wrapped(wait, lambda seconds: f"inner {seconds:g}")
+    inner = watch.wrapped(wait, "inner")
     outer = watch.wrapped(lambda: wait(1.0, then=lambda: inner(2.0)), "outer")
     outer()
-    inner(4.0)
-    assert watch.seconds == {"outer": 2.0, "inner 2": 2.0, "inner 4": 4.0} and now[0] == 8.0
+    watch.start("interval")
+    wait(0.5, then=lambda: inner(4.0))
+    watch.stop()
+    assert watch.seconds == {"outer": 2.0, "inner": 6.0, "interval": 1.0} and now[0] == 9.0
 
 
 def test_startup_split_times_each_part_of_a_fit(synthetic_data_dir):
@@ -164,7 +167,7 @@ def test_startup_split_times_each_part_of_a_fit(synthetic_data_dir):
     assert {
         "imports",
         "prepare_data: MD5 of the four files",
-        "read, split and pair MNIST",
+        "setup: read, split and pair MNIST, draw the non-digits",
         "sanity check",
         "training steps (and Lightning's loop)",
         "validation",
@@ -176,6 +179,17 @@ def test_startup_split_times_each_part_of_a_fit(synthetic_data_dir):
     # the parts are the whole: the imports, then the fit's exclusive times and "other", its rest
     outside = sum(split.values()) - split["training steps (and Lightning's loop)"]
     assert results["fit_seconds_outside_training"] == pytest.approx(outside, abs=0.1)
+
+
+def test_outlier_time_fits_with_and_without_non_digits_and_writes_between_its_markers(in_tmp):
+    report = in_tmp / "experiments.md"
+    report.write_text(f"before\n{outlier_time.START}\nold\n{outlier_time.END}\nafter\n")
+    outlier_time.main(["--rounds", "1", "--epochs", "1", "--report", str(report), *SMALL_MODEL])
+    text = report.read_text()
+    assert text.startswith(f"before\n{outlier_time.START}\n| fit |") and text.endswith(f"{outlier_time.END}\nafter\n")
+    # 500 training images, and 50 non-digits with them: an epoch of 31 steps of 16, or 34
+    rows = re.findall(r"^\| (with outlier exposure \(default\)|without) \| (\d+) \|", text, re.M)
+    assert rows == [("with outlier exposure (default)", "34"), ("without", "31")]
 
 
 def test_disagreements_counts_the_pairs_where_the_sum_does_not_add():
