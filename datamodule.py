@@ -133,7 +133,8 @@ class MNISTAdderData(L.LightningDataModule):
     def _loader(
         self, dataset: Dataset, batch_size: int, sampler, drop_last: bool = False, num_workers: int = 0
     ) -> DataLoader:
-        return (ResumableLoader if isinstance(dataset, TrainPairs) else DataLoader)(
+        train = {"position": self._train_position} if isinstance(dataset, TrainPairs) else {}
+        return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -141,6 +142,7 @@ class MNISTAdderData(L.LightningDataModule):
             drop_last=drop_last,
             pin_memory=self._pin_memory(),
             num_workers=num_workers,
+            **train,
         )
 
     def _pin_memory(self) -> bool:
@@ -184,7 +186,16 @@ class MNISTAdderData(L.LightningDataModule):
     def state_dict(self) -> dict:
         """The train loader's state, kept here as well: Lightning sets the loader up before it restores a checkpoint
         (the schedule needs the run's length), and then does not hand the loader its saved state."""
-        return {"train_loader": self.trainer.train_dataloader.state_dict()} if self._fitting() else {}
+        return {"train_loader": self._train_position()} if self._fitting() else {}
+
+    def _train_position(self) -> dict:
+        """The train loader's epoch and the batches trained in it: one a step, so a batch that Ctrl-C stopped
+        mid-step goes again."""
+        trainer = self.trainer
+        return {
+            "epoch": self.train_set.epoch,
+            "batches_trained": trainer.global_step - trainer.current_epoch * trainer.num_training_batches,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if "train_loader" in state and self.trainer is not None and self.trainer.state.fn == "fit":
@@ -196,7 +207,6 @@ class MNISTAdderData(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if isinstance(batch, dict) and self.trainer is not None and self.trainer.training:
             batch["image"] = self.augment(batch["image"], self.train_set.augment_generator)
-            self.train_set.batches_trained += 1  # this batch reaches the model: the loader's resume point
         return batch
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

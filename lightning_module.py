@@ -188,6 +188,14 @@ class MNISTAdder(L.LightningModule):
         if scheduler is not None:
             scheduler.step()
 
+    def on_validation_epoch_start(self) -> None:
+        # Under manual optimization, Lightning's DDP forward turns DDP's broadcast of the buffers off after the first
+        # step: each process's BatchNorm statistics follow its own batches. Every process validates rank 0's, which
+        # its checkpoints save.
+        if self.trainer.world_size > 1:
+            for buffer in self.net.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.net(batch["image"], batch["number"])  # raw: the losses and accuracies of the net itself
         metrics, digits, sums = self.val_metrics, batch["digit"], batch["sum"]
@@ -201,7 +209,8 @@ class MNISTAdder(L.LightningModule):
         # Fitted while training only: `validate` measures a checkpoint as it was saved. The sanity check's couple of
         # batches fit nothing.
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
-            temperatures, not_digit_above = self.val_fit.compute()  # from every process's logits, the same everywhere
+            # fitted on every process's logits alike; rank 0's kept everywhere, as float sums may differ in the last bit
+            temperatures, not_digit_above = self.trainer.strategy.broadcast(self.val_fit.compute())
             self.temperature.copy_(temperatures)
             self.not_digit_above.copy_(not_digit_above)
             self.calibrated_step.fill_(self.global_step)

@@ -1,4 +1,5 @@
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -23,16 +24,28 @@ def trained(tmp_path, synthetic_data_dir, monkeypatch):
 
 
 class CtrlC(Callback):
+    """Ctrl-C once 3 steps are done: between two steps, or in the 4th, before its optimizer step."""
+
+    def __init__(self, mid_step: bool):
+        self.mid_step = mid_step
+
     def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == 3:
+        if trainer.global_step == 3 and not self.mid_step:
+            raise KeyboardInterrupt
+
+    def on_before_optimizer_step(self, trainer, *args):
+        if trainer.global_step == 3 and self.mid_step:
             raise KeyboardInterrupt
 
 
-def test_ctrl_c_in_fit_saves_last_then_resume_finishes(tmp_path, synthetic_data_dir, monkeypatch, caplog):
+@pytest.mark.parametrize("mid_step", [False, True])
+def test_ctrl_c_in_fit_saves_last_then_resume_finishes(tmp_path, synthetic_data_dir, monkeypatch, caplog, mid_step):
+    """Resumed, the run trains every batch once: the 4th batch, which Ctrl-C stopped mid-step, goes again."""
     monkeypatch.chdir(tmp_path)
     run = ["fit", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", *SMALL]
     with pytest.raises(SystemExit):
-        cli_main([*run, "--trainer.callbacks+=test_checkpoints.CtrlC"])
+        callback = {"class_path": "test_checkpoints.CtrlC", "init_args": {"mid_step": mid_step}}
+        cli_main([*run, f"--trainer.callbacks+={json.dumps(callback)}"])
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 3
     assert f"Stopped by Ctrl-C: saved {last}" in caplog.text and f"--ckpt_path {last}" in caplog.text

@@ -1,5 +1,6 @@
-"""DDP on CPU (gloo, two processes): the same weights as one process with one all-reduce per step,
-every sample counted once, a divergence on one process stops them all, predict writes one CSV."""
+"""DDP on CPU (gloo, two processes): the same weights as one process with one all-reduce per step, the same
+BatchNorm statistics validated on every process, every sample counted once, a divergence on one process stops
+them all, predict writes one CSV."""
 
 import copy
 import csv
@@ -52,6 +53,23 @@ class SaveWeights(Callback):
             },
             self.folder / f"rank{trainer.global_rank}.pt",
         )
+
+
+class BuffersAtValidation(Callback):
+    """Each process's BatchNorm statistics at the first validation after training began: before the module's
+    hook (callbacks run first) and as its first batch meets them."""
+
+    def __init__(self, folder):
+        self.folder, self.seen = folder, {}
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if not trainer.sanity_checking and not self.seen:
+            self.seen["before"] = {k: v.clone() for k, v in pl_module.net.named_buffers()}
+
+    def on_validation_batch_start(self, trainer, pl_module, *args):
+        if not trainer.sanity_checking and "during" not in self.seen:
+            self.seen["during"] = {k: v.clone() for k, v in pl_module.net.named_buffers()}
+            torch.save(self.seen, self.folder / f"buffers{trainer.global_rank}.pt")
 
 
 class CountTestSamples(Callback):
@@ -140,13 +158,19 @@ def test_ddp_weights_and_metrics_match_one_process(tmp_path, real_data_dir):
         strategy="ddp_spawn",
         max_epochs=2,
         limit_train_batches=2,
-        limit_val_batches=0,
+        limit_val_batches=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
-        callbacks=[SaveWeights(tmp_path), CountTestSamples(tmp_path)],
+        callbacks=[SaveWeights(tmp_path), BuffersAtValidation(tmp_path), CountTestSamples(tmp_path)],
     )
     spawned(lambda: ddp.fit(model, data))
+    # DDP stopped broadcasting the buffers after the first step: each process's statistics drifted with its own
+    # batches, and the module hands every process rank 0's before validating
+    buffers = [torch.load(tmp_path / f"buffers{rank}.pt") for rank in (0, 1)]
+    assert not torch.equal(buffers[0]["before"]["image.2.running_mean"], buffers[1]["before"]["image.2.running_mean"])
+    for name, value in buffers[0]["during"].items():
+        assert torch.equal(value, buffers[1]["during"][name]) and torch.equal(value, buffers[0]["before"][name]), name
     saved0, saved1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     rank0, rank1 = saved0["state"], saved1["state"]
     # the two backward passes reduce the gradients once (the first runs under no_sync); one bucket here

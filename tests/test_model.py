@@ -63,8 +63,12 @@ class Recording(MNISTAdder):
         self.backward_losses.append(loss.detach().clone())
         super().manual_backward(loss, *args, **kwargs)
 
-    def on_train_batch_end(self, *args):
-        self.optimizer_steps = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total.completed
+    def on_train_start(self):
+        super().on_train_start()
+        self.optimizers().optimizer.register_step_post_hook(self._count_step)
+
+    def _count_step(self, *_):
+        self.optimizer_steps += 1
 
 
 def test_manual_optimization_two_backwards_one_step_per_batch(tmp_path, synthetic_data_dir):

@@ -4,6 +4,7 @@ read in the loader's workers; the samplers and the train loader that resumes mid
 import hashlib
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,20 +54,19 @@ class Pairs(Dataset):
 
 class TrainPairs(Pairs):
     """Fresh numbers every epoch, drawn from (seed, epoch) alone, and the augmentation's random stream,
-    from (seed, epoch, rank): a run resumed at an epoch's start sees what the uninterrupted run saw.
-    `batches_trained` counts the epoch's batches that reached the model (the data module counts them)."""
+    from (seed, epoch, rank): a run resumed at an epoch's start sees what the uninterrupted run saw."""
 
     def __init__(self, images: torch.Tensor, digits: torch.Tensor, seed: int):
         self.seed = seed
         super().__init__(images, digits, draw_numbers(len(digits), "train", seed, 0))
         self.augment_generator = seeded("augment", seed, 0, 0)
-        self.epoch = self.batches_trained = 0
-        self.resume = None  # a ResumableLoader state to go on from
+        self.epoch = 0
+        self.resume = None  # where a resumed run goes on: {"epoch", "batches_trained"} (MNISTAdderData.state_dict)
 
     def set_epoch(self, epoch: int, rank: int = 0) -> None:
         self.numbers = draw_numbers(len(self.digits), "train", self.seed, epoch).to(self.images.device)
         self.augment_generator = seeded("augment", self.seed, epoch, rank)
-        self.epoch, self.batches_trained = epoch, 0
+        self.epoch = epoch
 
 
 def augment_draws(n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -91,11 +91,16 @@ def affine_augment(
 
 class ResumableLoader(DataLoader):
     """The train loader, resumable mid-epoch through Lightning's state_dict / load_state_dict interface: its state
-    is the epoch and how many of its batches were trained. Resumed in that epoch, it skips them in the epoch's own
-    order and replays their draws from the augmentation stream, so it goes on as the uninterrupted run did."""
+    is the epoch and how many of its batches were trained (`position`, which the data module gives). Resumed in
+    that epoch, it skips them in the epoch's own order and replays their draws from the augmentation stream, so it
+    goes on as the uninterrupted run did."""
+
+    def __init__(self, *args, position: Callable[[], dict], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = position
 
     def state_dict(self) -> dict:
-        return {"epoch": self.dataset.epoch, "batches_trained": self.dataset.batches_trained}
+        return self.position()
 
     def load_state_dict(self, state: dict) -> None:
         self.dataset.resume = state
@@ -108,7 +113,6 @@ class ResumableLoader(DataLoader):
             skip = resume["batches_trained"] if resume and resume["epoch"] == self.dataset.epoch else 0
             for _ in range(skip):
                 augment_draws(self.batch_size, self.dataset.augment_generator)
-            self.dataset.batches_trained = skip
             yield from itertools.islice(batches, skip, None)
 
         return resumed()
