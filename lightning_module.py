@@ -206,19 +206,17 @@ class MNISTAdder(L.LightningModule):
         return logits  # for callbacks (the dashboard's confusion matrix and misclassified samples)
 
     def on_validation_epoch_end(self) -> None:
-        # Fitted while training only: `validate` measures a checkpoint as it was saved. The sanity check's couple of
-        # batches fit nothing.
-        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
-            # fitted on every process's logits alike; rank 0's kept everywhere, as float sums may differ in the last bit
-            temperatures, not_digit_above = self.trainer.strategy.broadcast(self.val_fit.compute())
-            self.temperature.copy_(temperatures)
-            self.not_digit_above.copy_(not_digit_above)
-            self.calibrated_step.fill_(self.global_step)
-            self.val_sum_acc_best.update(self.val_metrics["sum_acc"].compute())  # compute() syncs; Lightning reuses it
-            # The value, not the object, which Lightning would reset every epoch. It is the same on every process;
-            # sync_dist (a mean of equal values) tells Lightning so.
-            self.log("val/sum_acc_best", self.val_sum_acc_best.compute(), sync_dist=True)
-        if not self.trainer.sanity_checking:
+        if not self.trainer.sanity_checking:  # a couple of batches: no temperature, no best
+            if self.trainer.state.fn == "fit":  # `validate` measures a checkpoint as it was saved
+                # fitted on every process's logits alike; rank 0's kept everywhere: float sums may differ in a last bit
+                temperatures, not_digit_above = self.trainer.strategy.broadcast(self.val_fit.compute())
+                self.temperature.copy_(temperatures)
+                self.not_digit_above.copy_(not_digit_above)
+                self.calibrated_step.fill_(self.global_step)
+                self.val_sum_acc_best.update(self.val_metrics["sum_acc"].compute())  # compute() syncs; reused
+                # The value, not the object, which Lightning would reset every epoch. It is the same on every
+                # process; sync_dist (a mean of equal values) tells Lightning so.
+                self.log("val/sum_acc_best", self.val_sum_acc_best.compute(), sync_dist=True)
             logits, digits, sums = self.val_fit.local()
             update_calibration(self.val_metrics, "", self.calibrated(logits), digits, sums)
         self.val_fit.reset()
