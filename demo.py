@@ -39,7 +39,7 @@ def drawn(drawing: dict | None) -> Image.Image | None:
 def answer_line(digits: torch.Tensor, sums: torch.Tensor, number: int, not_digit: bool = False) -> str:
     """The result line from both heads' probabilities, e.g. `digit 3 (99.1 %) + number 4 -> sum 7 (99.0 %)`, and
     ", unsure" after it where the digit's probability is below calibration.UNSURE_BELOW; "not a digit" alone for
-    a picture that looks like no digit (MNISTAdder.not_a_digit): it has no sum."""
+    a picture that looks like no digit (MNISTAdder.answer): it has no sum."""
     if not_digit:
         return "not a digit: this looks like no digit 0-9"
     digit, total = int(digits.argmax()), int(sums.argmax())
@@ -59,9 +59,9 @@ def predictor(model: MNISTAdder):
             image = to_mnist(gray_levels(picture))
         except PhotoError as err:
             return f"Cannot read this picture: {err}", None, None, None
-        logits = model(image.unsqueeze(0), torch.tensor([int(number)]))[0]
-        digits, sums = (head.softmax(0) for head in split_logits(logits))
-        not_digit = bool(model.not_a_digit(logits))
+        logits, not_digit = model.answer(image.unsqueeze(0), torch.tensor([int(number)]))
+        digits, sums = (head[0].softmax(0) for head in split_logits(logits))
+        not_digit = bool(not_digit[0])
         return (
             answer_line(digits, sums, int(number), not_digit),
             None if not_digit else {str(k): float(p) for k, p in enumerate(digits)},

@@ -5,7 +5,7 @@ The file keeps `forward`'s contract: inputs `images` float32 [B,1,28,28] in [0,1
 black, as `photos.to_mnist` makes them) and `numbers` int64 [B] in 0..9; output `logits` float32
 [B,29] (10 for the digit, then 19 for the sum 0..18: `net.split_logits`), each head's divided by its
 temperature, so that their softmax gives the calibrated probabilities; and `not_digit` bool [B]: the picture
-looks like no digit at all (`MNISTAdder.not_a_digit`). B is free.
+looks like no digit at all (`MNISTAdder.answer`). B is free.
 """
 
 import argparse
@@ -21,16 +21,15 @@ from mnist_adder.run.checkpoints import read_checkpoint
 OPSET = 18
 
 
-class LogitsAndNotDigit(torch.nn.Module):
-    """`forward`'s logits and `not_a_digit`'s flag, the two outputs of the file."""
+class Answer(torch.nn.Module):
+    """`MNISTAdder.answer`: `forward`'s logits and the "not a digit" flag, the two outputs of the file."""
 
     def __init__(self, model: MNISTAdder):
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(images, numbers)
-        return logits, self.model.not_a_digit(logits)
+        return self.model.answer(images, numbers)
 
 
 def export(ckpt_path: str, output: Path) -> Path:
@@ -42,7 +41,7 @@ def export(ckpt_path: str, output: Path) -> Path:
     example = (torch.rand(2, 1, 28, 28), torch.tensor([3, 7]))
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
-        LogitsAndNotDigit(model).eval(),
+        Answer(model).eval(),
         example,
         input_names=["images", "numbers"],
         output_names=["logits", "not_digit"],

@@ -9,7 +9,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
-from mnist_adder.model.calibration import UNSURE_BELOW, ValidationFit, not_digit_score
+from mnist_adder.model.calibration import UNSURE_BELOW, ValidationFit
+from mnist_adder.model.feature_distance import FeatureStats, feature_distance
 from mnist_adder.model.losses import DEFAULT_SUM_LOSS_WEIGHT, Losses, SumLoss, compute_losses, weighted_sum_loss
 from mnist_adder.model.metrics import (
     accuracy,
@@ -37,7 +38,9 @@ class MNISTAdder(L.LightningModule):
     by its temperature (the buffer ``temperature``, fitted on every validation pass: calibration.py), so that
     their softmax gives calibrated probabilities. ``calibrated_step`` is the global step of that validation, -1
     before any (the temperatures are then 1: raw probabilities). ``self.net`` gives the raw logits.
-    ``not_a_digit(logits)`` says which pictures look like no digit at all, by a threshold fitted on the same pass.
+    ``answer(images, numbers)`` gives ``forward``'s logits and which pictures look like no digit at all: their
+    conv features lie farther from the training digits' (``feature_means`` and ``feature_whitening``, fitted on the
+    training pictures since the last validation: feature_distance.py) than ``not_digit_above``, fitted on that pass.
 
     Args:
         sum_loss: ``cross_entropy``, or ``mse``: the Brier score, squared error between the softmax
@@ -111,6 +114,9 @@ class MNISTAdder(L.LightningModule):
         self.register_buffer("temperature", torch.ones(2))  # [digit head, sum head]
         self.register_buffer("calibrated_step", torch.tensor(-1))
         self.register_buffer("not_digit_above", torch.tensor(float("inf")))  # no picture is refused before validation
+        self.register_buffer("feature_means", torch.zeros(10, self.net.feature_size))  # whitened
+        self.register_buffer("feature_whitening", torch.zeros(self.net.feature_size, self.net.feature_size))
+        self.train_features = FeatureStats(self.net.feature_size)
         self.train_metrics, self.val_metrics, self.test_metrics = (stage_metrics(agreement > 0) for _ in range(3))
         self.val_metrics.update({"sum_consistency": MeanMetric(), **calibration_metrics()})
         all_pairs = {"digit_acc": accuracy(10), "sum_acc": accuracy(19), "sum_consistency": MeanMetric()}
@@ -126,10 +132,14 @@ class MNISTAdder(L.LightningModule):
         digit, sum_ = split_logits(logits)
         return torch.cat([digit / self.temperature[0], sum_ / self.temperature[1]], dim=-1)
 
-    def not_a_digit(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per picture, from `forward`'s logits [..., 29]: does it look like no digit at all (its digit logits'
-        energy score above the threshold fitted on validation, calibration.py)?"""
-        return not_digit_score(split_logits(logits).digit) > self.not_digit_above
+    def answer(self, images: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`'s logits [B, 29], and per picture whether it looks like no digit at all [B]."""
+        features = self.net.image_features(images)
+        logits = self.calibrated(self.net.logits(features, numbers))
+        return logits, self.not_digit_score(features) > self.not_digit_above
+
+    def not_digit_score(self, image_features: torch.Tensor) -> torch.Tensor:
+        return feature_distance(image_features, self.feature_means, self.feature_whitening)
 
     def losses(self, logits: torch.Tensor, digits: torch.Tensor, numbers: torch.Tensor) -> Losses:
         hp = self.hparams
@@ -146,7 +156,8 @@ class MNISTAdder(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
-        logits = self.net(batch["image"], batch["number"])
+        features = self.net.image_features(batch["image"])
+        logits = self.net.logits(features, batch["number"])
         losses = self.losses(logits, batch["digit"], batch["number"])
         optimizer.zero_grad()
         # Under DDP the first backward pass only accumulates: the gradients are all-reduced once, in the second.
@@ -157,6 +168,7 @@ class MNISTAdder(L.LightningModule):
         if self.hparams.scheduler_interval == "step":
             self._step_scheduler()
         update_stage(self.train_metrics, logits, batch["digit"], batch["sum"], losses)
+        self.train_features.update(features, batch["digit"])
         self.log("loss", losses.loss, prog_bar=True)
         return losses.loss  # for callbacks (StopOnNonFiniteLoss)
 
@@ -195,14 +207,22 @@ class MNISTAdder(L.LightningModule):
         if self.trainer.world_size > 1:
             for buffer in self.net.buffers():
                 torch.distributed.broadcast(buffer, src=0)
+        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        if fitting and bool(self.train_features.counts.any()):  # not before any training step
+            # the training digits' statistics since the last validation, summed over processes; rank 0's kept
+            means, whitening = self.trainer.strategy.broadcast(self.train_features.compute())
+            self.feature_means.copy_(means @ whitening)
+            self.feature_whitening.copy_(whitening)
+            self.train_features.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self.net(batch["image"], batch["number"])  # raw: the losses and accuracies of the net itself
+        features = self.net.image_features(batch["image"])
+        logits = self.net.logits(features, batch["number"])  # raw: the losses and accuracies of the net itself
         metrics, digits, sums = self.val_metrics, batch["digit"], batch["sum"]
         update_stage(metrics, logits, digits, sums, self.losses(logits, digits, batch["number"]))
         metrics["sum_consistency"].update(sum_consistency(logits, batch["number"]).float())
         update_calibration(metrics, "_uncalibrated", logits, digits, sums)
-        self.val_fit.update(logits, digits, sums)
+        self.val_fit.update(logits, self.not_digit_score(features), digits, sums)
         return logits  # for callbacks (the dashboard's confusion matrix and misclassified samples)
 
     def on_validation_epoch_end(self) -> None:
@@ -240,7 +260,7 @@ class MNISTAdder(L.LightningModule):
         self._log_epoch("test", self.test_metrics)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        logits = self(batch["image"], batch["number"])
+        logits, not_digit = self.answer(batch["image"], batch["number"])
         digit_logits, sum_logits = split_logits(logits)
         digit_prob, digit = digit_logits.softmax(1).max(1)
         sum_prob, sum_ = sum_logits.softmax(1).max(1)
@@ -255,7 +275,7 @@ class MNISTAdder(L.LightningModule):
             "sum": sum_,
             "sum_prob": sum_prob,
             "unsure": digit_prob < UNSURE_BELOW,
-            "not_digit": self.not_a_digit(logits),
+            "not_digit": not_digit,
             **extra,
         }
 
@@ -263,7 +283,7 @@ class MNISTAdder(L.LightningModule):
         own_metric_states(self)  # runs before a restore
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if not {"calibrated_step", "not_digit_above"} <= checkpoint["state_dict"].keys():
+        if not {"calibrated_step", "feature_whitening"} <= checkpoint["state_dict"].keys():
             raise ValueError("this checkpoint was written by an older version of this model: train it anew")
         calibrated = int(checkpoint["state_dict"]["calibrated_step"])
         if calibrated < 0:

@@ -4,19 +4,21 @@ minutes on two cores, and one more per checkpoint).
 Makes `--per-kind` phone-like photos of each kind of non-digit picture for validation and for the held-out test
 set (the "val" and "test" splits of mnist_adder/data/non_digits.py, photographed by non_digit_photos.py), reads
 them as `predict` does (a picture it refuses, a digit cut off by the edge say, counts as caught), and scores them
-and the real digits three ways, from the checkpoint's 29 logits or the features under them:
+and the real digits four ways, from the checkpoint's 29 logits or the conv features under them:
 
 - msp: minus the calibrated maximum softmax probability of the digit head (Hendrycks & Gimpel, 2017);
-- energy: minus the log-sum-exp of the calibrated digit logits (Liu et al., 2020): `MNISTAdder.not_a_digit`, with
-  the threshold the checkpoint holds;
-- mahalanobis: the smallest Mahalanobis distance of the conv features to a digit's mean, with one covariance
-  shared by the ten digits (Lee et al., 2018), fitted on 20,000 training images.
+- energy: minus the log-sum-exp of the calibrated digit logits (Liu et al., 2020);
+- mahalanobis: the smallest Mahalanobis distance of the features to a digit's mean, with one covariance shared by
+  the ten digits (Lee et al., 2018), as `MNISTAdder.answer` measures it: the checkpoint's own means and covariance
+  (of its last training epoch's digits) and threshold;
+- mahalanobis_clean: the same distance, its means and covariance fitted on 20,000 training images without
+  augmentation, through the net in eval mode.
 
 Training with outlier exposure (the data's `non_digits`, the model's `not_digit_weight`) is a fourth method: each
-`--training` group of checkpoints (trained with it or without, or on other non-digits) is scored these three
-ways. Each score's threshold refuses `calibration.NOT_DIGIT_SHARE` of the validation digits (energy's is the one
-each validation pass fitted, as `predict` uses it). Every picture is scored with a number, as `predict` scores it:
-a digit of the val or test set with its own, a photo with a random one.
+`--training` group of checkpoints (trained with it or without, or on other non-digits) is scored these four
+ways. Each score's threshold refuses `calibration.NOT_DIGIT_SHARE` of the validation digits (mahalanobis's is the
+one the last validation pass fitted, as `predict` uses it). Every picture is scored with a number, as `predict`
+scores it: a digit of the val or test set with its own, a photo with a random one.
 
 Reported: AUROC against the validation digits (validation) and the official test digits (test), the share of
 non-digits caught, per kind, and the shares of validation digits, phone-like photos of validation digits,
@@ -38,14 +40,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from datamodule import MNISTAdderData  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
 from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist  # noqa: E402
-from mnist_adder.model.calibration import NOT_DIGIT_SHARE, not_digit_score  # noqa: E402
+from mnist_adder.model.calibration import NOT_DIGIT_SHARE  # noqa: E402
 from mnist_adder.model.net import split_logits  # noqa: E402
 from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
 from non_digit_photos import KINDS, non_digit_photos  # noqa: E402
 from phone import phone_photo  # noqa: E402
 
 START, END = "<!-- not_a_digit:start -->", "<!-- not_a_digit:end -->"
-METHODS = ("msp", "energy", "mahalanobis")
+METHODS = ("msp", "energy", "mahalanobis", "mahalanobis_clean")
 
 
 def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
@@ -70,7 +72,7 @@ def read(pictures: list) -> tuple[torch.Tensor, int]:
 
 class Scores:
     """Each method's score of MNIST-like images with their numbers, higher the less they look like a digit, and its
-    threshold: for energy the checkpoint's own (`MNISTAdder.not_a_digit`), for the others the share
+    threshold: for mahalanobis the checkpoint's own (`MNISTAdder.answer`), for the others the share
     `NOT_DIGIT_SHARE` of the validation digits' scores."""
 
     def __init__(self, model: MNISTAdder, train_images: torch.Tensor, train_digits: torch.Tensor):
@@ -97,13 +99,14 @@ class Scores:
         )
         return {
             "msp": -digit.softmax(1).max(1).values.numpy(),
-            "energy": not_digit_score(digit).numpy(),
-            "mahalanobis": distances.min(0).values.numpy(),
+            "energy": -torch.logsumexp(digit, dim=1).numpy(),
+            "mahalanobis": self.model.not_digit_score(features).numpy(),
+            "mahalanobis_clean": distances.min(0).values.numpy(),
         }
 
     def thresholds(self, validation_digits: dict[str, np.ndarray]) -> dict[str, float]:
         quantiles = {m: float(np.quantile(validation_digits[m], 1 - NOT_DIGIT_SHARE)) for m in METHODS}
-        return {**quantiles, "energy": float(self.model.not_digit_above)}
+        return {**quantiles, "mahalanobis": float(self.model.not_digit_above)}
 
 
 def percent(share: float) -> str:
@@ -240,7 +243,7 @@ def report(results: dict[str, list[dict]], per_kind: int) -> str:
         "",
         f"Checkpoints ({counts}; several: mean ± standard deviation (minimum), each kind the mean); "
         f"{per_kind} non-digit phone photos of each kind in each set, a picture `predict` refuses counting as "
-        f"caught. Each score's threshold refuses {percent(NOT_DIGIT_SHARE)} of the validation digits (energy: the "
+        f"caught. Each score's threshold refuses {percent(NOT_DIGIT_SHARE)} of the validation digits (mahalanobis: the "
         "checkpoint's own). "
         "Written by `python benchmarks/not_a_digit.py --training NAME CKPT... [--training NAME CKPT...]`.",
         "",

@@ -15,8 +15,8 @@ from mnist_adder.model.calibration import (
     ValidationFit,
     calibration_error,
     fit_temperature,
-    not_digit_score,
 )
+from mnist_adder.model.feature_distance import RIDGE, FeatureStats, feature_distance
 from mnist_adder.model.net import split_logits
 from test_bad_inputs import ends_in_clear_error
 from test_cli import ROOT, SMALL, val_curve
@@ -94,17 +94,43 @@ def test_the_not_a_digit_threshold_refuses_the_highest_scoring_of_the_validation
         batches = list(cli.datamodule.val_dataloader())
         refused = torch.cat([model.eval().predict_step(batch, 0)["not_digit"] for batch in batches])
     assert len(refused) == 100 and int(refused.sum()) == 1  # NOT_DIGIT_SHARE: the one highest score of 100
+    # fitted on the training digits since the validation before, which restarts them
+    assert model.feature_whitening.any() and not model.train_features.counts.any()
 
 
-def test_the_threshold_leaves_not_digit_share_of_the_digits_above_it_at_the_fitted_temperature():
+def test_the_threshold_leaves_not_digit_share_of_the_digits_above_it():
     generator = torch.Generator().manual_seed(0)
     logits, digits = torch.randn(4000, 29, generator=generator) * 4, torch.randint(0, 10, (4000,), generator=generator)
+    scores = torch.rand(4000, generator=generator) * 50
     fit = ValidationFit()
-    fit.update(logits, digits, torch.randint(0, 19, (4000,), generator=generator))
-    temperatures, above = fit.compute()
-    scores = not_digit_score(logits[:, :10] / temperatures[0])
-    assert (scores > above).float().mean().item() == pytest.approx(NOT_DIGIT_SHARE, abs=3 / 4000)  # float32 ties
-    assert (not_digit_score(logits[:, :10]) > above).float().mean().item() != pytest.approx(NOT_DIGIT_SHARE, abs=0.002)
+    for part in range(2):  # two batches
+        rows = slice(2000 * part, 2000 * (part + 1))
+        fit.update(logits[rows], scores[rows], digits[rows], torch.randint(0, 19, (2000,), generator=generator))
+    above = fit.compute()[1]
+    assert (scores > above).float().mean().item() == pytest.approx(NOT_DIGIT_SHARE, abs=1 / 4000)
+
+
+def test_the_feature_distance_is_the_smallest_mahalanobis_distance_to_a_training_digit_s_mean():
+    """Against the textbook formula: the digits' own means, one covariance of the digits around them (the
+    non-digits, -1, left out), inverted with the ridge."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 6, generator=generator) * 3
+    digits = torch.cat([torch.arange(10).repeat(30), torch.full((20,), -1)])
+    features = centres[digits.clamp(min=0)] + torch.randn(320, 6, generator=generator) * torch.arange(1.0, 7.0)
+    features[digits < 0] += 40  # far off: they would move every mean and the covariance
+    stats = FeatureStats(6)
+    for rows in torch.arange(320).split(100):  # in batches, as training gives them
+        stats.update(features[rows], digits[rows])
+    means, whitening = stats.compute()
+    real = features[digits >= 0].double()
+    true_means = torch.stack([real[digits[digits >= 0] == d].mean(0) for d in range(10)])
+    centred = real - true_means[digits[digits >= 0]]
+    covariance = centred.T @ centred / len(real)
+    precision = torch.linalg.inv(covariance + RIDGE * covariance.diagonal().mean() * torch.eye(6, dtype=torch.float64))
+    queries = torch.randn(50, 6, generator=generator) * 5
+    expected = torch.stack([((queries - m) @ precision * (queries - m)).sum(1) for m in true_means]).min(0).values
+    torch.testing.assert_close(means, true_means.float())
+    torch.testing.assert_close(feature_distance(queries, means @ whitening, whitening), expected.float())
 
 
 def test_on_a_trained_model_the_calibration_error_after_the_temperatures_is_below_the_one_before(in_tmp):
@@ -128,7 +154,11 @@ def test_validate_reports_the_calibration_error_with_and_without_the_checkpoint_
     """`validate` measures the checkpoint as it was saved: it fits no temperature and no threshold of its own."""
     cli, run = fitted
     checkpoint = torch.load(sorted(run.glob("checkpoints/best-*.ckpt"))[-1], weights_only=True)
-    saved = {"temperature": torch.tensor([2.0, 0.5]), "not_digit_above": torch.tensor(-1.0)}
+    saved = {
+        "temperature": torch.tensor([2.0, 0.5]),
+        "not_digit_above": torch.tensor(-1.0),
+        "feature_means": torch.ones_like(checkpoint["state_dict"]["feature_means"]),
+    }
     checkpoint["state_dict"].update(saved)  # far from what a fit on the validation logits would give
     torch.save(checkpoint, run / "other.ckpt")
     cli = cli_main(["validate", "--ckpt_path", str(run / "other.ckpt"), *SMALL])

@@ -127,8 +127,8 @@ class OracleNet(DualInputNet):
     """Reads the digit from the pixels and adds the number: exact logits, through the real net's
     forward and paired_logits."""
 
-    def image_features(self, images):
-        return F.one_hot(digit_in_pixels(images), 10).float()
+    def image_features(self, images):  # the digit, one-hot, in features of the real net's size
+        return F.pad(F.one_hot(digit_in_pixels(images), 10).float(), (0, self.feature_size - 10))
 
     def logits(self, image_features, numbers):
         digits = image_features.argmax(1)

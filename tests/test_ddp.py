@@ -18,6 +18,7 @@ from torch.utils.data import BatchSampler
 
 from datamodule import AllPairs, EpochSampler, MNISTAdderData
 from lightning_module import MNISTAdder
+from mnist_adder.model.feature_distance import FeatureStats
 from test_cli import ROOT
 
 pytestmark = pytest.mark.slow
@@ -112,7 +113,8 @@ class OddTestSet(MNISTAdderData):
 
 def one_process_over_the_same_global_batches(data_dir, epochs, steps_per_epoch):
     """Plain PyTorch: each step, the two ranks' batches, each through the net (BatchNorm sees one rank's
-    batch, as under DDP), the two backward passes per batch, the gradients averaged, one SGD step."""
+    batch, as under DDP), the two backward passes per batch, the gradients averaged, one SGD step. Also the
+    training digits' feature statistics of the last epoch, as the validation after it fits them."""
     data = new_data(data_dir, 25)
     data.setup("fit")
     samplers = [
@@ -121,17 +123,20 @@ def one_process_over_the_same_global_batches(data_dir, epochs, steps_per_epoch):
     model = new_model()
     optimizer = model.optimizer(model.parameters())
     for epoch in range(epochs):
+        stats = FeatureStats(model.net.feature_size)
         for sampler in samplers:
             sampler.set_epoch(epoch)
         for _, batches in zip(range(steps_per_epoch), zip(*(BatchSampler(s, 25, drop_last=True) for s in samplers))):
             optimizer.zero_grad()
             for indices in batches:
                 batch = data.train_set.__getitems__(indices)
-                losses = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["number"])
+                features = model.net.image_features(batch["image"])
+                stats.update(features, batch["digit"])
+                losses = model.losses(model.net.logits(features, batch["number"]), batch["digit"], batch["number"])
                 (losses.digit_loss / 2).backward(retain_graph=True)
                 (model.sum_loss_weight * (losses.sum_loss + losses.agreement) / 2).backward()
             optimizer.step()
-    return model.state_dict()
+    return model.state_dict(), stats.compute()
 
 
 def spawned(run):
@@ -180,13 +185,19 @@ def test_ddp_weights_and_metrics_match_one_process(tmp_path, real_data_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(saved0["threads"])
     try:
-        alone = one_process_over_the_same_global_batches(real_data_dir, epochs=2, steps_per_epoch=2)
+        alone, (means, whitening) = one_process_over_the_same_global_batches(real_data_dir, 2, 2)
     finally:
         torch.set_num_threads(threads)
     for name, _ in model.named_parameters():
         assert torch.equal(rank0[name], rank1[name]), name
         # measured: 2e-8 (the gradients averaged in another order); a wrongly reduced gradient is off by ~1e-2
         assert torch.allclose(rank0[name], alone[name], atol=1e-6, rtol=1e-5), name
+    # the "not a digit" statistics sum both processes' training digits: the precision and the means (times it)
+    # (a whitening is unique only up to a rotation)
+    for rank in (rank0, rank1):
+        precision = rank["feature_whitening"] @ rank["feature_whitening"].T
+        torch.testing.assert_close(precision, whitening @ whitening.T, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(rank["feature_means"] @ rank["feature_whitening"].T, means @ whitening @ whitening.T)
     # every validation and test image and every (image, number) pair counted exactly once under DDP
     single = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     single_results = single.test(copy.deepcopy(model), new_data(real_data_dir, 25), verbose=False) + single.test(

@@ -3,8 +3,8 @@
 - one temperature per head, minimising their negative log-likelihood (temperature scaling, Guo et al., 2017).
   Dividing a head's logits by its temperature changes how sure its softmax is, never which class wins: the
   accuracies stay those of the raw logits;
-- the "not a digit" threshold on the energy score of the calibrated digit logits (Liu et al., 2020): above it lie
-  `NOT_DIGIT_SHARE` of the validation digits; a picture scored above it is answered "not a digit"."""
+- the "not a digit" threshold on the distance of the validation digits' features to the training digits'
+  (feature_distance.py): above it lie `NOT_DIGIT_SHARE` of them; a picture scored above it is answered "not a digit"."""
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +22,6 @@ UNSURE_BELOW = 0.95
 # The share of validation digits the "not a digit" threshold refuses: phone photos of digits score higher than the
 # clean ones, and this keeps them within 2 % (docs/experiments.md, "Not a digit").
 NOT_DIGIT_SHARE = 0.005
-
-
-def not_digit_score(digit_logits: torch.Tensor) -> torch.Tensor:
-    """The energy score of calibrated digit logits [..., 10]: minus their log-sum-exp, higher the less the picture
-    looks like any digit."""
-    return -torch.logsumexp(digit_logits, dim=-1)
 
 
 def calibration_error(classes: int) -> MulticlassCalibrationError:
@@ -53,19 +47,20 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 class ValidationFit(Metric):
-    """A validation pass's raw logits and targets; `compute` gathers every process's (torchmetrics concatenates
-    them) and fits on them all, the same on every process: each head's temperature [digit, sum], and the
-    "not a digit" threshold on the digits' scores at those temperatures."""
+    """A validation pass's raw logits, "not a digit" scores and targets; `compute` gathers every process's
+    (torchmetrics concatenates them) and fits on them all, the same on every process: each head's temperature
+    [digit, sum], and the "not a digit" threshold."""
 
     full_state_update = False
 
     def __init__(self):
         super().__init__()
-        for name in ("logits", "digits", "sums"):
+        for name in ("logits", "scores", "digits", "sums"):
             self.add_state(name, [], dist_reduce_fx="cat")
 
-    def update(self, logits: torch.Tensor, digits: torch.Tensor, sums: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, scores: torch.Tensor, digits: torch.Tensor, sums: torch.Tensor) -> None:
         self.logits.append(logits.detach().float())
+        self.scores.append(scores.detach().float())
         self.digits.append(digits)
         self.sums.append(sums)
 
@@ -77,5 +72,5 @@ class ValidationFit(Metric):
         logits, digits, sums = self.local()
         digit_logits, sum_logits = split_logits(logits)
         temperatures = torch.tensor([fit_temperature(digit_logits, digits), fit_temperature(sum_logits, sums)])
-        scores = not_digit_score(digit_logits / temperatures[0].to(logits.device)).double()
+        scores = dim_zero_cat(self.scores).double()
         return temperatures, torch.quantile(scores, 1 - NOT_DIGIT_SHARE).float().cpu()

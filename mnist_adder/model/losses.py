@@ -34,9 +34,8 @@ def compute_losses(
 ) -> Losses:
     """Pictures that are no digit (digit -1) have no digit and no sum to learn: they add to the digit loss
     `not_digit_weight` times the cross-entropy of their digit softmax against equal odds, 1/10 each (outlier
-    exposure, Hendrycks et al., 2019). That asks for a flat softmax, not for low logits: the energy score that
-    `MNISTAdder.not_a_digit` thresholds was chosen on validation over the softmax's maximum
-    (benchmarks/not_a_digit.py). The agreement term, which asks nothing of the answer, keeps them."""
+    exposure, Hendrycks et al., 2019): it teaches the conv features to set them apart from the digits, whose
+    distance `MNISTAdder.answer` thresholds. The agreement term, which asks nothing of the answer, keeps them."""
     is_digit = digits >= 0
     sums = torch.where(is_digit, digits + numbers, -1)
     digit_logits, sum_logits = split_logits(logits)

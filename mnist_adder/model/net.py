@@ -43,9 +43,10 @@ class DualInputNet(nn.Module):
             *_stage(c2, c3, 3, convs_per_stage),
             nn.Flatten(),
         )  # 28->14->7->3
+        self.feature_size = c3 * 3 * 3  # of `image_features`
         self.number = nn.Linear(10, number_features)
         self.head = nn.Sequential(
-            nn.Linear(c3 * 3 * 3 + number_features, hidden),
+            nn.Linear(self.feature_size + number_features, hidden),
             nn.ReLU(inplace=True),
             *([nn.Dropout(dropout)] if dropout else []),
             nn.Linear(hidden, 29),

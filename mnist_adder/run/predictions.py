@@ -18,7 +18,7 @@ PREDICTED = {
     "sum": "pred_sum",
     "sum_prob": "pred_sum_prob",
     "unsure": "pred_unsure",  # "unsure" where the digit's calibrated probability is below calibration.UNSURE_BELOW
-    "not_digit": "pred_not_digit",  # "not a digit" where MNISTAdder.not_a_digit says so
+    "not_digit": "pred_not_digit",  # "not a digit" where MNISTAdder.answer says so
 }
 RESERVED = (*PREDICTED.values(), "error")  # a manifest with a column of these names is refused
 
