@@ -20,13 +20,15 @@ ways. Each score's threshold refuses `calibration.NOT_DIGIT_SHARE` of the valida
 one the last validation pass fitted, as `predict` uses it). Every picture is scored with a number, as `predict`
 scores it: a digit of the val or test set with its own, a photo with a random one.
 
-Reported: AUROC against the validation digits (validation) and the official test digits (test), the share of
-non-digits caught, per kind, and the shares of validation digits, phone-like photos of validation digits,
-official test digits and phone-like photos of test digits refused. Written into docs/experiments.md and
-BENCHMARKS.md between the `not_a_digit` markers.
+Each group's figures are kept in benchmarks/not_a_digit.json under its name, with the commit measured at (a group
+measured again replaces its entry), and every group there is reported: AUROC against the validation digits
+(validation) and the official test digits (test), the share of non-digits caught, per kind, and the shares of
+validation digits, phone-like photos of validation digits, official test digits and phone-like photos of test
+digits refused. Written into docs/experiments.md and BENCHMARKS.md between the `not_a_digit` markers.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from bench import ROOT, write_report
+from seeds import commit
 
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
@@ -186,8 +189,10 @@ def main(argv=None) -> None:
     parser.add_argument("--per-kind", type=int, default=300, help="non-digit photos of each kind, in each set")
     parser.add_argument("--phone-digits", type=int, default=1000, help="phone-like photos of val and of test digits")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
-    parser.add_argument("--no-write", action="store_true", help="print the tables only")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "not_a_digit.json")
+    parser.add_argument("--no-write", action="store_true", help="print the tables only, store nothing")
     args = parser.parse_args(argv)
+    source = commit()  # before the measuring: the code that measures
     made, results = {}, {}
     for name, *paths in args.training:
         for path in paths:
@@ -201,51 +206,64 @@ def main(argv=None) -> None:
                 made[tuple(split.values())] = Pictures(data, args.per_kind, args.phone_digits)
             pictures = made[tuple(split.values())]
             model = MNISTAdder.load_from_checkpoint(path, map_location="cpu").eval()
-            results.setdefault(name, []).append(measure(Scores(model, *pictures.train), pictures, args.per_kind))
+            figures = measure(Scores(model, *pictures.train), pictures, args.per_kind)
+            results.setdefault(name, []).append({f"{key[0]}/{key[1]}": value for key, value in figures.items()})
             print(f"measured {path}", flush=True)
-    text = report(results, args.per_kind)
+    groups = {name: {**source, "per_kind": args.per_kind, "runs": runs} for name, runs in results.items()}
+    if not args.no_write:
+        stored = json.loads(args.results.read_text()) if args.results.exists() else {}
+        groups = {**stored, **groups}
+        args.results.write_text(json.dumps(groups, indent=2) + "\n")
+    text = report(groups)
     print(text)
     if not args.no_write:
         for path in (ROOT / "docs" / "experiments.md", ROOT / "BENCHMARKS.md"):
             write_report(path, text, START, END)
 
 
-def report(results: dict[str, list[dict]], per_kind: int) -> str:
+def report(groups: dict[str, dict]) -> str:
+    """The tables of every group (name -> its commit, photos per kind and runs), each with its commit."""
     lines = [
-        "| training | score | set | AUROC | non-digits caught | " + " | ".join(KINDS) + " |",
-        "|---|---|---|---|---|" + "---|" * len(KINDS),
+        "| training | commit | score | set | AUROC | non-digits caught | " + " | ".join(KINDS) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(KINDS),
     ]
-    for name, runs in results.items():
-        for method in METHODS:
+    where = {name: f"`{g['commit'][:7]}`" + ("" if g["clean"] else " +") for name, g in groups.items()}
+    methods = {name: [m for m in METHODS if f"{m}/val" in g["runs"][0]] for name, g in groups.items()}
+    for name, group in groups.items():
+        runs = group["runs"]
+        for method in methods[name]:
             for split in ("val", "test"):
-                cells = [spread([run[method, split]["AUROC"] for run in runs], lambda v: f"{v:.4f}")]
-                cells += [spread([run[method, split]["caught"] for run in runs])]
-                cells += [percent(np.mean([run[method, split][kind] for run in runs])) for kind in KINDS]
-                lines.append(f"| {name} | {method} | {split} | " + " | ".join(cells) + " |")
-    sets = list(next(iter(results.values()))[0][METHODS[0], "refused"])
+                figures = [run[f"{method}/{split}"] for run in runs]
+                cells = [
+                    spread([f["AUROC"] for f in figures], lambda v: f"{v:.4f}"),
+                    spread([f["caught"] for f in figures]),
+                ]
+                cells += [percent(np.mean([f[kind] for f in figures])) for kind in KINDS]
+                lines.append(f"| {name} | {where[name]} | {method} | {split} | " + " | ".join(cells) + " |")
+    sets = list(next(iter(groups.values()))["runs"][0][f"{METHODS[0]}/refused"])
     lines += [
         "",
         "| training | score | " + " | ".join(f"{s} refused" for s in sets) + " |",
         "|---|---|" + "---|" * len(sets),
     ]
-    for name, runs in results.items():
-        for method in METHODS:
-            cells = [spread([run[method, "refused"][s] for run in runs]) for s in sets]
+    for name, group in groups.items():
+        for method in methods[name]:
+            cells = [spread([run[f"{method}/refused"][s] for run in group["runs"]]) for s in sets]
             lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
     mean = {
-        (name, method): tuple(np.mean([run[method, "val"][key] for run in runs]) for key in ("caught", "AUROC"))
-        for name, runs in results.items()
-        for method in METHODS
+        (name, method): tuple(np.mean([run[f"{method}/val"][k] for run in group["runs"]]) for k in ("caught", "AUROC"))
+        for name, group in groups.items()
+        for method in methods[name]
     }
     best = max(mean, key=mean.get)
-    counts = ", ".join(f"{name}: {len(runs)}" for name, runs in results.items())
+    counts = ", ".join(f"{name}: {len(g['runs'])}, {g['per_kind']} a kind" for name, g in groups.items())
     lines += [
         "",
-        f"Checkpoints ({counts}; several: mean ± standard deviation (minimum), each kind the mean); "
-        f"{per_kind} non-digit phone photos of each kind in each set, a picture `predict` refuses counting as "
-        f"caught. Each score's threshold refuses {percent(NOT_DIGIT_SHARE)} of the validation digits (mahalanobis: the "
-        "checkpoint's own). "
-        "Written by `python benchmarks/not_a_digit.py --training NAME CKPT... [--training NAME CKPT...]`.",
+        f"Checkpoints and non-digit phone photos in each set ({counts}; several checkpoints: mean ± standard "
+        "deviation (minimum), each kind the mean); a picture `predict` refuses counts as caught. Each score's "
+        f"threshold refuses {percent(NOT_DIGIT_SHARE)} of the validation digits (mahalanobis: the checkpoint's own). "
+        "Measured at the commit shown (+: with changes not committed); the checkpoints trained as benchmarks/seeds.py "
+        "trains them. Written by `python benchmarks/not_a_digit.py --training NAME CKPT... [--training NAME CKPT...]`.",
         "",
         f"Best on validation (the share caught, then the AUROC): training {best[0]}, score {best[1]}, "
         f"{percent(mean[best][0])} caught, AUROC {mean[best][1]:.4f}.",
