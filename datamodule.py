@@ -46,6 +46,9 @@ class MNISTAdderData(L.LightningDataModule):
         scale: augmentation, maximum relative zoom in or out.
         non_digits: generated pictures that are no digit (mnist_adder/data/non_digits.py) added to the training
             images, as a share of them, with the digit -1: the model learns to refuse them (0 adds none).
+        feature_images: the first training images, as they are, that each validation also reads (a second
+            loader): the model's "not a digit" distance is measured to their conv features (0: no second loader,
+            and no picture is answered "not a digit").
         on_device: keep all images on the accelerator and cut batches there (fast on a GPU).
         predict_manifest: a CSV with the columns ``file,number`` (paths relative to the CSV's folder):
             ``predict`` then reads these pictures instead of the test set.
@@ -66,6 +69,7 @@ class MNISTAdderData(L.LightningDataModule):
         translate: float = 0.05,
         scale: float = 0.1,
         non_digits: float = 0.1,
+        feature_images: int = 10_000,
         on_device: bool = False,
         predict_manifest: str | None = None,
         predict_output: str | None = None,
@@ -78,8 +82,8 @@ class MNISTAdderData(L.LightningDataModule):
             raise ValueError(f"val_size must be within 1..59999, got {val_size}")
         if test_pairs not in ("all", "fixed", "both"):
             raise ValueError(f"test_pairs must be 'all', 'fixed' or 'both', got {test_pairs!r}")
-        if min(rotate, translate, scale, non_digits) < 0:
-            raise ValueError("rotate, translate, scale and non_digits must be >= 0")
+        if min(rotate, translate, scale, non_digits, feature_images) < 0:
+            raise ValueError("rotate, translate, scale, non_digits and feature_images must be >= 0")
         if predict_manifest is not None and not Path(predict_manifest).is_file():
             raise ValueError(f"predict_manifest {predict_manifest!r}: no such file")
         if num_workers is not None and num_workers < 0:
@@ -101,7 +105,8 @@ class MNISTAdderData(L.LightningDataModule):
         if stage == "fit" and not hasattr(self, "train_set"):  # its non-digits are drawn only to train
             self.train_set = self._train_set()
         if self.hparams.on_device and self.trainer is not None:
-            for dataset in (getattr(self, "train_set", None), self.val_set, self.test_set, self.all_pairs_set):
+            datasets = (self.val_set, self.feature_set, self.test_set, self.all_pairs_set)
+            for dataset in (getattr(self, "train_set", None), *datasets):
                 if dataset is not None:
                     dataset.to(self.trainer.strategy.root_device)
 
@@ -117,6 +122,8 @@ class MNISTAdderData(L.LightningDataModule):
         test_digits = read_idx(self.raw_dir / "t10k-labels-idx1-ubyte").long()
         self.train_images, self.train_digits = images[train], digits[train]
         self.val_set = Pairs(images[val], digits[val], draw_numbers(len(val), "val", hp.seed))
+        kept = train[: hp.feature_images]  # their numbers are not read
+        self.feature_set = Pairs(images[kept], digits[kept], torch.zeros(len(kept), dtype=torch.long))
         self.test_set = Pairs(test_images, test_digits, draw_numbers(len(test_digits), "test", hp.seed))
         self.all_pairs_set = AllPairs(test_images, test_digits)
 
@@ -159,8 +166,9 @@ class MNISTAdderData(L.LightningDataModule):
         sampler = EpochSampler(self.train_set, shuffle=True, seed=self.hparams.seed, drop_last=True, **self._shard())
         return self._loader(self.train_set, self.hparams.batch_size, sampler, drop_last=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
+    def val_dataloader(self) -> list[DataLoader]:
+        """The validation pairs, then the training images the "not a digit" distance is measured to."""
+        return [self._eval_loader(self.val_set)] + [self._eval_loader(self.feature_set)] * (len(self.feature_set) > 0)
 
     def test_dataloader(self) -> list[DataLoader]:
         choice = self.hparams.test_pairs

@@ -39,8 +39,9 @@ class MNISTAdder(L.LightningModule):
     their softmax gives calibrated probabilities. ``calibrated_step`` is the global step of that validation, -1
     before any (the temperatures are then 1: raw probabilities). ``self.net`` gives the raw logits.
     ``answer(images, numbers)`` gives ``forward``'s logits and which pictures look like no digit at all: their
-    conv features lie farther from the training digits' (``feature_means`` and ``feature_whitening``, fitted on the
-    training pictures since the last validation: feature_distance.py) than ``not_digit_above``, fitted on that pass.
+    conv features lie farther from the training digits' (``feature_means`` and ``feature_whitening``, fitted on
+    every validation pass to the data module's ``feature_images``: feature_distance.py) than ``not_digit_above``,
+    fitted on the same pass to the validation digits' distances.
 
     Args:
         sum_loss: ``cross_entropy``, or ``mse``: the Brier score, squared error between the softmax
@@ -116,7 +117,7 @@ class MNISTAdder(L.LightningModule):
         self.register_buffer("not_digit_above", torch.tensor(float("inf")))  # no picture is refused before validation
         self.register_buffer("feature_means", torch.zeros(10, self.net.feature_size))  # whitened
         self.register_buffer("feature_whitening", torch.zeros(self.net.feature_size, self.net.feature_size))
-        self.train_features = FeatureStats(self.net.feature_size)
+        self.feature_fit = FeatureStats(self.net.feature_size)
         self.train_metrics, self.val_metrics, self.test_metrics = (stage_metrics(agreement > 0) for _ in range(3))
         self.val_metrics.update({"sum_consistency": MeanMetric(), **calibration_metrics()})
         all_pairs = {"digit_acc": accuracy(10), "sum_acc": accuracy(19), "sum_consistency": MeanMetric()}
@@ -156,8 +157,7 @@ class MNISTAdder(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
-        features = self.net.image_features(batch["image"])
-        logits = self.net.logits(features, batch["number"])
+        logits = self.net(batch["image"], batch["number"])
         losses = self.losses(logits, batch["digit"], batch["number"])
         optimizer.zero_grad()
         # Under DDP the first backward pass only accumulates: the gradients are all-reduced once, in the second.
@@ -168,7 +168,6 @@ class MNISTAdder(L.LightningModule):
         if self.hparams.scheduler_interval == "step":
             self._step_scheduler()
         update_stage(self.train_metrics, logits, batch["digit"], batch["sum"], losses)
-        self.train_features.update(features, batch["digit"])
         self.log("loss", losses.loss, prog_bar=True)
         return losses.loss  # for callbacks (StopOnNonFiniteLoss)
 
@@ -207,29 +206,31 @@ class MNISTAdder(L.LightningModule):
         if self.trainer.world_size > 1:
             for buffer in self.net.buffers():
                 torch.distributed.broadcast(buffer, src=0)
-        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
-        if fitting and bool(self.train_features.counts.any()):  # not before any training step
-            # the training digits' statistics since the last validation, summed over processes; rank 0's kept
-            means, whitening = self.trainer.strategy.broadcast(self.train_features.compute())
-            self.feature_means.copy_(means @ whitening)
-            self.feature_whitening.copy_(whitening)
-            self.train_features.reset()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor | None:
         features = self.net.image_features(batch["image"])
+        if dataloader_idx == 1:  # training digits, as they are: "not a digit" measures the distance to them
+            self.feature_fit.update(features, batch["digit"])
+            return None
         logits = self.net.logits(features, batch["number"])  # raw: the losses and accuracies of the net itself
         metrics, digits, sums = self.val_metrics, batch["digit"], batch["sum"]
         update_stage(metrics, logits, digits, sums, self.losses(logits, digits, batch["number"]))
         metrics["sum_consistency"].update(sum_consistency(logits, batch["number"]).float())
         update_calibration(metrics, "_uncalibrated", logits, digits, sums)
-        self.val_fit.update(logits, self.not_digit_score(features), digits, sums)
+        self.val_fit.update(logits, features, digits, sums)
         return logits  # for callbacks (the dashboard's confusion matrix and misclassified samples)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:  # a couple of batches: no temperature, no best
             if self.trainer.state.fn == "fit":  # `validate` measures a checkpoint as it was saved
-                # fitted on every process's logits alike; rank 0's kept everywhere: float sums may differ in a last bit
-                temperatures, not_digit_above = self.trainer.strategy.broadcast(self.val_fit.compute())
+                # fitted on every process's data alike; rank 0's kept everywhere: float sums may differ in a last bit
+                if self.feature_fit.update_called:
+                    means, whitening = self.trainer.strategy.broadcast(self.feature_fit.compute())
+                    self.feature_means.copy_(means @ whitening)
+                    self.feature_whitening.copy_(whitening)
+                temperatures, not_digit_above = self.trainer.strategy.broadcast(
+                    self.val_fit.compute(self.not_digit_score)
+                )
                 self.temperature.copy_(temperatures)
                 self.not_digit_above.copy_(not_digit_above)
                 self.calibrated_step.fill_(self.global_step)
@@ -240,6 +241,7 @@ class MNISTAdder(L.LightningModule):
             logits, digits, sums = self.val_fit.local()
             update_calibration(self.val_metrics, "", self.calibrated(logits), digits, sums)
         self.val_fit.reset()
+        self.feature_fit.reset()
         self._log_epoch("val", self.val_metrics)  # in the sanity check too: Lightning then resets them
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -17,8 +17,9 @@ BAD_FIT_OPTIONS = [
     (["--data.batch_size", "0"], "batch_size must be >= 1"),
     (["--data.val_size", "0"], "val_size must be within"),
     (["--data.test_pairs", "some"], "test_pairs"),
-    (["--data.rotate", "-5"], "rotate, translate, scale and non_digits must be >= 0"),
-    (["--data.non_digits", "-0.1"], "rotate, translate, scale and non_digits must be >= 0"),
+    (["--data.rotate", "-5"], "rotate, translate, scale, non_digits and feature_images must be >= 0"),
+    (["--data.non_digits", "-0.1"], "rotate, translate, scale, non_digits and feature_images must be >= 0"),
+    (["--data.feature_images", "-1"], "rotate, translate, scale, non_digits and feature_images must be >= 0"),
     (["--model.not_digit_weight", "-1"], "not_digit_weight >= 0"),
     (["--ckpt_path", "missing.ckpt"], "no such file"),
     pytest.param(

@@ -68,7 +68,7 @@ def validation_temperatures(model: MNISTAdder, loader: DataLoader) -> torch.Tens
 
 def test_every_checkpoint_holds_the_temperatures_of_its_latest_validation_and_their_step(fitted):
     cli, run = fitted
-    loader = cli.datamodule.val_dataloader()
+    loader = cli.datamodule.val_dataloader()[0]
     assert sum(len(batch["digit"]) for batch in loader) == 100  # every validation pair, no test image
     best = sorted(run.glob("checkpoints/best-*.ckpt"))
     assert len(best) == 3
@@ -91,23 +91,29 @@ def test_the_not_a_digit_threshold_refuses_the_highest_scoring_of_the_validation
     assert MNISTAdder().not_digit_above == float("inf")  # before any validation, no picture is refused
     model = MNISTAdder.load_from_checkpoint(sorted(run.glob("checkpoints/best-*.ckpt"))[-1], map_location="cpu")
     with torch.no_grad():
-        batches = list(cli.datamodule.val_dataloader())
+        batches = list(cli.datamodule.val_dataloader()[0])
         refused = torch.cat([model.eval().predict_step(batch, 0)["not_digit"] for batch in batches])
     assert len(refused) == 100 and int(refused.sum()) == 1  # NOT_DIGIT_SHARE: the one highest score of 100
-    # fitted on the training digits since the validation before, which restarts them
-    assert model.feature_whitening.any() and not model.train_features.counts.any()
+    # the distance is measured to the feature images (training digits, as they are) through the net validated
+    stats = FeatureStats(model.net.feature_size)
+    with torch.no_grad():
+        for batch in cli.datamodule.val_dataloader()[1]:
+            stats.update(model.net.image_features(batch["image"]), batch["digit"])
+    means, whitening = stats.compute()
+    torch.testing.assert_close(model.feature_whitening @ model.feature_whitening.T, whitening @ whitening.T)
+    torch.testing.assert_close(model.feature_means @ model.feature_whitening.T, means @ whitening @ whitening.T)
 
 
 def test_the_threshold_leaves_not_digit_share_of_the_digits_above_it():
     generator = torch.Generator().manual_seed(0)
     logits, digits = torch.randn(4000, 29, generator=generator) * 4, torch.randint(0, 10, (4000,), generator=generator)
-    scores = torch.rand(4000, generator=generator) * 50
+    features = torch.rand(4000, 3, generator=generator) * 50
     fit = ValidationFit()
     for part in range(2):  # two batches
         rows = slice(2000 * part, 2000 * (part + 1))
-        fit.update(logits[rows], scores[rows], digits[rows], torch.randint(0, 19, (2000,), generator=generator))
-    above = fit.compute()[1]
-    assert (scores > above).float().mean().item() == pytest.approx(NOT_DIGIT_SHARE, abs=1 / 4000)
+        fit.update(logits[rows], features[rows], digits[rows], torch.randint(0, 19, (2000,), generator=generator))
+    above = fit.compute(lambda f: f.norm(dim=1))[1]  # the score of each picture's features
+    assert (features.norm(dim=1) > above).float().mean().item() == pytest.approx(NOT_DIGIT_SHARE, abs=1 / 4000)
 
 
 def test_the_feature_distance_is_the_smallest_mahalanobis_distance_to_a_training_digit_s_mean():
@@ -164,7 +170,7 @@ def test_validate_reports_the_calibration_error_with_and_without_the_checkpoint_
     cli = cli_main(["validate", "--ckpt_path", str(run / "other.ckpt"), *SMALL])
     assert all(torch.equal(getattr(cli.model, name), value) for name, value in saved.items())
     metrics = cli.trainer.callback_metrics
-    batch = next(iter(cli.datamodule.val_dataloader()))
+    batch = next(iter(cli.datamodule.val_dataloader()[0]))
     with torch.no_grad():
         raw = cli.model.net.eval()(batch["image"], batch["number"])
     for suffix, logits in (("_uncalibrated", raw), ("", raw[:, :10] / 2.0)):

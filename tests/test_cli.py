@@ -18,7 +18,16 @@ from mnist_adder.run.checkpoints import flat
 from mnist_adder.run.progress import ProgressBar
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--data.val_size", "100", "--data.batch_size", "50", "--model.channels", "[8, 16, 16]"]
+SMALL = [
+    "--data.val_size",
+    "100",
+    "--data.batch_size",
+    "50",
+    "--data.feature_images",
+    "200",
+    "--model.channels",
+    "[8, 16, 16]",
+]
 
 
 @pytest.mark.parametrize("option", ["--data.non_digits", "--model.not_digit_weight"])

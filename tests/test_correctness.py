@@ -36,7 +36,8 @@ def test_every_loader_pairs_each_image_with_its_own_label(synthetic_data_dir):
     data = plain_data(synthetic_data_dir)
     loaders = {
         "train": data.train_dataloader(),
-        "val": data.val_dataloader(),
+        "val": data.val_dataloader()[0],
+        "feature images": data.val_dataloader()[1],
         "test": data.test_dataloader()[0],
         "all pairs": data.test_dataloader()[1],
     }
@@ -49,15 +50,17 @@ def test_every_loader_pairs_each_image_with_its_own_label(synthetic_data_dir):
             digits = batch["digit"][digit].view(-1, *[1] * (batch["number"].dim() - 1))
             assert torch.equal(batch["sum"][digit], digits + batch["number"][digit]), name
             seen += len(batch["digit"])
-        assert seen == {"train": 550 // 50 * 50, "val": 100}.get(name, SYNTHETIC_SIZES["t10k"]), name
+        # the feature images: every training image, as there are fewer than feature_images' 10,000
+        assert seen == {"train": 550 // 50 * 50, "val": 100, "feature images": 500}.get(name, SYNTHETIC_SIZES["t10k"])
 
 
 def test_split_is_a_partition_that_depends_on_the_seed(synthetic_data_dir):
     def images(data):
-        return [{bytes(x.numpy()) for x in s.images} for s in (data.train_set, data.val_set)]
+        return [{bytes(x.numpy()) for x in s.images} for s in (data.train_set, data.val_set, data.feature_set)]
 
-    train, val = images(plain_data(synthetic_data_dir, non_digits=0))
+    train, val, features = images(plain_data(synthetic_data_dir, non_digits=0, feature_images=300))
     assert len(train) + len(val) == SYNTHETIC_SIZES["train"] and not train & val
+    assert len(features) == 300 and features <= train  # training images: none of the validation
     assert images(plain_data(synthetic_data_dir, seed=1, non_digits=0))[1] != val
 
 
@@ -266,4 +269,4 @@ def test_pinned_memory_follows_the_runs_device_not_the_machine(synthetic_data_di
             strategy=SimpleNamespace(root_device=torch.device(device)), world_size=1, global_rank=0
         )
         data.hparams.on_device = on_device
-        assert data.val_dataloader().pin_memory is pinned, (device, on_device)
+        assert data.val_dataloader()[0].pin_memory is pinned, (device, on_device)

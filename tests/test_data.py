@@ -201,7 +201,8 @@ class AsStored(Callback):
         self._record(trainer, "train", batch, trainer.datamodule.train_set)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._record(trainer, "val", batch, trainer.datamodule.val_set)
+        data = trainer.datamodule
+        self._record(trainer, "val", batch, [data.val_set, data.feature_set][dataloader_idx])
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         data = trainer.datamodule
@@ -213,7 +214,7 @@ class AsStored(Callback):
 
 def test_augmentation_changes_train_images_only(tmp_path, synthetic_data_dir):
     """Through a real Trainer: every training batch reaches the model moved, every validation (in the
-    sanity check too), test and predict batch as stored."""
+    sanity check too; the feature images too), test and predict batch as stored."""
     dm = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, batch_size=50)
     record = AsStored()
     trainer = quiet_trainer(

@@ -296,7 +296,7 @@ def test_the_manifest_loader_has_the_cores_up_to_four_workers_and_the_others_non
         data.setup("predict")
         assert data.predict_dataloader().num_workers == workers and data.predict_dataloader().batch_size == 16
     data.setup("fit")
-    loaders = [data.train_dataloader(), data.val_dataloader(), *data.test_dataloader()]
+    loaders = [data.train_dataloader(), *data.val_dataloader(), *data.test_dataloader()]
     assert [loader.num_workers for loader in loaders] == [0] * len(loaders)
     with pytest.raises(ValueError, match="num_workers must be >= 0"):
         MNISTAdderData(data_dir=str(synthetic_data_dir), num_workers=-1)

@@ -3,8 +3,10 @@
 - one temperature per head, minimising their negative log-likelihood (temperature scaling, Guo et al., 2017).
   Dividing a head's logits by its temperature changes how sure its softmax is, never which class wins: the
   accuracies stay those of the raw logits;
-- the "not a digit" threshold on the distance of the validation digits' features to the training digits'
-  (feature_distance.py): above it lie `NOT_DIGIT_SHARE` of them; a picture scored above it is answered "not a digit"."""
+- the "not a digit" threshold on the validation digits' scores (the distance of their features to the training
+  digits', feature_distance.py): above it lie `NOT_DIGIT_SHARE` of them; a picture above it is "not a digit"."""
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,20 +49,20 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 class ValidationFit(Metric):
-    """A validation pass's raw logits, "not a digit" scores and targets; `compute` gathers every process's
-    (torchmetrics concatenates them) and fits on them all, the same on every process: each head's temperature
-    [digit, sum], and the "not a digit" threshold."""
+    """A validation pass's raw logits, conv features and targets; `compute` gathers every process's (torchmetrics
+    concatenates them) and fits on them all, the same on every process: each head's temperature [digit, sum], and
+    the "not a digit" threshold on the features' scores."""
 
     full_state_update = False
 
     def __init__(self):
         super().__init__()
-        for name in ("logits", "scores", "digits", "sums"):
+        for name in ("logits", "features", "digits", "sums"):
             self.add_state(name, [], dist_reduce_fx="cat")
 
-    def update(self, logits: torch.Tensor, scores: torch.Tensor, digits: torch.Tensor, sums: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, features: torch.Tensor, digits: torch.Tensor, sums: torch.Tensor) -> None:
         self.logits.append(logits.detach().float())
-        self.scores.append(scores.detach().float())
+        self.features.append(features.detach().float())
         self.digits.append(digits)
         self.sums.append(sums)
 
@@ -68,9 +70,9 @@ class ValidationFit(Metric):
         """This process's own logits, digits and sums (outside `compute`, the states are unsynced)."""
         return dim_zero_cat(self.logits), dim_zero_cat(self.digits), dim_zero_cat(self.sums)
 
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute(self, not_digit_score: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits, digits, sums = self.local()
         digit_logits, sum_logits = split_logits(logits)
         temperatures = torch.tensor([fit_temperature(digit_logits, digits), fit_temperature(sum_logits, sums)])
-        scores = dim_zero_cat(self.scores).double()
+        scores = not_digit_score(dim_zero_cat(self.features)).double()
         return temperatures, torch.quantile(scores, 1 - NOT_DIGIT_SHARE).float().cpu()

@@ -10,17 +10,17 @@ RIDGE = 1e-3  # added to the covariance, times its mean variance: some features 
 
 
 class FeatureStats(Metric):
-    """Sums over the training pictures of digits (digit -1, a non-digit, is left out): each digit's count and feature
-    sum, and the sum of the features' outer products; summed over processes, and kept in checkpoints so that a resumed
-    run goes on from them. `compute` gives each digit's mean and the covariance's whitening, both [.., D]."""
+    """Sums over pictures of digits (digit -1, a non-digit, is left out): each digit's count and feature sum, and
+    the sum of the features' outer products; summed over processes. `compute` gives each digit's mean and the
+    covariance's whitening, both [.., D]."""
 
     full_state_update = False
 
     def __init__(self, size: int):
         super().__init__()
-        self.add_state("counts", torch.zeros(10, dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
-        self.add_state("sums", torch.zeros(10, size, dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
-        self.add_state("products", torch.zeros(size, size, dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
+        self.add_state("counts", torch.zeros(10, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sums", torch.zeros(10, size, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("products", torch.zeros(size, size, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, features: torch.Tensor, digits: torch.Tensor) -> None:
         features = features.detach().float()

@@ -57,6 +57,8 @@ class Dashboard(Callback):
         self.misclassified = []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if dataloader_idx:  # the feature images (the data module's second loader): no answers to show
+            return
         digit_pred, sum_pred = (head.argmax(1) for head in split_logits(outputs))
         self.confusion.update(digit_pred, batch["digit"])
         wrong = (digit_pred != batch["digit"]) | (sum_pred != batch["sum"])
