@@ -220,3 +220,12 @@ def test_unsure_is_a_calibrated_digit_probability_below_the_threshold():
         predicted = model.predict_step(batch, 0)
         assert predicted["unsure"].tolist() == [unsure] * 16
         assert torch.equal(predicted["unsure"], predicted["digit_prob"] < UNSURE_BELOW)
+
+
+def test_without_feature_images_no_picture_is_answered_not_a_digit(in_tmp):
+    cli = cli_main(["fit", "--trainer.max_epochs", "1", *SMALL, "--data.feature_images", "0"])
+    assert len(cli.datamodule.val_dataloader()) == 1  # the validation pairs alone
+    with torch.no_grad():
+        batches = list(cli.datamodule.val_dataloader()[0])
+        refused = torch.cat([cli.model.eval().predict_step(batch, 0)["not_digit"] for batch in batches])
+    assert len(refused) == 100 and not refused.any()
