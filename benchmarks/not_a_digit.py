@@ -10,9 +10,9 @@ and the real digits four ways, from the checkpoint's 29 logits or the conv featu
 - energy: minus the log-sum-exp of the calibrated digit logits (Liu et al., 2020);
 - mahalanobis: the smallest Mahalanobis distance of the features to a digit's mean, with one covariance shared by
   the ten digits (Lee et al., 2018), as `MNISTAdder.answer` measures it: the checkpoint's own means and covariance
-  (of its last training epoch's digits) and threshold;
-- mahalanobis_clean: the same distance, its means and covariance fitted on 20,000 training images without
-  augmentation, through the net in eval mode.
+  (fitted by its last validation pass on the data module's feature images) and threshold;
+- mahalanobis_clean: the same distance (`feature_distance.py`), its means and covariance fitted here on 20,000
+  training images without augmentation, through the net in eval mode.
 
 Training with outlier exposure (the data's `non_digits`, the model's `not_digit_weight`) is a fourth method: each
 `--training` group of checkpoints (trained with it or without, or on other non-digits) is scored these four
@@ -44,6 +44,7 @@ from datamodule import MNISTAdderData  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
 from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist  # noqa: E402
 from mnist_adder.model.calibration import NOT_DIGIT_SHARE  # noqa: E402
+from mnist_adder.model.feature_distance import FeatureStats, feature_distance  # noqa: E402
 from mnist_adder.model.net import split_logits  # noqa: E402
 from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
 from non_digit_photos import KINDS, non_digit_photos  # noqa: E402
@@ -80,12 +81,11 @@ class Scores:
 
     def __init__(self, model: MNISTAdder, train_images: torch.Tensor, train_digits: torch.Tensor):
         self.model = model
-        features = self.features(train_images)
-        self.means = torch.stack([features[train_digits == d].mean(0) for d in range(10)])
-        centred = (features - self.means[train_digits]).double()
-        covariance = centred.T @ centred / len(centred)
-        ridge = 1e-3 * covariance.diagonal().mean() * torch.eye(len(covariance), dtype=torch.float64)
-        self.precision = torch.linalg.inv(covariance + ridge).float()  # a ridge: some features barely vary
+        stats = FeatureStats(model.net.feature_size)
+        for images, digits in zip(train_images.split(1000), train_digits.split(1000)):  # as validation fits it
+            stats.update(self.features(images), digits)
+        means, self.whitening = stats.compute()
+        self.whitened_means = means @ self.whitening
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -96,15 +96,12 @@ class Scores:
         if not len(images):
             return {method: np.zeros(0) for method in METHODS}
         features = self.features(images)
-        digit = split_logits(self.model(images, numbers)).digit
-        distances = torch.stack(
-            [((features - mean) @ self.precision * (features - mean)).sum(1) for mean in self.means]
-        )
+        digit = split_logits(self.model.calibrated(self.model.net.logits(features, numbers))).digit
         return {
             "msp": -digit.softmax(1).max(1).values.numpy(),
             "energy": -torch.logsumexp(digit, dim=1).numpy(),
             "mahalanobis": self.model.not_digit_score(features).numpy(),
-            "mahalanobis_clean": distances.min(0).values.numpy(),
+            "mahalanobis_clean": feature_distance(features, self.whitened_means, self.whitening).numpy(),
         }
 
     def thresholds(self, validation_digits: dict[str, np.ndarray]) -> dict[str, float]:
