@@ -4,7 +4,7 @@ minutes on two cores, and one more per checkpoint).
 Makes `--per-kind` phone-like photos of each kind of non-digit picture for validation and for the held-out test
 set (the "val" and "test" splits of mnist_adder/data/non_digits.py, photographed by non_digit_photos.py), reads
 them as `predict` does (a picture it refuses, a digit cut off by the edge say, counts as caught), and scores them
-and the real digits four ways, from the checkpoint's 29 logits or the conv features under them:
+and the real digits five ways, from the checkpoint's 29 logits or the conv features under them:
 
 - msp: minus the calibrated maximum softmax probability of the digit head (Hendrycks & Gimpel, 2017);
 - energy: minus the log-sum-exp of the calibrated digit logits (Liu et al., 2020);
@@ -12,10 +12,12 @@ and the real digits four ways, from the checkpoint's 29 logits or the conv featu
   the ten digits (Lee et al., 2018), as `MNISTAdder.answer` measures it: the checkpoint's own means and covariance
   (fitted by its last validation pass on the data module's feature images) and threshold;
 - mahalanobis_clean: the same distance (`feature_distance.py`), its means and covariance fitted here on 20,000
-  training images without augmentation, through the net in eval mode.
+  training images without augmentation, through the net in eval mode;
+- mahalanobis_penultimate: the same fit and distance on the penultimate layer (the first FC layer's output,
+  after its ReLU), which sees the picture's number too: each training image is fitted with a random one.
 
-Training with outlier exposure (the data's `non_digits`, the model's `not_digit_weight`) is a fourth method: each
-`--training` group of checkpoints (trained with it or without, or on other non-digits) is scored these four
+Training with outlier exposure (the data's `non_digits`, the model's `not_digit_weight`) is one more method: each
+`--training` group of checkpoints (trained with it or without, or on other non-digits) is scored these five
 ways. Each score's threshold refuses `calibration.NOT_DIGIT_SHARE` of the validation digits (mahalanobis's is the
 one the last validation pass fitted, as `predict` uses it). Every picture is scored with a number, as `predict`
 scores it: a digit of the val or test set with its own, a photo with a random one.
@@ -51,7 +53,7 @@ from non_digit_photos import KINDS, non_digit_photos  # noqa: E402
 from phone import phone_photo  # noqa: E402
 
 START, END = "<!-- not_a_digit:start -->", "<!-- not_a_digit:end -->"
-METHODS = ("msp", "energy", "mahalanobis", "mahalanobis_clean")
+METHODS = ("msp", "energy", "mahalanobis", "mahalanobis_clean", "mahalanobis_penultimate")
 
 
 def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
@@ -81,15 +83,31 @@ class Scores:
 
     def __init__(self, model: MNISTAdder, train_images: torch.Tensor, train_digits: torch.Tensor):
         self.model = model
-        stats = FeatureStats(model.net.feature_size)
-        for images, digits in zip(train_images.split(1000), train_digits.split(1000)):  # as validation fits it
-            stats.update(self.features(images), digits)
-        means, self.whitening = stats.compute()
-        self.whitened_means = means @ self.whitening
+        numbers = torch.from_numpy(np.random.default_rng(0).integers(0, 10, len(train_images)))
+        features = self.features(train_images)
+        self.fits = {
+            "mahalanobis_clean": self.fit(features, train_digits),
+            "mahalanobis_penultimate": self.fit(self.penultimate(features, numbers), train_digits),
+        }
+
+    @staticmethod
+    def fit(features: torch.Tensor, digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(whitened means, whitening) of `feature_distance`, fitted in batches of 1000 as validation fits it."""
+        stats = FeatureStats(features.shape[1])
+        for chunk, chunk_digits in zip(features.split(1000), digits.split(1000)):
+            stats.update(chunk, chunk_digits)
+        means, whitening = stats.compute()
+        return means @ whitening, whitening
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.model.net.image_features(chunk) for chunk in images.split(1000)])
+
+    @torch.no_grad()
+    def penultimate(self, features: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        net = self.model.net
+        number_features = net.number(torch.nn.functional.one_hot(numbers, 10).float())
+        return net.head[:2](torch.cat([features, number_features], dim=1))  # the first FC layer and its ReLU
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, numbers: torch.Tensor) -> dict[str, np.ndarray]:
@@ -101,7 +119,10 @@ class Scores:
             "msp": -digit.softmax(1).max(1).values.numpy(),
             "energy": -torch.logsumexp(digit, dim=1).numpy(),
             "mahalanobis": self.model.not_digit_score(features).numpy(),
-            "mahalanobis_clean": feature_distance(features, self.whitened_means, self.whitening).numpy(),
+            "mahalanobis_clean": feature_distance(features, *self.fits["mahalanobis_clean"]).numpy(),
+            "mahalanobis_penultimate": feature_distance(
+                self.penultimate(features, numbers), *self.fits["mahalanobis_penultimate"]
+            ).numpy(),
         }
 
     def thresholds(self, validation_digits: dict[str, np.ndarray]) -> dict[str, float]:
