@@ -208,10 +208,11 @@ class MNISTAdder(L.LightningModule):
                 torch.distributed.broadcast(buffer, src=0)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor | None:
-        features = self.net.image_features(batch["image"])
         if dataloader_idx == 1:  # training digits, as they are: "not a digit" measures the distance to them
-            self.feature_fit.update(features, batch["digit"])
+            if self.trainer.state.fn == "fit":  # `validate` measures the checkpoint as saved: no fit, no forward
+                self.feature_fit.update(self.net.image_features(batch["image"]), batch["digit"])
             return None
+        features = self.net.image_features(batch["image"])
         logits = self.net.logits(features, batch["number"])  # raw: the losses and accuracies of the net itself
         metrics, digits, sums = self.val_metrics, batch["digit"], batch["sum"]
         update_stage(metrics, logits, digits, sums, self.losses(logits, digits, batch["number"]))
@@ -223,9 +224,10 @@ class MNISTAdder(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:  # a couple of batches: no temperature, no best
             if self.trainer.state.fn == "fit":  # `validate` measures a checkpoint as it was saved
-                # fitted on every process's data alike; rank 0's kept everywhere: float sums may differ in a last bit
+                # fitted on every process's data alike; rank 0's kept everywhere: float sums may differ in a last bit.
+                # Broadcast from the CPU: it pickles, and GPU tensors would arrive on rank 0's GPU everywhere.
                 if self.feature_fit.update_called:
-                    means, whitening = self.trainer.strategy.broadcast(self.feature_fit.compute())
+                    means, whitening = self.trainer.strategy.broadcast([t.cpu() for t in self.feature_fit.compute()])
                     self.feature_means.copy_(means @ whitening)
                     self.feature_whitening.copy_(whitening)
                 temperatures, not_digit_above = self.trainer.strategy.broadcast(

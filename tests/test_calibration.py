@@ -17,7 +17,7 @@ from mnist_adder.model.calibration import (
     fit_temperature,
 )
 from mnist_adder.model.feature_distance import RIDGE, FeatureStats, feature_distance
-from mnist_adder.model.net import split_logits
+from mnist_adder.model.net import DualInputNet, split_logits
 from test_bad_inputs import ends_in_clear_error
 from test_cli import ROOT, SMALL, val_curve
 
@@ -139,6 +139,23 @@ def test_the_feature_distance_is_the_smallest_mahalanobis_distance_to_a_training
     torch.testing.assert_close(feature_distance(queries, means @ whitening, whitening), expected.float())
 
 
+def test_the_feature_fit_and_distance_are_the_same_under_bf16_autocast():
+    """Validation and predict run under the Trainer's autocast (bf16-mixed in gpu.yaml); the sums of products
+    and the distance stay in float32, or their rounding would swamp the spread."""
+    generator = torch.Generator().manual_seed(0)
+    features, digits = torch.rand(256, 64, generator=generator) * 30, torch.randint(0, 10, (256,), generator=generator)
+    plain, mixed = FeatureStats(64), FeatureStats(64)
+    plain.update(features, digits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed.update(features, digits)
+    torch.testing.assert_close(mixed.products, plain.products)
+    means, whitening = plain.compute()
+    whitened_means = means @ whitening
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distances = feature_distance(features, whitened_means, whitening)
+    torch.testing.assert_close(distances, feature_distance(features, whitened_means, whitening))
+
+
 def test_on_a_trained_model_the_calibration_error_after_the_temperatures_is_below_the_one_before(in_tmp):
     """fast.yaml's recipe, four short epochs: digit accuracy near 100 %, sum near 80 % on the synthetic digits."""
     fast = ["--config", str(ROOT / "configs" / "fast.yaml"), "--trainer.max_epochs", "4"]
@@ -156,8 +173,9 @@ def test_on_a_trained_model_the_calibration_error_after_the_temperatures_is_belo
         assert results[f"test/{head}_ece"] < results[f"test/{head}_ece_uncalibrated"]
 
 
-def test_validate_reports_the_calibration_error_with_and_without_the_checkpoint_s_temperatures(fitted):
-    """`validate` measures the checkpoint as it was saved: it fits no temperature and no threshold of its own."""
+def test_validate_reports_the_calibration_error_with_and_without_the_checkpoint_s_temperatures(fitted, monkeypatch):
+    """`validate` measures the checkpoint as it was saved: it fits no temperature and no threshold of its own, and
+    runs no feature image through the net."""
     cli, run = fitted
     checkpoint = torch.load(sorted(run.glob("checkpoints/best-*.ckpt"))[-1], weights_only=True)
     saved = {
@@ -167,8 +185,13 @@ def test_validate_reports_the_calibration_error_with_and_without_the_checkpoint_
     }
     checkpoint["state_dict"].update(saved)  # far from what a fit on the validation logits would give
     torch.save(checkpoint, run / "other.ckpt")
+    seen, image_features = [], DualInputNet.image_features
+    monkeypatch.setattr(
+        DualInputNet, "image_features", lambda net, images: seen.append(len(images)) or image_features(net, images)
+    )
     cli = cli_main(["validate", "--ckpt_path", str(run / "other.ckpt"), *SMALL])
     assert all(torch.equal(getattr(cli.model, name), value) for name, value in saved.items())
+    assert sum(seen) == len(cli.datamodule.val_set)
     metrics = cli.trainer.callback_metrics
     batch = next(iter(cli.datamodule.val_dataloader()[0]))
     with torch.no_grad():

@@ -23,13 +23,14 @@ class FeatureStats(Metric):
         self.add_state("products", torch.zeros(size, size, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, features: torch.Tensor, digits: torch.Tensor) -> None:
-        features = features.detach().float()
-        is_digit = (digits >= 0).unsqueeze(1)  # masked, not indexed: no host sync per step
-        one_hot = F.one_hot(digits.clamp(min=0), 10).float() * is_digit
-        digit_features = features * is_digit
-        self.counts += one_hot.sum(0).double()
-        self.sums += (one_hot.T @ features).double()
-        self.products += (digit_features.T @ digit_features).double()  # one batch in float32, the total in float64
+        with full_precision(features):
+            features = features.detach().float()
+            is_digit = (digits >= 0).unsqueeze(1)  # masked, not indexed: no host sync per step
+            one_hot = F.one_hot(digits.clamp(min=0), 10).float() * is_digit
+            digit_features = features * is_digit
+            self.counts += one_hot.sum(0).double()
+            self.sums += (one_hot.T @ features).double()
+            self.products += (digit_features.T @ digit_features).double()  # a batch in float32, the total in float64
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(means, whitening): ||(x - mean) @ whitening||² is the squared Mahalanobis distance of features x."""
@@ -44,4 +45,10 @@ class FeatureStats(Metric):
 def feature_distance(features: torch.Tensor, whitened_means: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
     """Per picture, from its features [B, D]: the smallest squared Mahalanobis distance to a digit's mean, the
     means given whitened ([10, D], `means @ whitening`)."""
-    return (features @ whitening).unsqueeze(1).sub(whitened_means).square().sum(-1).min(1).values
+    with full_precision(features):
+        return (features.float() @ whitening).unsqueeze(1).sub(whitened_means).square().sum(-1).min(1).values
+
+
+def full_precision(features: torch.Tensor) -> torch.autocast:
+    """Autocast off: under bf16-mixed, the sums' and the distance's products in bf16 would drown the spread."""
+    return torch.autocast(features.device.type, enabled=False)
