@@ -22,6 +22,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
 from mnist_adder.data.mnist_files import MNISTUnavailable, write_atomic
+from mnist_adder.errors import UsageError
+from mnist_adder.model.optimization import build_optimizer
 from mnist_adder.run.checkpoints import (
     AtomicCheckpointIO,
     CheckpointNotWritten,
@@ -113,18 +115,18 @@ class AdderCLI(LightningCLI):
         if not isinstance(config.seed_everything, bool):  # the seed `--seed_everything true` drew by now
             config.data.seed = config.seed_everything
         if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-            raise ValueError(
+            raise UsageError(
                 "trainer.accelerator is 'gpu' (configs/gpu.yaml) but this machine has no usable GPU: "
                 "run `python cli.py fit` (any machine) or add --trainer.accelerator cpu"
             )
         if trainer.gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(
+            raise UsageError(
                 "trainer.gradient_clip_algorithm: this model clips the gradients' norm only (its "
                 "manual-optimization step); leave it unset and set --model.gradient_clip_val"
             )
         if trainer.gradient_clip_val:  # the manual-optimization step clips; Lightning's own clipping cannot
             if config.model.gradient_clip_val not in (0, trainer.gradient_clip_val):
-                raise ValueError(
+                raise UsageError(
                     f"trainer.gradient_clip_val {trainer.gradient_clip_val} and model.gradient_clip_val "
                     f"{config.model.gradient_clip_val} differ: set one of them"
                 )
@@ -132,14 +134,14 @@ class AdderCLI(LightningCLI):
             trainer.gradient_clip_val = None
             rank_zero_info(f"gradient clipping: model.gradient_clip_val = {config.model.gradient_clip_val}")
         if trainer.accumulate_grad_batches not in (None, 1):
-            raise ValueError(
+            raise UsageError(
                 "trainer.accumulate_grad_batches does not apply to this model's manual-optimization "
                 "step; for larger effective batches raise --data.batch_size"
             )
         ckpt_path = config.get("ckpt_path")
         if self.subcommand in ("validate", "test", "predict") and not ckpt_path and not trainer.fast_dev_run:
             newest = newest_checkpoint(Path(trainer.default_root_dir or "."))
-            raise ValueError(
+            raise UsageError(
                 f"{self.subcommand} needs trained weights: add --ckpt_path CHECKPOINT"
                 + (
                     f" (the newest here: --ckpt_path {newest})"
@@ -163,7 +165,10 @@ class AdderCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except ValueError as err:  # Lightning's word on a trainer setting, e.g. a strategy it does not know
+            raise UsageError(f"trainer: {err}") from None
 
     def _place_logs(self, config, ckpt_path) -> None:
         """Unless the user placed them, the logs go to DEFAULT_ROOT_DIR/lightning_logs/version_N as absolute paths;
@@ -189,8 +194,8 @@ class AdderCLI(LightningCLI):
 
     def before_fit(self) -> None:
         if self.trainer.max_epochs == 0:  # Lightning itself refuses other values below -1
-            raise ValueError("trainer.max_epochs must be >= 1 (or -1 for no limit)")
-        self.model.optimizer(self.model.parameters())  # a bad optimizer setting fails here, before any work
+            raise UsageError("trainer.max_epochs must be >= 1 (or -1 for no limit)")
+        build_optimizer(self.model.optimizer, self.model)  # a bad optimizer setting fails here, before any work
         if (self.datamodule.hparams.non_digits > 0) != (self.model.hparams.not_digit_weight > 0):
             rank_zero_warn(
                 "data.non_digits and model.not_digit_weight work together: with only one of them above 0, the "
@@ -295,7 +300,7 @@ def cli_main(args=None, run: bool = True) -> AdderCLI:
     except SIGTERMException:
         print("error: stopped by SIGTERM", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
-    except (ValueError, FloatingPointError, MNISTUnavailable, CheckpointNotWritten) as err:
+    except (UsageError, FloatingPointError, MNISTUnavailable, CheckpointNotWritten) as err:
         sys.exit(f"error: {err}")
     except MisconfigurationException as err:  # Lightning's word on a Trainer setting: its first line says it
         sys.exit(f"error: {str(err).strip().splitlines()[0]}")

@@ -26,6 +26,7 @@ from mnist_adder.data.pairs import (
     whole_batch,
 )
 from mnist_adder.data.photos import read_manifest
+from mnist_adder.errors import UsageError
 from mnist_adder.run.predictions import RESERVED
 
 TestPairs = Literal["all", "fixed", "both"]
@@ -77,17 +78,17 @@ class MNISTAdderData(L.LightningDataModule):
     ):
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         if not 1 <= val_size <= 59_999:
-            raise ValueError(f"val_size must be within 1..59999, got {val_size}")
+            raise UsageError(f"val_size must be within 1..59999, got {val_size}")
         if test_pairs not in ("all", "fixed", "both"):
-            raise ValueError(f"test_pairs must be 'all', 'fixed' or 'both', got {test_pairs!r}")
+            raise UsageError(f"test_pairs must be 'all', 'fixed' or 'both', got {test_pairs!r}")
         if min(rotate, translate, scale, non_digits, feature_images) < 0:
-            raise ValueError("rotate, translate, scale, non_digits and feature_images must be >= 0")
+            raise UsageError("rotate, translate, scale, non_digits and feature_images must be >= 0")
         if predict_manifest is not None and not Path(predict_manifest).is_file():
-            raise ValueError(f"predict_manifest {predict_manifest!r}: no such file")
+            raise UsageError(f"predict_manifest {predict_manifest!r}: no such file")
         if num_workers is not None and num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise UsageError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
         self.raw_dir = Path(data_dir) / "MNIST" / "raw"
         if not all((self.raw_dir / name).is_file() for name in OFFICIAL_MD5):
@@ -115,7 +116,7 @@ class MNISTAdderData(L.LightningDataModule):
         images = read_idx(self.raw_dir / "train-images-idx3-ubyte")
         digits = read_idx(self.raw_dir / "train-labels-idx1-ubyte").long()
         if hp.val_size >= len(digits):
-            raise ValueError(f"val_size {hp.val_size} leaves no training images out of {len(digits)}")
+            raise UsageError(f"val_size {hp.val_size} leaves no training images out of {len(digits)}")
         order = torch.randperm(len(digits), generator=seeded("split", hp.seed))
         train, val = order[hp.val_size :], order[: hp.val_size]
         test_images = read_idx(self.raw_dir / "t10k-images-idx3-ubyte")
@@ -193,7 +194,9 @@ class MNISTAdderData(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         """The train loader's state, kept here as well: Lightning sets the loader up before it restores a checkpoint
-        (the schedule needs the run's length), and then does not hand the loader its saved state."""
+        (the schedule needs the run's length), and then does not hand the loader its saved state. The loader keeps
+        its own state_dict / load_state_dict: they tell Lightning that it resumes mid-epoch, and serve a run whose
+        schedule does not need the run's length."""
         return {"train_loader": self._train_position()} if self._fitting() else {}
 
     def _train_position(self) -> dict:
@@ -230,4 +233,4 @@ class MNISTAdderData(L.LightningDataModule):
 def _check_writable(data_dir: Path) -> None:
     existing = next(p for p in (data_dir, *data_dir.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"data_dir {str(data_dir)!r} cannot be written (checked {str(existing)!r})")
+        raise UsageError(f"data_dir {str(data_dir)!r} cannot be written (checked {str(existing)!r})")

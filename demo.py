@@ -15,6 +15,7 @@ from PIL import Image  # noqa: E402
 
 from lightning_module import MNISTAdder  # noqa: E402
 from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist  # noqa: E402
+from mnist_adder.errors import UsageError  # noqa: E402
 from mnist_adder.model.calibration import UNSURE_BELOW  # noqa: E402
 from mnist_adder.model.net import split_logits  # noqa: E402
 from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
@@ -128,7 +129,7 @@ def main(argv=None) -> None:
     try:
         read_checkpoint(args.ckpt_path)
         model = MNISTAdder.load_from_checkpoint(args.ckpt_path, map_location="cpu").eval()
-    except ValueError as err:
+    except UsageError as err:
         sys.exit(f"error: {err}")
     build_page(model).launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
 

@@ -16,6 +16,7 @@ import torch
 
 from lightning_module import MNISTAdder
 from mnist_adder.data.mnist_files import write_atomic
+from mnist_adder.errors import UsageError
 from mnist_adder.run.checkpoints import read_checkpoint
 
 OPSET = 18
@@ -33,7 +34,7 @@ class Answer(torch.nn.Module):
 
 
 def export(ckpt_path: str, output: Path) -> Path:
-    """Write the checkpoint's model (net and temperatures) to `output` as ONNX (atomically); ValueError for a bad
+    """Write the checkpoint's model (net and temperatures) to `output` as ONNX (atomically); UsageError for a bad
     checkpoint."""
     read_checkpoint(ckpt_path)  # one clear line for a missing, truncated or foreign file
     model = MNISTAdder.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
@@ -62,7 +63,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         print(f"written: {export(args.ckpt_path, args.output)}")
-    except (ValueError, ImportError) as err:
+    except (UsageError, ImportError) as err:
         sys.exit(f"error: {err}")
 
 

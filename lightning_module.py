@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
+from mnist_adder.errors import UsageError
 from mnist_adder.model.calibration import UNSURE_BELOW, ValidationFit
 from mnist_adder.model.feature_distance import FeatureStats, feature_distance
 from mnist_adder.model.losses import DEFAULT_SUM_LOSS_WEIGHT, Losses, SumLoss, compute_losses, weighted_sum_loss
@@ -91,19 +92,19 @@ class MNISTAdder(L.LightningModule):
     ):
         super().__init__()
         if sum_loss not in ("cross_entropy", "mse"):
-            raise ValueError(f"sum_loss must be 'cross_entropy' or 'mse', got {sum_loss!r}")
+            raise UsageError(f"sum_loss must be 'cross_entropy' or 'mse', got {sum_loss!r}")
         self.sum_loss_weight = DEFAULT_SUM_LOSS_WEIGHT[sum_loss] if sum_loss_weight is None else sum_loss_weight
         if (
             min(*channels, number_features, hidden, convs_per_stage) < 1
             or min(gradient_clip_val, agreement, not_digit_weight) < 0
             or self.sum_loss_weight <= 0
         ):
-            raise ValueError(
+            raise UsageError(
                 "channels, number_features, convs_per_stage and hidden must be >= 1, "
                 "gradient_clip_val, agreement and not_digit_weight >= 0, sum_loss_weight > 0"
             )
         if not 0 <= label_smoothing < 1 or not 0 <= dropout < 1:
-            raise ValueError(f"label_smoothing and dropout must be within [0, 1), got {label_smoothing} and {dropout}")
+            raise UsageError(f"label_smoothing and dropout must be within [0, 1), got {label_smoothing} and {dropout}")
         self.save_hyperparameters()
         for name in ("optimizer", "scheduler"):  # from LightningCLI, their config; from Python, callables: not kept
             if callable(self.hparams[name]):
@@ -288,7 +289,7 @@ class MNISTAdder(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if not {"calibrated_step", "feature_whitening"} <= checkpoint["state_dict"].keys():
-            raise ValueError("this checkpoint was written by an older version of this model: train it anew")
+            raise UsageError("this checkpoint was written by an older version of this model: train it anew")
         calibrated = int(checkpoint["state_dict"]["calibrated_step"])
         if calibrated < 0:
             rank_zero_warn("this checkpoint was saved before any validation: its probabilities are not calibrated")

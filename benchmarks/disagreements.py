@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 from datamodule import AllPairs, MNISTAdderData  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
 from mnist_adder.data.mnist_files import MNISTUnavailable  # noqa: E402
+from mnist_adder.errors import UsageError  # noqa: E402
 from mnist_adder.model.net import split_logits  # noqa: E402
 from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
 
@@ -93,11 +94,11 @@ def load(checkpoint: str, data_dir: str, split: str) -> tuple[MNISTAdder, AllPai
     try:
         data_hparams = (read_checkpoint(checkpoint) or {}).get("datamodule_hyper_parameters")
         if not data_hparams:
-            raise ValueError(f"{checkpoint} does not say which split it was trained on (no datamodule hyperparameters)")
+            raise UsageError(f"{checkpoint} does not say which split it was trained on (no datamodule hyperparameters)")
         data = MNISTAdderData(data_dir=data_dir, seed=data_hparams["seed"], val_size=data_hparams["val_size"])
         data.prepare_data()
         data.setup("fit")
-    except (ValueError, MNISTUnavailable) as err:
+    except (UsageError, MNISTUnavailable) as err:
         sys.exit(f"error: {err}")
     source = data.val_set if split == "val" else data.test_set
     model = MNISTAdder.load_from_checkpoint(checkpoint, map_location="cpu").eval()

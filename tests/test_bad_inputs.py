@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cli import cli_main
+from lightning_module import MNISTAdder
 from test_cli import ROOT, SMALL
 
 BAD_FIT_OPTIONS = [
@@ -13,7 +14,8 @@ BAD_FIT_OPTIONS = [
     (["--model.sum_loss", "l1"], "sum_loss"),
     (["--model.hidden", "0"], "hidden must be >= 1"),
     (["--model.dropout", "1"], "dropout must be within [0, 1)"),
-    (["--model.optimizer.lr", "-0.1"], "Invalid learning rate"),
+    (["--model.optimizer.lr", "-0.1"], "model.optimizer: Invalid learning rate"),
+    (["--model.scheduler.init_args.pct_start", "2"], "model.scheduler: Expected float between 0 and 1 pct_start"),
     (["--data.batch_size", "0"], "batch_size must be >= 1"),
     (["--data.val_size", "0"], "val_size must be within"),
     (["--data.test_pairs", "some"], "test_pairs"),
@@ -80,3 +82,16 @@ def test_diverging_run_stops_with_a_clear_message(tmp_path, synthetic_data_dir, 
     for checkpoint in (tmp_path / "lightning_logs").rglob("*.ckpt"):  # whatever was kept is finite
         state = torch.load(checkpoint, weights_only=True)["state_dict"]
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, synthetic_data_dir, monkeypatch):
+    """Only a UsageError (a bad setting, file or picture) ends in one line: any other error is a bug, whose
+    traceback is what its fixer needs."""
+    monkeypatch.chdir(tmp_path)
+
+    def bug(self, batch, batch_idx):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(MNISTAdder, "training_step", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        cli_main(["fit", *SMALL])

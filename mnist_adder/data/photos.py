@@ -11,11 +11,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
+from mnist_adder.errors import UsageError
+
 NUMBERS = [str(n) for n in range(10)]
 MIN_CONTRAST = 0.1  # ink must differ from the background by this much (0..1 scale)
 
 
-class PhotoError(ValueError):
+class PhotoError(UsageError):
     """A picture or manifest row that cannot be predicted; the message says why."""
 
 

@@ -7,6 +7,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from mnist_adder.errors import UsageError
+
 
 def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum and weight decay (foreach: one operation per update for all parameters); a
@@ -34,7 +36,7 @@ def run_length(trainer: L.Trainer, interval: str) -> int:
     """The run's length in scheduler steps, which only the trainer knows."""
     total = trainer.max_epochs if interval == "epoch" else trainer.estimated_stepping_batches
     if total in (None, -1) or total == float("inf"):
-        raise ValueError(
+        raise UsageError(
             "the scheduler (OneCycleLR) needs the run's length: set trainer.max_epochs (not -1) "
             "or trainer.max_steps, or --model.scheduler null"
         )
@@ -42,35 +44,45 @@ def run_length(trainer: L.Trainer, interval: str) -> int:
 
 
 def check_schedule_length(scheduler, trainer: L.Trainer, interval: str) -> None:
-    """ValueError, in one line, if a schedule restored from a checkpoint spans another length than this run."""
+    """UsageError, in one line, if a schedule restored from a checkpoint spans another length than this run."""
     total = getattr(scheduler, "total_steps", None)
     if total is not None and total != run_length(trainer, interval):
-        raise ValueError(
+        raise UsageError(
             f"the checkpoint's learning-rate schedule spans {total} steps, this run {run_length(trainer, interval)}: "
             "resume with the run's own trainer.max_epochs, or train longer with a new run "
             "(python cli.py fit --trainer.max_epochs N)"
         )
 
 
+def build_optimizer(optimizer: OptimizerCallable, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer over the model's parameters; UsageError, in one line, for a setting torch refuses."""
+    try:
+        return optimizer(model.parameters())
+    except ValueError as err:  # e.g. a negative learning rate
+        raise UsageError(f"model.optimizer: {err}") from None
+
+
 def optimizer_and_schedule(
     model: L.LightningModule, optimizer: OptimizerCallable, scheduler: LRSchedulerCallable | None, interval: str
 ):
     """What `configure_optimizers` returns: the optimizer over the model's parameters and its scheduler, stepped
-    every `interval`; an unset `total_steps` is the run's length. ValueError, in one line, for a schedule that
+    every `interval`; an unset `total_steps` is the run's length. UsageError, in one line, for a schedule that
     cannot work here."""
-    built = optimizer(model.parameters())
+    built = build_optimizer(optimizer, model)
     if scheduler is None:
         return built
     kwargs = {"total_steps": run_length(model.trainer, interval)} if takes_unset_total_steps(scheduler) else {}
     try:
         schedule = scheduler(built, **kwargs)
+    except ValueError as err:  # torch's word on a setting it refuses, e.g. a pct_start of 2
+        raise UsageError(f"model.scheduler: {err}") from None
     except ZeroDivisionError:  # OneCycleLR's warm-up phase rounds to no step at all
-        raise ValueError(
+        raise UsageError(
             f"the scheduler cannot span a run this short ({kwargs.get('total_steps')} steps): "
             "train longer, or --model.scheduler null"
         ) from None
     if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        raise ValueError(
+        raise UsageError(
             "a scheduler that steps on a monitored value (ReduceLROnPlateau) does not fit this "
             "model's manual-optimization step: use one that steps by time (OneCycleLR, StepLR, ...)"
         )

@@ -14,44 +14,45 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mnist_adder.data.mnist_files import write_atomic
+from mnist_adder.errors import UsageError
 
 LIGHTNING_NAMES = ("last", "best", "hpc", "registry")  # resolved by the Trainer itself
 
 
 def read_checkpoint(path: str) -> dict | None:
-    """The checkpoint at `path` (None for a name the Trainer resolves); ValueError, in one line, if unreadable."""
+    """The checkpoint at `path` (None for a name the Trainer resolves); UsageError, in one line, if unreadable."""
     if path in LIGHTNING_NAMES or path.startswith("registry:"):
         return None
     if not Path(path).is_file():
-        raise ValueError(f"ckpt_path {path!r}: no such file")
+        raise UsageError(f"ckpt_path {path!r}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "global" not in str(err).lower():  # not a pickle of objects torch refuses: a damaged or foreign file
-            raise ValueError(
+            raise UsageError(
                 f"ckpt_path {path!r} is not a readable checkpoint (truncated or another kind of file)"
             ) from None
-        raise ValueError(
+        raise UsageError(
             f"ckpt_path {path!r} holds objects that a checkpoint of this project never holds, and loading them "
             "could run code: it was not loaded"
         ) from None
     except Exception as err:  # a damaged or foreign file fails in many ways; each means "unreadable"
         first_line = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-        raise ValueError(
+        raise UsageError(
             f"ckpt_path {path!r} is not a readable checkpoint (truncated or another kind of file): {first_line}"
         ) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"ckpt_path {path!r} holds no Lightning state_dict")
+        raise UsageError(f"ckpt_path {path!r} holds no Lightning state_dict")
     return checkpoint
 
 
 def check_weights(checkpoint: dict, path: str, model: L.LightningModule) -> None:
-    """ValueError, in one line, unless `checkpoint` (read from `path`) holds weights of `model`'s shape."""
+    """UsageError, in one line, unless `checkpoint` (read from `path`) holds weights of `model`'s shape."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
     if found != expected:
         differing = sorted(set(found) ^ set(expected)) or [n for n in expected if found[n] != expected[n]]
-        raise ValueError(
+        raise UsageError(
             f"ckpt_path {path!r} is a checkpoint of another model or other model settings (it was saved with "
             f"{checkpoint.get('hyper_parameters', {})}); differing: {', '.join(differing[:3])}"
         )
@@ -102,13 +103,13 @@ def named_settings(args: list[str], config_files) -> set[str]:
 
 def apply_checkpoint(config, defaults, named: set[str], checkpoint: dict, path: str, evaluating: bool) -> None:
     """LightningCLI's rule, for the data and the seed as for the model: the checkpoint decides. A setting this run
-    gives (`named`, or one that differs from its default) and the checkpoint contradicts ends in ValueError, in one
+    gives (`named`, or one that differs from its default) and the checkpoint contradicts ends in UsageError, in one
     line; the data settings and seed it does not give become the checkpoint's, in `config`. LightningCLI itself then
     puts the checkpoint's model settings in."""
     saved, asked, default = checkpoint_settings(checkpoint), flat(config), flat(defaults)
     unknown = sorted(k for k in saved if k.startswith("model.") and k.split(".")[1] not in config.model)
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"ckpt_path {path!r} was written by another version of this model (settings it no longer has: "
             f"{', '.join(unknown)}): train it anew with `python cli.py fit`"
         )
@@ -118,7 +119,7 @@ def apply_checkpoint(config, defaults, named: set[str], checkpoint: dict, path: 
             continue
         given = asked[key] != default.get(key) or any(key == n or key.startswith(f"{n}.") for n in named)
         if given and asked[key] != value:
-            raise ValueError(
+            raise UsageError(
                 f"ckpt_path {path!r} was trained with {key} {value}, this run sets {asked[key]}: leave the option "
                 "out (the checkpoint decides), or start a new run without --ckpt_path"
             )
