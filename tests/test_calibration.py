@@ -114,6 +114,7 @@ def test_the_threshold_leaves_not_digit_share_of_the_digits_above_it():
         fit.update(logits[rows], features[rows], digits[rows], torch.randint(0, 19, (2000,), generator=generator))
     above = fit.compute(lambda f: f.norm(dim=1))[1]  # the score of each picture's features
     assert (features.norm(dim=1) > above).float().mean().item() == pytest.approx(NOT_DIGIT_SHARE, abs=1 / 4000)
+    assert fit.compute(lambda f: -f.norm(dim=1))[1] < 0  # another score, another threshold: nothing cached
 
 
 def test_the_feature_distance_is_the_smallest_mahalanobis_distance_to_a_training_digit_s_mean():

@@ -56,7 +56,7 @@ class ValidationFit(Metric):
     full_state_update = False
 
     def __init__(self):
-        super().__init__()
+        super().__init__(compute_with_cache=False)  # `compute` takes the score: a cached result could be another's
         for name in ("logits", "features", "digits", "sums"):
             self.add_state(name, [], dist_reduce_fx="cat")
 
