@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mnist_adder.data.non_digits import FONTS, GLYPHS, STROKES, fonts_drawing
+from mnist_adder.data.non_digits import FONTS, GLYPHS, STROKES, fonts_drawing, random_shape
 from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist
 from non_digit_photos import KINDS, non_digit_photos
 from not_a_digit import auroc
@@ -20,6 +20,15 @@ def test_the_three_splits_share_no_glyph_printed_or_drawn():
     glyphs = {split: set(GLYPHS[split]) | set(STROKES[split]) for split in ("train", "val", "test")}
     assert not glyphs["train"] & glyphs["val"] and not glyphs["train"] & glyphs["test"]
     assert not glyphs["val"] & glyphs["test"]
+
+
+def test_a_random_shape_is_never_nearly_a_line():
+    """A line is a 1 to people: training to refuse it would teach the model to refuse the digit."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        rows, cols = np.nonzero(random_shape("train", rng, np.zeros(0)) > 0.5)
+        spread = np.linalg.svd(np.stack([rows, cols], 1) - [rows.mean(), cols.mean()], compute_uv=False)
+        assert spread[1] > 0.25 * spread[0]
 
 
 @pytest.mark.skipif(not FONTS["train"], reason="no DejaVu fonts on this machine")

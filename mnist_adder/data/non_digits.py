@@ -1,5 +1,5 @@
 """Pictures that are not one digit, drawn from a seed as white ink on black: printed, bent and hand-drawn glyphs,
-several digits side by side, scribbles, strokes and noise.
+random hand-drawn shapes (training only), several digits side by side, scribbles, strokes and noise.
 
 Three splits share no glyph: "train" (Greek, Cyrillic, Armenian and Hebrew letters, arrows and other signs) makes
 the non-digit pictures the model is trained to refuse (`non_digit_images`); "val" and "test" (Latin letters and
@@ -162,10 +162,9 @@ def bent_glyph(split: str, rng: np.random.Generator, digit_images: np.ndarray) -
     return ink[0, 0].numpy()
 
 
-def hand_drawn(split: str, rng: np.random.Generator, _digit_images: np.ndarray) -> np.ndarray:
+def _by_hand(strokes: list, rng: np.random.Generator) -> np.ndarray:
+    """`strokes` (polylines in the unit square, y down) drawn with a wobbly hand, at a random size, place and slant."""
     canvas, draw = _canvas()
-    glyphs = STROKES[split]
-    strokes = glyphs[list(glyphs)[rng.integers(len(glyphs))]]
     width, height = SIZE * rng.uniform(0.5, 0.85, 2)
     left, top = rng.uniform(0, SIZE - width), rng.uniform(0, SIZE - height)
     shear, width_px = rng.uniform(-0.25, 0.25), int(rng.integers(4, 10))
@@ -177,6 +176,32 @@ def hand_drawn(split: str, rng: np.random.Generator, _digit_images: np.ndarray) 
         x = left + (dense[:, 0] + shear * (1 - dense[:, 1])) * width / (1 + abs(shear))
         _polyline(draw, np.stack([x, top + dense[:, 1] * height], 1), width_px)
     return _ink(canvas, rng)
+
+
+def hand_drawn(split: str, rng: np.random.Generator, _digit_images: np.ndarray) -> np.ndarray:
+    glyphs = STROKES[split]
+    return _by_hand(glyphs[list(glyphs)[rng.integers(len(glyphs))]], rng)
+
+
+def _rounded(points: np.ndarray) -> np.ndarray:
+    """Chaikin's corner cutting, twice: a smooth curve from the first point to the last, near the others."""
+    for _ in range(2):
+        cuts = np.stack([0.75 * points[:-1] + 0.25 * points[1:], 0.25 * points[:-1] + 0.75 * points[1:]], 1)
+        points = np.vstack([points[:1], cuts.reshape(-1, 2), points[-1:]])
+    return points
+
+
+def random_shape(_split: str, rng: np.random.Generator, _digit_images: np.ndarray) -> np.ndarray:
+    """One or two pen strokes through 3-4 random points each, half of them rounded into curves: hand-drawn shapes
+    of no alphabet (never nearly a line, which people read as a 1)."""
+    while True:
+        strokes = [rng.uniform(0, 1, (int(rng.integers(3, 5)), 2)) for _ in range(int(rng.integers(1, 3)))]
+        strokes = [_rounded(points) if rng.random() < 0.5 else points for points in strokes]
+        spread = np.linalg.svd(np.vstack(strokes) - np.vstack(strokes).mean(0), compute_uv=False)
+        if spread[1] > 0.4 * spread[0]:  # not nearly a line
+            break
+    low, high = np.vstack(strokes).min(0), np.vstack(strokes).max(0)
+    return _by_hand([(points - low) / np.maximum(high - low, 1e-6) for points in strokes], rng)
 
 
 def several_digits(_split: str, rng: np.random.Generator, digit_images: np.ndarray) -> np.ndarray:
@@ -231,6 +256,7 @@ MAKERS: dict[str, Callable[[str, np.random.Generator, np.ndarray], np.ndarray]] 
     "printed": printed,
     "hand-drawn": hand_drawn,
     "bent glyph": bent_glyph,
+    "random shape": random_shape,
     "several digits": several_digits,
     "scribble": scribble,
     "strokes and noise": strokes_and_noise,
