@@ -200,12 +200,13 @@ class MNISTAdderData(L.LightningDataModule):
         return {"train_loader": self._train_position()} if self._fitting() else {}
 
     def _train_position(self) -> dict:
-        """The train loader's epoch and the batches trained in it: one a step, so a batch that Ctrl-C stopped
-        mid-step goes again."""
+        """The train loader's epoch, the batches trained in it (one a step, so a batch that Ctrl-C stopped mid-step
+        goes again) and the epoch's length, which a resumed run must share."""
         trainer = self.trainer
         return {
             "epoch": self.train_set.epoch,
             "batches_trained": trainer.global_step - trainer.current_epoch * trainer.num_training_batches,
+            "batches_per_epoch": trainer.num_training_batches,
         }
 
     def load_state_dict(self, state: dict) -> None:

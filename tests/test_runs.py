@@ -352,6 +352,18 @@ def test_a_resumed_run_logs_what_the_uninterrupted_run_logged(
         assert resumed[tag] == pytest.approx(whole[tag], abs=1e-6), tag
 
 
+def test_a_resume_whose_epochs_are_longer_or_shorter_is_refused(tmp_path, synthetic_data_dir, monkeypatch, capsys):
+    """The position in the epoch counts the checkpoint's batches: with other epochs of as many steps in all (so
+    the schedule's check passes) it would skip the wrong ones, so the run is refused in one line."""
+    monkeypatch.chdir(tmp_path)
+    run = ["fit", "--trainer.max_epochs", "3", "--data.data_dir", str(synthetic_data_dir), *QUIET]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli_main([*run, "--last_checkpoint.every_n_train_steps", "7", "--trainer.callbacks+=test_runs.CrashMidEpoch"])
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    resume = [*run, "--trainer.max_epochs", "11", "--trainer.limit_train_batches", "3", "--ckpt_path", str(last)]
+    assert "the checkpoint's epochs held 11 batches and this run's hold 3" in ends_in_clear_error(resume, capsys)
+
+
 class CrashAtSecondEpoch(Callback):
     """Dies like a killed process would, once epoch 0's checkpoints are written (no last.ckpt of its own)."""
 

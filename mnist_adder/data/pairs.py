@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mnist_adder.data.photos import read_picture
+from mnist_adder.errors import UsageError
 
 
 def seeded(*keys) -> torch.Generator:
@@ -61,7 +62,7 @@ class TrainPairs(Pairs):
         super().__init__(images, digits, draw_numbers(len(digits), "train", seed, 0))
         self.augment_generator = seeded("augment", seed, 0, 0)
         self.epoch = 0
-        self.resume = None  # where a resumed run goes on: {"epoch", "batches_trained"} (MNISTAdderData.state_dict)
+        self.resume = None  # where a resumed run goes on (MNISTAdderData._train_position)
 
     def set_epoch(self, epoch: int, rank: int = 0) -> None:
         self.numbers = draw_numbers(len(self.digits), "train", self.seed, epoch).to(self.images.device)
@@ -110,6 +111,12 @@ class ResumableLoader(DataLoader):
         self.dataset.resume = None
 
         def resumed():  # runs at the first batch, once Lightning has set the epoch (a resume iterates before that)
+            epoch_length = self.position()["batches_per_epoch"]
+            if resume and resume.get("batches_per_epoch", epoch_length) != epoch_length:
+                raise UsageError(  # the position in an epoch, and the schedule's, count in the checkpoint's batches
+                    f"the checkpoint's epochs held {resume['batches_per_epoch']} batches and this run's hold "
+                    f"{epoch_length}: resume with the devices, batch size and limit_train_batches it was trained with"
+                )
             skip = resume["batches_trained"] if resume and resume["epoch"] == self.dataset.epoch else 0
             for _ in range(skip):
                 augment_draws(self.batch_size, self.dataset.augment_generator)
