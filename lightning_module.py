@@ -143,12 +143,14 @@ class MNISTAdder(L.LightningModule):
     def not_digit_score(self, image_features: torch.Tensor) -> torch.Tensor:
         return feature_distance(image_features, self.feature_means, self.feature_whitening)
 
-    def losses(self, logits: torch.Tensor, digits: torch.Tensor, numbers: torch.Tensor) -> Losses:
+    def losses(self, logits: torch.Tensor, batch: dict) -> Losses:
+        """The losses of a batch's logits against its "digit" and "sum" (-1: no digit), given its "number"."""
         hp = self.hparams
         return compute_losses(
             logits,
-            digits,
-            numbers,
+            batch["digit"],
+            batch["sum"],
+            batch["number"],
             hp.sum_loss,
             self.sum_loss_weight,
             hp.label_smoothing,
@@ -159,7 +161,7 @@ class MNISTAdder(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
         logits = self.net(batch["image"], batch["number"])
-        losses = self.losses(logits, batch["digit"], batch["number"])
+        losses = self.losses(logits, batch)
         optimizer.zero_grad()
         # Under DDP the first backward pass only accumulates: the gradients are all-reduced once, in the second.
         with optimizer.toggle_model(sync_grad=False):
@@ -216,7 +218,7 @@ class MNISTAdder(L.LightningModule):
         features = self.net.image_features(batch["image"])
         logits = self.net.logits(features, batch["number"])  # raw: the losses and accuracies of the net itself
         metrics, digits, sums = self.val_metrics, batch["digit"], batch["sum"]
-        update_stage(metrics, logits, digits, sums, self.losses(logits, digits, batch["number"]))
+        update_stage(metrics, logits, digits, sums, self.losses(logits, batch))
         metrics["sum_consistency"].update(sum_consistency(logits, batch["number"]).float())
         update_calibration(metrics, "_uncalibrated", logits, digits, sums)
         self.val_fit.update(logits, features, digits, sums)
@@ -251,7 +253,7 @@ class MNISTAdder(L.LightningModule):
         metrics, digits, sums = self.test_metrics, batch["digit"], batch["sum"]
         if batch["number"].ndim == 1:
             logits = self.net(batch["image"], batch["number"])
-            update_stage(metrics, logits, digits, sums, self.losses(logits, digits, batch["number"]))
+            update_stage(metrics, logits, digits, sums, self.losses(logits, batch))
             update_calibration(metrics, "", self.calibrated(logits), digits, sums)
             update_calibration(metrics, "_uncalibrated", logits, digits, sums)
             return

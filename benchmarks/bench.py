@@ -93,7 +93,7 @@ def plain_steps(model, data, epoch: int, total: int, device: torch.device, preci
         with torch.autocast(
             device.type, dtype=torch.bfloat16, enabled=str(precision) == "bf16-mixed", cache_enabled=False
         ):
-            losses = model.losses(net(images, batch["number"]), batch["digit"], batch["number"])
+            losses = model.losses(net(images, batch["number"]), batch)
         optimizer.zero_grad(set_to_none=True)
         losses.digit_loss.backward(retain_graph=True)
         weighted_sum_loss(losses.sum_loss, losses.agreement, model.sum_loss_weight).backward()

@@ -55,6 +55,7 @@ class StaticStep:
         self.images = torch.zeros(n, 1, 28, 28, device=device)
         self.numbers = torch.zeros(n, dtype=torch.long, device=device)
         self.digits = torch.zeros(n, dtype=torch.long, device=device)
+        self.sums = torch.zeros(n, dtype=torch.long, device=device)
         self.draws = tuple(torch.zeros(shape, device=device) for shape in ((n,), (n,), (n, 2))) if self.augment else ()
         self.hyper = [(torch.zeros((), device=device), torch.zeros((), device=device)) for _ in optimizer.param_groups]
         for group in optimizer.param_groups:
@@ -64,8 +65,9 @@ class StaticStep:
     def load(self, batch: dict, draws: tuple[torch.Tensor, ...] = ()) -> None:
         """Copy a batch and its `augment_draws` (with augmentation only) into the buffers, and each param group's
         lr and momentum into theirs."""
-        sources = (batch["image"], batch["number"], batch["digit"], *draws)
-        for buffer, source in zip((self.images, self.numbers, self.digits, *self.draws), sources, strict=True):
+        sources = (batch["image"], batch["number"], batch["digit"], batch["sum"], *draws)
+        buffers = (self.images, self.numbers, self.digits, self.sums, *self.draws)
+        for buffer, source in zip(buffers, sources, strict=True):
             buffer.copy_(source, non_blocking=True)
         for (lr, momentum), group in zip(self.hyper, self.optimizer.param_groups):
             lr.fill_(group["lr"])
@@ -76,7 +78,7 @@ class StaticStep:
         model = self.model
         images = self.images if self.augment is None else affine_augment(self.images, self.draws, *self.augment)
         logits = model.net(images, self.numbers)
-        losses = model.losses(logits, self.digits, self.numbers)
+        losses = model.losses(logits, {"digit": self.digits, "sum": self.sums, "number": self.numbers})
         self.optimizer.zero_grad(set_to_none=True)
         losses.digit_loss.backward(retain_graph=True)
         weighted_sum_loss(losses.sum_loss, losses.agreement, model.sum_loss_weight).backward()

@@ -47,9 +47,9 @@ WAYS = {"two backward passes": two_passes, "one backward pass": one_pass}
 
 def random_batches(count: int, size: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> list[dict]:
     """Batches of images whose pixels are 1 with MNIST's mean as probability, else 0 (about MNIST's mean and
-    spread), with random digits and numbers."""
+    spread), with random digits and numbers, and their sums."""
     generator = torch.Generator().manual_seed(seed)
-    return [
+    batches = [
         {
             "image": torch.bernoulli(torch.full((size, 1, 28, 28), MNIST_MEAN, dtype=dtype), generator=generator),
             "number": torch.randint(0, 10, (size,), generator=generator),
@@ -57,6 +57,7 @@ def random_batches(count: int, size: int, seed: int = 0, dtype: torch.dtype = to
         }
         for _ in range(count)
     ]
+    return [{**batch, "sum": batch["digit"] + batch["number"]} for batch in batches]
 
 
 def step(model: MNISTAdder, batch: dict, passes: Passes) -> None:
@@ -64,7 +65,7 @@ def step(model: MNISTAdder, batch: dict, passes: Passes) -> None:
     each but the last keeping the graph."""
     model.zero_grad(set_to_none=True)
     logits = model.net(batch["image"], batch["number"])
-    *first, last = passes(model, model.losses(logits, batch["digit"], batch["number"]))
+    *first, last = passes(model, model.losses(logits, batch))
     for loss in first:
         loss.backward(retain_graph=True)
     last.backward()

@@ -222,14 +222,15 @@ def test_mse_sum_loss_is_the_brier_score():
     model = MNISTAdder(sum_loss="mse")
     digits, numbers = torch.tensor([0, 9, 9]), torch.tensor([0, 0, 9])
     sums = digits + numbers
+    batch = {"digit": digits, "number": numbers, "sum": sums}
     confident = torch.full((3, 29), -1e4)
     confident[torch.arange(3), 10 + sums] = 1e4
-    assert model.losses(confident, digits, numbers).sum_loss.item() < 1e-6  # right and sure: 0
+    assert model.losses(confident, batch).sum_loss.item() < 1e-6  # right and sure: 0
     wrong = torch.full((3, 29), -1e4)
     wrong[torch.arange(3), 10 + (sums + 1) % 19] = 1e4
-    assert abs(model.losses(wrong, digits, numbers).sum_loss.item() - 2.0) < 1e-6  # sure and wrong: 1 + 1
+    assert abs(model.losses(wrong, batch).sum_loss.item() - 2.0) < 1e-6  # sure and wrong: 1 + 1
     uniform = torch.zeros(3, 29)
-    assert abs(model.losses(uniform, digits, numbers).sum_loss.item() - 18 / 19) < 1e-6  # (18/19)^2 + 18/19^2
+    assert abs(model.losses(uniform, batch).sum_loss.item() - 18 / 19) < 1e-6  # (18/19)^2 + 18/19^2
 
 
 @pytest.mark.parametrize("sum_loss", ["cross_entropy", "mse"])
@@ -239,14 +240,16 @@ def test_a_picture_that_is_no_digit_counts_only_against_equal_digit_probabilitie
     torch.manual_seed(0)
     logits, numbers = torch.randn(6, 29), torch.tensor([1, 2, 3, 4, 5, 6])
     digits = torch.tensor([3, 1, 4, 1, -1, -1])
+    batch = {"digit": digits, "number": numbers, "sum": torch.tensor([4, 3, 7, 5, -1, -1])}
+    first, last = ({key: value[rows] for key, value in batch.items()} for rows in (slice(4), slice(4, None)))
     model = MNISTAdder(sum_loss=sum_loss, not_digit_weight=0.5, label_smoothing=0.0, agreement=0.0)
-    mixed, alone = model.losses(logits, digits, numbers), model.losses(logits[:4], digits[:4], numbers[:4])
+    mixed, alone = model.losses(logits, batch), model.losses(logits[:4], first)
     uniform = -F.log_softmax(logits[4:, :10], 1).mean(1).mean()
     torch.testing.assert_close(mixed.digit_loss, alone.digit_loss + 0.5 * uniform)
     torch.testing.assert_close(mixed.sum_loss, alone.sum_loss)
     off = MNISTAdder(sum_loss=sum_loss, not_digit_weight=0.0, label_smoothing=0.0, agreement=0.0)
-    torch.testing.assert_close(off.losses(logits, digits, numbers).digit_loss, alone.digit_loss)
-    only = model.losses(logits[4:], digits[4:], numbers[4:])  # a batch with no digit at all: finite, no NaN
+    torch.testing.assert_close(off.losses(logits, batch).digit_loss, alone.digit_loss)
+    only = model.losses(logits[4:], last)  # a batch with no digit at all: finite, no NaN
     torch.testing.assert_close(only.digit_loss, 0.5 * uniform)
     assert only.sum_loss == 0
 

@@ -128,7 +128,7 @@ def one_process_over_the_same_global_batches(data_dir, epochs, steps_per_epoch):
             optimizer.zero_grad()
             for indices in batches:
                 batch = data.train_set.__getitems__(indices)
-                losses = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["number"])
+                losses = model.losses(model(batch["image"], batch["number"]), batch)
                 (losses.digit_loss / 2).backward(retain_graph=True)
                 (model.sum_loss_weight * (losses.sum_loss + losses.agreement) / 2).backward()
             optimizer.step()

@@ -98,7 +98,7 @@ def test_the_two_backwards_are_the_digit_loss_then_the_weighted_rest(tmp_path, s
     model = Recording(sum_loss=sum_loss, sum_loss_weight=weight, agreement=agreement, channels=(8, 16, 16))
     batch = fixed_batches(count=1)[0]
     with torch.no_grad():
-        losses = model.losses(model(batch["image"], batch["number"]), batch["digit"], batch["number"])
+        losses = model.losses(model(batch["image"], batch["number"]), batch)
     trainer = quiet_trainer(tmp_path, max_steps=1, log_every_n_steps=1)
     trainer.fit(model, DataLoader([batch], batch_size=None))
     first, second = model.backward_losses
@@ -129,7 +129,7 @@ def test_brier_sum_loss_rewards_probability_on_the_true_sum_and_nothing_else():
     wrong sums rather than piled on one (unlike cross-entropy); a step down its gradient raises the true sum's
     probability. (test_correctness checks its values at 0, 2 and 18/19.)"""
     brier = MNISTAdder(sum_loss="mse").losses
-    digits, numbers = torch.tensor([4]), torch.tensor([3])  # the true sum is 7
+    batch = {"digit": torch.tensor([4]), "number": torch.tensor([3]), "sum": torch.tensor([7])}
 
     def logits(true, piled=False, digit_logits=None):
         """The sum head puts `true` on 7 and the rest evenly on the other sums, or (`piled`) almost all on 0."""
@@ -139,7 +139,7 @@ def test_brier_sum_loss_rewards_probability_on_the_true_sum_and_nothing_else():
         return torch.cat([torch.zeros(10) if digit_logits is None else digit_logits, probs.log()])[None]
 
     def loss(logits):
-        return brier(logits, digits, numbers).sum_loss.item()
+        return brier(logits, batch).sum_loss.item()
 
     falling = [loss(logits(p)) for p in (0.1, 0.4, 0.7, 0.95)]
     assert falling == sorted(falling, reverse=True) and len(set(falling)) == 4
@@ -148,7 +148,7 @@ def test_brier_sum_loss_rewards_probability_on_the_true_sum_and_nothing_else():
     shift = torch.cat([torch.zeros(10), torch.full((19,), 5.0)])
     assert loss(logits(0.4) + shift) == pytest.approx(loss(logits(0.4)))
     start = logits(0.4).requires_grad_()
-    brier(start, digits, numbers).sum_loss.backward()
+    brier(start, batch).sum_loss.backward()
     stepped = start.detach() - 0.5 * start.grad
     assert split_logits(stepped).sum.softmax(1)[0, 7] > 0.4 and loss(stepped) < loss(start.detach())
 
@@ -162,12 +162,13 @@ def test_agreement_pulls_the_reachable_sum_logits_and_the_digit_logits_together(
     logits[0, 3], logits[0, 8] = 2.0, -1.0
     for row in range(4):
         logits[row, 10 + numbers[row] : 20 + numbers[row]] = logits[row, :10] + row - 2
-    assert model.losses(logits, digits, numbers).agreement.abs() < 1e-6
+    batch = {"digit": digits, "number": numbers, "sum": digits + numbers}
+    assert model.losses(logits, batch).agreement.abs() < 1e-6
     swapped = logits.clone()
     # the sum head ranks 3+5 and 8+5 the other way round
     swapped[0, [10 + 5 + 3, 10 + 5 + 8]] = swapped[0, [10 + 5 + 8, 10 + 5 + 3]]
     swapped.requires_grad_()
-    losses, plain_losses = model.losses(swapped, digits, numbers), plain.losses(swapped, digits, numbers)
+    losses, plain_losses = model.losses(swapped, batch), plain.losses(swapped, batch)
     assert plain_losses.agreement == 0 and torch.equal(losses.sum_loss, plain_losses.sum_loss)  # kept apart
     extra = losses.agreement
     assert extra > 1e-3

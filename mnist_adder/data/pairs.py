@@ -111,13 +111,15 @@ class ResumableLoader(DataLoader):
         self.dataset.resume = None
 
         def resumed():  # runs at the first batch, once Lightning has set the epoch (a resume iterates before that)
-            epoch_length = self.position()["batches_per_epoch"]
-            if resume and resume.get("batches_per_epoch", epoch_length) != epoch_length:
-                raise UsageError(  # the position in an epoch, and the schedule's, count in the checkpoint's batches
-                    f"the checkpoint's epochs held {resume['batches_per_epoch']} batches and this run's hold "
-                    f"{epoch_length}: resume with the devices, batch size and limit_train_batches it was trained with"
-                )
-            skip = resume["batches_trained"] if resume and resume["epoch"] == self.dataset.epoch else 0
+            skip = 0
+            if resume:
+                epoch_length = self.position()["batches_per_epoch"]
+                if resume.get("batches_per_epoch", epoch_length) != epoch_length:  # positions count in its batches
+                    raise UsageError(
+                        f"the checkpoint's epochs held {resume['batches_per_epoch']} batches and this run's hold "
+                        f"{epoch_length}: resume with the devices, batch size and limit_train_batches it had"
+                    )
+                skip = resume["batches_trained"] if resume["epoch"] == self.dataset.epoch else 0
             for _ in range(skip):
                 augment_draws(self.batch_size, self.dataset.augment_generator)
             yield from itertools.islice(batches, skip, None)

@@ -25,6 +25,7 @@ class Losses(NamedTuple):
 def compute_losses(
     logits: torch.Tensor,
     digits: torch.Tensor,
+    sums: torch.Tensor,
     numbers: torch.Tensor,
     sum_loss: SumLoss,
     sum_loss_weight: float,
@@ -32,12 +33,11 @@ def compute_losses(
     agreement: float,
     not_digit_weight: float,
 ) -> Losses:
-    """Pictures that are no digit (digit -1) have no digit and no sum to learn: they add to the digit loss
+    """Pictures that are no digit (digit and sum -1) have no digit and no sum to learn: they add to the digit loss
     `not_digit_weight` times the cross-entropy of their digit softmax against equal odds, 1/10 each (outlier
     exposure, Hendrycks et al., 2019): it teaches the conv features to set them apart from the digits, whose
     distance `MNISTAdder.answer` thresholds. The agreement term, which asks nothing of the answer, keeps them."""
     is_digit = digits >= 0
-    sums = torch.where(is_digit, digits + numbers, -1)
     digit_logits, sum_logits = split_logits(logits)
     count = is_digit.sum().clamp(min=1)  # a mean over the digits, 0 in a batch of only non-digits
     smoothed = {"label_smoothing": label_smoothing, "ignore_index": -1, "reduction": "sum"}
