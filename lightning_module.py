@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MaxMetric
 
 from mnist_adder.errors import UsageError
 from mnist_adder.model.calibration import UNSURE_BELOW, ValidationFit
@@ -16,6 +16,7 @@ from mnist_adder.model.losses import DEFAULT_SUM_LOSS_WEIGHT, Losses, SumLoss, c
 from mnist_adder.model.metrics import (
     accuracy,
     calibration_metrics,
+    mean,
     own_metric_states,
     stage_metrics,
     update_calibration,
@@ -120,8 +121,8 @@ class MNISTAdder(L.LightningModule):
         self.register_buffer("feature_whitening", torch.zeros(self.net.feature_size, self.net.feature_size))
         self.feature_fit = FeatureStats(self.net.feature_size)
         self.train_metrics, self.val_metrics, self.test_metrics = (stage_metrics(agreement > 0) for _ in range(3))
-        self.val_metrics.update({"sum_consistency": MeanMetric(), **calibration_metrics()})
-        all_pairs = {"digit_acc": accuracy(10), "sum_acc": accuracy(19), "sum_consistency": MeanMetric()}
+        self.val_metrics.update({"sum_consistency": mean(), **calibration_metrics()})
+        all_pairs = {"digit_acc": accuracy(10), "sum_acc": accuracy(19), "sum_consistency": mean()}
         self.test_metrics.update({**calibration_metrics(), **{f"{k}_all_pairs": m for k, m in all_pairs.items()}})
         self.val_sum_acc_best = MaxMetric(sync_on_compute=False)  # of val/sum_acc, synced already
         self.val_sum_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps its best so far

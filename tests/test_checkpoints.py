@@ -1,7 +1,9 @@
 import errno
 import json
+import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from lightning import Callback
 
 from cli import cli_main
 from mnist_adder.data import mnist_files
+from mnist_adder.run.checkpoints import SaveOnInterrupt
 from test_bad_inputs import ends_in_clear_error
 from test_cli import SMALL
 
@@ -53,6 +56,24 @@ def test_ctrl_c_in_fit_saves_last_then_resume_finishes(tmp_path, synthetic_data_
     assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 2 * 550 // 50  # 500 digits, 50 non-digits
     assert Path(cli.trainer.log_dir) == last.parents[1]  # the resumed run writes on into its own folder
     assert sorted(p.name for p in last.parents[2].iterdir()) == ["version_0"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_ctrl_c_saves_only_in_one_process(tmp_path, caplog, world_size):
+    """Ctrl-C reaches each DDP process at another step: a save there would wait for the others in vain."""
+    saved = []
+    trainer = SimpleNamespace(
+        checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)),
+        sanity_checking=False,
+        state=SimpleNamespace(fn="fit"),
+        fast_dev_run=False,
+        world_size=world_size,
+        save_checkpoint=saved.append,
+    )
+    with caplog.at_level(logging.INFO):
+        SaveOnInterrupt().on_exception(trainer, None, KeyboardInterrupt())
+    assert saved == ([tmp_path / "last.ckpt"] if world_size == 1 else [])
+    assert ("nothing saved" in caplog.text) == (world_size > 1)
 
 
 def test_last_ckpt_follows_every_epoch_not_only_a_new_best(tmp_path, synthetic_data_dir, monkeypatch):

@@ -15,15 +15,19 @@ def accuracy(classes: int) -> MulticlassAccuracy:
     return MulticlassAccuracy(classes, average="micro", ignore_index=-1, validate_args=False)
 
 
+def mean() -> MeanMetric:
+    """A mean without torchmetrics' NaN check, which waits for the device at every update."""
+    return MeanMetric(nan_strategy="disable")
+
+
 def stage_metrics(agreement: bool) -> nn.ModuleDict:
-    """A stage's accuracies and loss means (no NaN check: it waits for the device); the agreement term's only when
-    it is on."""
+    """A stage's accuracies and loss means; the agreement term's only when it is on."""
     losses = [name for name in Losses._fields if name != "agreement" or agreement]
     return nn.ModuleDict(
         {
             "digit_acc": accuracy(10),
             "sum_acc": accuracy(19),
-            **{name: MeanMetric(nan_strategy="disable") for name in losses},
+            **{name: mean() for name in losses},
         }
     )
 

@@ -157,6 +157,12 @@ class SaveOnInterrupt(Callback):
             or trainer.fast_dev_run
         ):
             return
+        if isinstance(exception, KeyboardInterrupt) and trainer.world_size > 1:  # saving waits for every process
+            rank_zero_info(
+                "Stopped by Ctrl-C: nothing saved, as each process stopped at another step (the last checkpoint "
+                "stays). SIGTERM (kill PID) stops them all at one step, and saves."
+            )
+            return
         path = Path(ckpt.dirpath) / "last.ckpt"
         trainer.save_checkpoint(path)
         cause = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
