@@ -168,8 +168,11 @@ class MNISTAdderData(L.LightningDataModule):
         return self._loader(self.train_set, self.hparams.batch_size, sampler, drop_last=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        """The validation pairs, then the training images the "not a digit" distance is measured to."""
-        return [self._eval_loader(self.val_set)] + [self._eval_loader(self.feature_set)] * (len(self.feature_set) > 0)
+        """The validation pairs, then, in fit, the training images the "not a digit" distance is fitted on (`validate`
+        measures a checkpoint as it was saved)."""
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"
+        features = [self._eval_loader(self.feature_set)] if fitting and len(self.feature_set) else []
+        return [self._eval_loader(self.val_set), *features]
 
     def test_dataloader(self) -> list[DataLoader]:
         choice = self.hparams.test_pairs

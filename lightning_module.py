@@ -213,8 +213,7 @@ class MNISTAdder(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor | None:
         if dataloader_idx == 1:  # training digits, as they are: "not a digit" measures the distance to them
-            if self.trainer.state.fn == "fit":  # `validate` measures the checkpoint as saved: no fit, no forward
-                self.feature_fit.update(self.net.image_features(batch["image"]), batch["digit"])
+            self.feature_fit.update(self.net.image_features(batch["image"]), batch["digit"])
             return None
         features = self.net.image_features(batch["image"])
         logits = self.net.logits(features, batch["number"])  # raw: the losses and accuracies of the net itself
