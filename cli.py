@@ -12,6 +12,7 @@ import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import Trainer
+from lightning.pytorch.accelerators import MPSAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -166,9 +167,15 @@ class AdderCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except ValueError as err:  # Lightning's word on a trainer setting, e.g. a strategy it does not know
             raise UsageError(f"trainer: {err}") from None
+        if isinstance(trainer.accelerator, MPSAccelerator):  # `auto` picks it on Apple silicon
+            raise UsageError(
+                "trainer.accelerator: Apple's MPS has no float64, which the temperatures' and the \"not a digit\" "
+                "fits sum in; add --trainer.accelerator cpu"
+            )
+        return trainer
 
     def _place_logs(self, config, ckpt_path) -> None:
         """Unless the user placed them, the logs go to DEFAULT_ROOT_DIR/lightning_logs/version_N as absolute paths;

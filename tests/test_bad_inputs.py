@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 
+import cli
 from cli import cli_main
 from lightning_module import MNISTAdder
 from test_cli import ROOT, SMALL
@@ -54,6 +56,14 @@ def test_bad_fit_option(tmp_path, synthetic_data_dir, monkeypatch, capsys, args,
     monkeypatch.chdir(tmp_path)
     assert expected in ends_in_clear_error(["fit", *SMALL, *args], capsys)
     assert not (tmp_path / "lightning_logs").exists() or not list((tmp_path / "lightning_logs").rglob("*.ckpt"))
+
+
+def test_apple_s_mps_is_refused_with_the_way_round(tmp_path, synthetic_data_dir, monkeypatch, capsys):
+    """`accelerator: auto` picks MPS on Apple silicon, which has no float64: a clear line, not a crash at validation."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "MPSAccelerator", CPUAccelerator)  # this machine's CPU stands in for an Apple GPU
+    message = ends_in_clear_error(["fit", *SMALL], capsys)
+    assert "MPS has no float64" in message and "--trainer.accelerator cpu" in message
 
 
 def test_unwritable_data_dir(tmp_path, monkeypatch, capsys):
