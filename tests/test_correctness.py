@@ -269,7 +269,10 @@ def test_pinned_memory_follows_the_runs_device_not_the_machine(synthetic_data_di
     data = plain_data(synthetic_data_dir)
     for device, on_device, pinned in (("cpu", False, False), ("cuda", False, True), ("cuda", True, False)):
         data.trainer = SimpleNamespace(
-            strategy=SimpleNamespace(root_device=torch.device(device)), world_size=1, global_rank=0
+            strategy=SimpleNamespace(root_device=torch.device(device)),
+            world_size=1,
+            global_rank=0,
+            state=SimpleNamespace(fn="fit"),
         )
         data.hparams.on_device = on_device
         assert data.val_dataloader()[0].pin_memory is pinned, (device, on_device)
