@@ -103,6 +103,12 @@ class AdderCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         path = config.get("ckpt_path")
+        if path == "last":  # the Trainer would look in this run's new folder, and find nothing: the newest run's
+            root = Path(config.trainer.default_root_dir or ".")
+            path = config.ckpt_path = newest_checkpoint(root, "last.ckpt")
+            if path is None:
+                raise UsageError(f"ckpt_path 'last': no {root / 'lightning_logs'}/version_*/checkpoints/last.ckpt")
+            rank_zero_info(f"ckpt_path last: {path}")
         self.checkpoint = read_checkpoint(str(path)) if path else None
         if self.checkpoint is not None:
             defaults = parser.parse_args([subcommand])[subcommand]

@@ -26,6 +26,16 @@ def trained(tmp_path, synthetic_data_dir, monkeypatch):
     return tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
 
 
+def test_ckpt_path_last_resumes_the_newest_run(trained, capsys):
+    """Each run writes into its own folder, where the Trainer would look for "last" and find none."""
+    cli = cli_main(["fit", "--trainer.max_epochs", "1", "--ckpt_path", "last", *QUIET])  # a finished run: no step
+    assert Path(cli.trainer.log_dir) == trained.parents[1]  # not a new version_1, trained from scratch
+    assert cli.trainer.global_step == torch.load(trained, weights_only=True)["global_step"]
+    (trained.parents[3] / "elsewhere").mkdir()
+    message = ends_in_clear_error(["fit", "--ckpt_path", "last", "--trainer.default_root_dir", "elsewhere"], capsys)
+    assert "ckpt_path 'last': no elsewhere/lightning_logs/version_*/checkpoints/last.ckpt" in message
+
+
 class CtrlC(Callback):
     """Ctrl-C once 3 steps are done: between two steps, or in the 4th, before its optimizer step."""
 
@@ -248,7 +258,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_every_path(code_checkpoi
     assert not (tmp_path / "ran").exists()
 
 
-@pytest.mark.parametrize("name", ["last", "best", "hpc", "registry", "registry:my-model:latest"])
+@pytest.mark.parametrize("name", ["best", "hpc", "registry", "registry:my-model:latest"])
 def test_names_the_trainer_resolves_are_left_to_it(name):
     from mnist_adder.run.checkpoints import read_checkpoint
 

@@ -135,8 +135,8 @@ def run_folder(checkpoint: Path) -> Path | None:
     return None
 
 
-def newest_checkpoint(root: Path) -> Path | None:
-    candidates = list((root / "lightning_logs").glob("version_*/checkpoints/*.ckpt"))
+def newest_checkpoint(root: Path, name: str = "*.ckpt") -> Path | None:
+    candidates = list((root / "lightning_logs").glob(f"version_*/checkpoints/{name}"))
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
