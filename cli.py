@@ -176,6 +176,11 @@ class AdderCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except ValueError as err:  # Lightning's word on a trainer setting, e.g. a strategy it does not know
             raise UsageError(f"trainer: {err}") from None
+        if trainer.precision not in ("32-true", "16-mixed", "bf16-mixed"):  # "-true" casts every buffer
+            raise UsageError(
+                f'trainer.precision {trainer.precision}: the temperatures and the "not a digit" statistics stay '
+                "float32; use 32-true, or 16-mixed / bf16-mixed for speed"
+            )
         if isinstance(trainer.accelerator, MPSAccelerator):  # `auto` picks it on Apple silicon
             raise UsageError(
                 "trainer.accelerator: Apple's MPS has no float64, which the temperatures' and the \"not a digit\" "

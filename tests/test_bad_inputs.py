@@ -36,6 +36,8 @@ BAD_FIT_OPTIONS = [
     (["--trainer.max_epochs", "-1"], "needs the run's length"),
     (["--trainer.accumulate_grad_batches", "2"], "raise --data.batch_size"),
     (["--trainer.strategy", "nonsense"], "invalid strategy"),
+    (["--trainer.precision", "bf16-true"], "trainer.precision bf16-true: the temperatures"),
+    (["--trainer.precision", "64"], "trainer.precision 64-true: the temperatures"),
     (["--trainer.max_steps", "5"], "cannot span a run this short"),
     (["--model.scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"], "ReduceLROnPlateau"),
 ]
