@@ -71,7 +71,7 @@ class Dashboard(Callback):
             return
         confusion = self.confusion.compute()  # every process's counts: a collective, so every process computes
         experiment = getattr(trainer.logger, "experiment", None)
-        if not hasattr(experiment, "add_image"):
+        if not trainer.is_global_zero or not hasattr(experiment, "add_image"):  # other ranks' is a no-op stand-in
             return
         experiment.add_image("val/confusion_matrix", confusion_image(confusion), trainer.current_epoch)
         if self.misclassified:
