@@ -31,6 +31,7 @@ from mnist_adder.run.checkpoints import (
     SaveOnInterrupt,
     apply_checkpoint,
     check_weights,
+    find_checkpoint,
     named_settings,
     newest_checkpoint,
     read_checkpoint,
@@ -103,17 +104,13 @@ class AdderCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         path = config.get("ckpt_path")
-        if path == "last":  # the Trainer would look in this run's new folder, and find nothing: the newest run's
-            root = Path(config.trainer.default_root_dir or ".")
-            path = config.ckpt_path = newest_checkpoint(root, "last.ckpt")
-            if path is None:
-                raise UsageError(f"ckpt_path 'last': no {root / 'lightning_logs'}/version_*/checkpoints/last.ckpt")
-            rank_zero_info(f"ckpt_path last: {path}")
-        self.checkpoint = read_checkpoint(str(path)) if path else None
+        if path:
+            path = config.ckpt_path = find_checkpoint(path, Path(config.trainer.default_root_dir or "."))
+        self.checkpoint = read_checkpoint(path, trainer=True) if path else None
         if self.checkpoint is not None:
             defaults = parser.parse_args([subcommand])[subcommand]
             named = named_settings(sys.argv[1:] if args is None else args, config.get("config") or [])
-            apply_checkpoint(config, defaults, named, self.checkpoint, str(path), evaluating=subcommand != "fit")
+            apply_checkpoint(config, defaults, named, self.checkpoint, path, evaluating=subcommand != "fit")
 
     def before_instantiate_classes(self) -> None:
         """Settings that Lightning would take badly, turned into what the user meant or one clear error."""

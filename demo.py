@@ -5,6 +5,7 @@ the predicted digit, the sum, their probabilities and the 28x28 picture the net 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
 
@@ -18,7 +19,7 @@ from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist  # noqa: E
 from mnist_adder.errors import UsageError  # noqa: E402
 from mnist_adder.model.calibration import UNSURE_BELOW  # noqa: E402
 from mnist_adder.model.net import split_logits  # noqa: E402
-from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
+from mnist_adder.run.checkpoints import find_checkpoint, read_checkpoint  # noqa: E402
 
 INTRO = (
     "# mnist-adder\nDraw a digit (or upload a photo of one: dark ink on light paper is fine), pick a "
@@ -122,13 +123,16 @@ def build_page(model: MNISTAdder) -> gr.Blocks:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `python cli.py fit`")
+    parser.add_argument(
+        "--ckpt_path", required=True, help="a checkpoint written by `python cli.py fit`; last: the newest run's"
+    )
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: this machine only)")
     args = parser.parse_args(argv)
     try:
-        read_checkpoint(args.ckpt_path)
-        model = MNISTAdder.load_from_checkpoint(args.ckpt_path, map_location="cpu").eval()
+        path = find_checkpoint(args.ckpt_path, Path("."))
+        read_checkpoint(path)
+        model = MNISTAdder.load_from_checkpoint(path, map_location="cpu").eval()
     except UsageError as err:
         sys.exit(f"error: {err}")
     build_page(model).launch(server_name=args.host, server_port=args.port, share=False, show_error=True)

@@ -17,7 +17,7 @@ import torch
 from lightning_module import MNISTAdder
 from mnist_adder.data.mnist_files import write_atomic
 from mnist_adder.errors import UsageError
-from mnist_adder.run.checkpoints import read_checkpoint
+from mnist_adder.run.checkpoints import find_checkpoint, read_checkpoint
 
 OPSET = 18
 
@@ -36,6 +36,7 @@ class Answer(torch.nn.Module):
 def export(ckpt_path: str, output: Path) -> Path:
     """Write the checkpoint's model (net and temperatures) to `output` as ONNX (atomically); UsageError for a bad
     checkpoint."""
+    ckpt_path = find_checkpoint(ckpt_path, Path("."))
     read_checkpoint(ckpt_path)  # one clear line for a missing, truncated or foreign file
     model = MNISTAdder.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
     model.net.to(memory_format=torch.contiguous_format)
@@ -58,7 +59,9 @@ def export(ckpt_path: str, output: Path) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `python cli.py fit`")
+    parser.add_argument(
+        "--ckpt_path", required=True, help="a checkpoint written by `python cli.py fit`; last: the newest run's"
+    )
     parser.add_argument("--output", type=Path, default=Path("model.onnx"))
     args = parser.parse_args(argv)
     try:

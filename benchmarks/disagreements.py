@@ -92,7 +92,7 @@ def load(checkpoint: str, data_dir: str, split: str) -> tuple[MNISTAdder, AllPai
     """The checkpoint's model, and its run's validation images (or the official test images) with all ten numbers;
     exits with a one-line error if either cannot be read."""
     try:
-        data_hparams = (read_checkpoint(checkpoint) or {}).get("datamodule_hyper_parameters")
+        data_hparams = read_checkpoint(checkpoint).get("datamodule_hyper_parameters")
         if not data_hparams:
             raise UsageError(f"{checkpoint} does not say which split it was trained on (no datamodule hyperparameters)")
         data = MNISTAdderData(data_dir=data_dir, seed=data_hparams["seed"], val_size=data_hparams["val_size"])

@@ -262,4 +262,15 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_every_path(code_checkpoi
 def test_names_the_trainer_resolves_are_left_to_it(name):
     from mnist_adder.run.checkpoints import read_checkpoint
 
-    assert read_checkpoint(name) is None
+    assert read_checkpoint(name, trainer=True) is None
+
+
+@pytest.mark.parametrize("name, expected", [("last", "no lightning_logs/version_*"), ("best", "'best': no such file")])
+@pytest.mark.parametrize("script", ["export.py", "demo.py"])
+def test_export_and_demo_resolve_last_and_know_no_trainer_names(tmp_path, monkeypatch, script, name, expected):
+    """Without a Trainer, "best" is no file; "last" is the newest run's, as in the CLI (none here)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["cli.py"])  # run_script sets its own; restored after
+    with pytest.raises(SystemExit) as end:
+        run_script(script, "--ckpt_path", name)
+    assert expected in str(end.value.code) and len(str(end.value.code).splitlines()) == 1

@@ -197,10 +197,11 @@ def random_shape(_split: str, rng: np.random.Generator, _digit_images: np.ndarra
     while True:
         strokes = [rng.uniform(0, 1, (int(rng.integers(3, 5)), 2)) for _ in range(int(rng.integers(1, 3)))]
         strokes = [_rounded(points) if rng.random() < 0.5 else points for points in strokes]
-        spread = np.linalg.svd(np.vstack(strokes) - np.vstack(strokes).mean(0), compute_uv=False)
+        points = np.vstack(strokes)
+        spread = np.linalg.svd(points - points.mean(0), compute_uv=False)
         if spread[1] > 0.4 * spread[0]:  # not nearly a line
             break
-    low, high = np.vstack(strokes).min(0), np.vstack(strokes).max(0)
+    low, high = points.min(0), points.max(0)
     return _by_hand([(points - low) / np.maximum(high - low, 1e-6) for points in strokes], rng)
 
 

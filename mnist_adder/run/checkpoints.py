@@ -16,12 +16,25 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mnist_adder.data.mnist_files import write_atomic
 from mnist_adder.errors import UsageError
 
-LIGHTNING_NAMES = ("last", "best", "hpc", "registry")  # resolved by the Trainer itself
+TRAINER_NAMES = ("best", "hpc", "registry")  # resolved by the Trainer itself; "last" by `find_checkpoint`
 
 
-def read_checkpoint(path: str) -> dict | None:
-    """The checkpoint at `path` (None for a name the Trainer resolves); UsageError, in one line, if unreadable."""
-    if path in LIGHTNING_NAMES or path.startswith("registry:"):
+def find_checkpoint(path: str, root: Path) -> str:
+    """`path`; for "last", the newest run's last.ckpt under `root` (the Trainer would look in this run's new, empty
+    folder, and train from scratch). UsageError, in one line, if there is none."""
+    if path != "last":
+        return path
+    newest = newest_checkpoint(root, "last.ckpt")
+    if newest is None:
+        raise UsageError(f"ckpt_path 'last': no {root / 'lightning_logs'}/version_*/checkpoints/last.ckpt")
+    rank_zero_info(f"ckpt_path last: {newest}")
+    return str(newest)
+
+
+def read_checkpoint(path: str, trainer: bool = False) -> dict | None:
+    """The checkpoint at `path`; with a `trainer` to resolve them, None for its names (`TRAINER_NAMES`). UsageError,
+    in one line, if unreadable."""
+    if trainer and (path in TRAINER_NAMES or path.startswith("registry:")):
         return None
     if not Path(path).is_file():
         raise UsageError(f"ckpt_path {path!r}: no such file")
