@@ -128,9 +128,13 @@ def fonts_drawing(split: str, glyph: str) -> list[str | None]:
 
 
 def printed(split: str, rng: np.random.Generator, _digit_images: np.ndarray) -> np.ndarray:
-    canvas, draw = _canvas()
     glyph = GLYPHS[split][rng.integers(len(GLYPHS[split]))]
-    fonts = fonts_drawing(split, glyph)
+    return print_glyph(glyph, fonts_drawing(split, glyph), rng)
+
+
+def print_glyph(glyph: str, fonts: list[str | None], rng: np.random.Generator) -> np.ndarray:
+    """`glyph` in one of `fonts`, at a random size, near the middle."""
+    canvas, draw = _canvas()
     size = int(rng.integers(40, 70))
     font = _font(fonts[rng.integers(len(fonts))], size)
     left, top, right, bottom = draw.textbbox((0, 0), glyph, font=font)
