@@ -91,10 +91,12 @@ class MNISTAdderData(L.LightningDataModule):
             raise UsageError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
         self.raw_dir = Path(data_dir) / "MNIST" / "raw"
-        if not all((self.raw_dir / name).is_file() for name in OFFICIAL_MD5):
-            _check_writable(Path(data_dir))
 
     def prepare_data(self) -> None:
+        if self.hparams.predict_manifest and self.trainer is not None and self.trainer.predicting:
+            return  # the manifest's pictures are all that predict reads: no MNIST needed
+        if not all((self.raw_dir / name).is_file() for name in OFFICIAL_MD5):
+            _check_writable(Path(self.hparams.data_dir))
         rank_zero_info(f"MNIST in {self.raw_dir}: {ensure_mnist(self.raw_dir)}")
 
     def setup(self, stage: str) -> None:

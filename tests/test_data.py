@@ -265,7 +265,7 @@ def test_unwritable_data_dir_fails_before_any_work(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(ValueError, match="cannot be written"):
-        MNISTAdderData(data_dir=str(blocker / "data"))
+        MNISTAdderData(data_dir=str(blocker / "data")).prepare_data()
 
 
 def test_md5_reads_a_file_larger_than_its_chunks(tmp_path):

@@ -227,6 +227,23 @@ def test_trainer_predict_from_python_writes_each_rows_own_answer(checkpoint, tmp
         assert float(row["pred_sum_prob"]) == pytest.approx(sum_prob.item(), abs=1e-4)
 
 
+def test_predicting_pictures_needs_no_mnist(checkpoint, tmp_path):
+    """A checkpoint and one's pictures are all predict needs: a data_dir without MNIST, that cannot be written."""
+    printed_digit(4, 0, np.random.default_rng(0)).save(tmp_path / "4.png")
+    (tmp_path / "inputs.csv").write_text("file,number\n4.png,5\n")
+    (tmp_path / "blocker").write_text("a file, where a folder would be")
+    output = tmp_path / "out.csv"
+    predict(
+        checkpoint,
+        tmp_path / "inputs.csv",
+        "--data.data_dir",
+        str(tmp_path / "blocker" / "data"),
+        "--data.predict_output",
+        str(output),
+    )
+    assert [row["error"] for row in csv.DictReader(output.open())] == [""]
+
+
 def test_a_manifest_column_named_as_a_prediction_is_refused(checkpoint, tmp_path, capsys):
     (tmp_path / "inputs.csv").write_text("file,number,pred_digit\nx.png,1,3\n")
     with pytest.raises(SystemExit) as end:
