@@ -36,6 +36,16 @@ def test_ckpt_path_last_resumes_the_newest_run(trained, capsys):
     assert "ckpt_path 'last': no elsewhere/lightning_logs/version_*/checkpoints/last.ckpt" in message
 
 
+def test_a_fit_from_python_with_its_own_optimizer_is_not_resumed_with_another(trained, capsys):
+    """The CLI would build the default optimizer and load the other's state into it, to fail at the first step."""
+    checkpoint = torch.load(trained, weights_only=True)
+    del checkpoint["hyper_parameters"]["optimizer"]  # as MNISTAdder(optimizer=<a callable>) saves it
+    torch.save(checkpoint, trained.parent / "python.ckpt")
+    message = ends_in_clear_error(["fit", "--ckpt_path", str(trained.parent / "python.ckpt"), *QUIET], capsys)
+    assert "trained from Python with its own optimizer (a callable, which it cannot record)" in message
+    cli_main(["validate", "--ckpt_path", str(trained.parent / "python.ckpt"), *QUIET])  # evaluating needs none
+
+
 class CtrlC(Callback):
     """Ctrl-C once 3 steps are done: between two steps, or in the 4th, before its optimizer step."""
 
