@@ -345,7 +345,7 @@ def test_one_cycle_spans_the_run_unless_given_its_length(tmp_path, scheduler):
     assert one_cycle.total_steps == one_cycle.last_epoch == 4  # 2 epochs of 2 batches
     # given a length, no trainer is asked for one (none is attached here)
     given = MNISTAdder(scheduler=partial(scheduler, total_steps=7)).configure_optimizers()
-    assert given["lr_scheduler"]["scheduler"].total_steps == 7
+    assert given["lr_scheduler"].total_steps == 7
 
 
 def test_images_are_standardised_with_mnists_mean_and_deviation():
