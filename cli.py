@@ -159,8 +159,8 @@ class AdderCLI(LightningCLI):
         if not show_bar:  # the epoch lines instead; left unset, Lightning would add its own bar beside them
             trainer.enable_progress_bar = False
         self.trainer_defaults["callbacks"].append(ProgressBar() if show_bar else EpochLog())
-        if config.trainer.logger:  # it logs the learning rate to the logger, and refuses a Trainer without one
-            self.trainer_defaults["callbacks"].append(LearningRateMonitor("step"))
+        if config.trainer.logger:  # both draw into the logger (LearningRateMonitor refuses a Trainer without one)
+            self.trainer_defaults["callbacks"] += [LearningRateMonitor("step"), Dashboard()]
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Checkpoints are written whole (AtomicCheckpointIO), unless the user brings a CheckpointIO plugin."""
@@ -307,7 +307,6 @@ def cli_main(args=None, run: bool = True) -> AdderCLI:
                 "callbacks": [
                     StopOnNonFiniteLoss(),
                     SaveOnInterrupt(),
-                    Dashboard(),
                     PredictionsCSV(),
                 ]
             },

@@ -251,7 +251,7 @@ class MNISTAdder(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         metrics, digits, sums = self.test_metrics, batch["digit"], batch["sum"]
-        if batch["number"].ndim == 1:
+        if batch["number"].ndim == 1:  # fixed pairs; all pairs' numbers are [B, 10] (test_pairs decides the index)
             logits = self.net(batch["image"], batch["number"])
             update_stage(metrics, logits, digits, sums, self.losses(logits, batch))
             update_calibration(metrics, "", self.calibrated(logits), digits, sums)

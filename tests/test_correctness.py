@@ -161,9 +161,12 @@ def test_divergence_in_an_epochs_last_steps_stops_the_run(tmp_path, synthetic_da
     """10 steps, fewer than the check interval, and no checkpoint: the check at the epoch's end must see it."""
     model = MNISTAdder(channels=(8, 16, 16), hidden=32, optimizer=partial(torch.optim.SGD, lr=1e30), scheduler=None)
     data = MNISTAdderData(data_dir=str(synthetic_data_dir), val_size=100, batch_size=50)
-    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[StopOnNonFiniteLoss()])
+    stop = StopOnNonFiniteLoss()
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[stop])
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         trainer.fit(model, data)
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32, scheduler=None)  # the same callback, a sound fit: no stop
+    quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[stop]).fit(model, data)
 
 
 def test_the_number_reaches_the_sum_logits():

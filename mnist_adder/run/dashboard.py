@@ -42,7 +42,7 @@ class Dashboard(Callback):
     and up to 32 misclassified pairs (from the raw logits `validation_step` returns) as images."""
 
     def __init__(self):
-        self.confusion = MulticlassConfusionMatrix(10)
+        self.confusion = MulticlassConfusionMatrix(10, validate_args=False)  # argmax against labels: valid
         self.misclassified: list[dict[str, torch.Tensor]] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -62,7 +62,7 @@ class Dashboard(Callback):
         digit_pred, sum_pred = (head.argmax(1) for head in split_logits(outputs))
         self.confusion.update(digit_pred, batch["digit"])
         wrong = (digit_pred != batch["digit"]) | (sum_pred != batch["sum"])
-        if wrong.any() and sum(len(m["image"]) for m in self.misclassified) < MISCLASSIFIED_SHOWN:
+        if sum(len(m["image"]) for m in self.misclassified) < MISCLASSIFIED_SHOWN and wrong.any():  # any() syncs
             picked = {key: batch[key][wrong] for key in ("image", "number", "digit", "sum")}
             self.misclassified.append({**picked, "digit_pred": digit_pred[wrong], "sum_pred": sum_pred[wrong]})
 

@@ -14,6 +14,9 @@ class StopOnNonFiniteLoss(Callback):
         self.check_every_n_steps = check_every_n_steps
         self.finite: torch.Tensor | None = None
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.finite = None  # a callback used again starts clean
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         finite = torch.isfinite(outputs["loss"])
         self.finite = finite if self.finite is None else self.finite & finite
