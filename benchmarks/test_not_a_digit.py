@@ -32,6 +32,12 @@ def test_a_random_shape_is_never_nearly_a_line():
         assert spread[1] > 0.25 * spread[0]
 
 
+def test_a_machine_with_other_fonts_is_told_its_training_set_differs(monkeypatch):
+    monkeypatch.setitem(FONTS, "train", ["a.ttf", "b.ttf", "c.ttf"])
+    with pytest.warns(UserWarning, match="3 of the 21 DejaVu fonts found"):
+        non_digit_images(0, 0, torch.zeros(1, 28, 28, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
+
+
 def test_only_digits_that_are_none_when_turned_are_turned():
     """A 0, 1 or 8 turned a quarter is still read as a digit (or a stroke): training must not refuse it."""
     images = torch.zeros(20, 28, 28, dtype=torch.uint8)

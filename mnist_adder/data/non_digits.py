@@ -35,6 +35,7 @@ FONTS = {
     "val": sorted(glob.glob("/usr/share/fonts/truetype/dejavu/DejaVu*.ttf")),
     "test": sorted(glob.glob("/usr/share/fonts/truetype/liberation/Liberation*.ttf")),
 }
+TRAIN_FONTS = 21  # Debian's fonts-dejavu-core and fonts-dejavu-extra, as every reported run had them
 # Hand-drawn glyphs as strokes (polylines in the unit square, y down), drawn with a wobbly hand.
 STROKES = {
     "train": {
@@ -281,9 +282,13 @@ def non_digit_images(count: int, seed: int, digit_images: torch.Tensor, digits: 
     """`count` MNIST-like non-digit pictures of the "train" split, uint8 [count, 28, 28], the kinds in turn, made
     as `predict` makes a picture (`photos.centred`); the first 10,000 of `digit_images` (uint8 [N, 28, 28], their
     labels `digits`) make the several-digit and turned-digit pictures."""
-    if not FONTS["train"]:
-        message = "no DejaVu fonts found: the printed non-digits are drawn in Pillow's default font instead"
-        warnings.warn(message, stacklevel=2)
+    if len(FONTS["train"]) != TRAIN_FONTS:  # other fonts print other pictures: another training set
+        warnings.warn(
+            f"{len(FONTS['train'])} of the {TRAIN_FONTS} DejaVu fonts found (Pillow's default font if none): the "
+            "printed training non-digits differ from those of the reported runs; "
+            "apt-get install fonts-dejavu-core fonts-dejavu-extra",
+            stacklevel=2,
+        )
     rng = np.random.default_rng([seed, 2])
     pool = digit_images[:10_000].numpy().astype(np.float32) / 255
     turnable = pool[~np.isin(digits[:10_000].numpy(), (0, 1, 8))]
