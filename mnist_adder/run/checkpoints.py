@@ -126,11 +126,10 @@ def apply_checkpoint(config, defaults, named: set[str], checkpoint: dict, path: 
             f"ckpt_path {path!r} was written by another version of this model (settings it no longer has: "
             f"{', '.join(unknown)}): train it anew with `python cli.py fit`"
         )
-    unrecorded = [name for name in ("optimizer", "scheduler") if name not in checkpoint.get("hyper_parameters", {})]
-    if unrecorded and not evaluating:  # MNISTAdder keeps no callable in its hparams
+    if checkpoint.get("python_callables") and not evaluating:
         raise UsageError(
-            f"ckpt_path {path!r} was trained from Python with its own {' and '.join(unrecorded)} (a callable, which "
-            "it cannot record): resume it from Python, with the same"
+            f"ckpt_path {path!r} was trained from Python with {', '.join(checkpoint['python_callables'])}, which the "
+            "CLI cannot build: resume it from Python, with the same"
         )
     free = FREE + FREE_IN_EVALUATION * evaluating
     for key, value in saved.items():
