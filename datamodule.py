@@ -133,7 +133,7 @@ class MNISTAdderData(L.LightningDataModule):
     def _train_set(self) -> TrainPairs:
         """The training images and, with the digit -1, `non_digits` times as many generated non-digits."""
         hp, images, digits = self.hparams, self.train_images, self.train_digits
-        extra = non_digit_images(round(hp.non_digits * len(images)), hp.seed, images, digits)
+        extra = non_digit_images(round(hp.non_digits * len(images)), hp.seed, images)
         return TrainPairs(torch.cat([images, extra]), torch.cat([digits, digits.new_full((len(extra),), -1)]), hp.seed)
 
     def _shard(self) -> dict:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_adder.data.non_digits import FONTS, GLYPHS, MAKERS, STROKES, fonts_drawing, non_digit_images, random_shape
+from mnist_adder.data.non_digits import FONTS, GLYPHS, STROKES, fonts_drawing, non_digit_images, random_shape
 from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist
 from non_digit_photos import KINDS, non_digit_photos
 from not_a_digit import auroc
@@ -35,20 +35,7 @@ def test_a_random_shape_is_never_nearly_a_line():
 def test_a_machine_with_other_fonts_is_told_its_training_set_differs(monkeypatch):
     monkeypatch.setitem(FONTS, "train", ["a.ttf", "b.ttf", "c.ttf"])
     with pytest.warns(UserWarning, match="3 of the 21 DejaVu fonts found"):
-        non_digit_images(0, 0, torch.zeros(1, 28, 28, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
-
-
-def test_only_digits_that_are_none_when_turned_are_turned():
-    """A 0, 1 or 8 turned a quarter is still read as a digit (or a stroke): training must not refuse it."""
-    images = torch.zeros(20, 28, 28, dtype=torch.uint8)
-    images[:, 4:24, 12:16] = 255  # an upright bar: turned, a lying one
-    digits = torch.arange(20) % 10
-    images[torch.isin(digits, torch.tensor([0, 1, 8]))] = 0
-    images[torch.isin(digits, torch.tensor([0, 1, 8])), 4:24, 4:24] = 255  # a square: turned, a square
-    turned = non_digit_images(10 * len(MAKERS), 0, images, digits)[list(MAKERS).index("turned digit") :: len(MAKERS)]
-    for picture in turned:
-        rows, cols = np.nonzero(picture.numpy() > 127)
-        assert np.ptp(cols) > 2 * np.ptp(rows)  # lying bars only
+        non_digit_images(0, 0, torch.zeros(1, 28, 28, dtype=torch.uint8))
 
 
 @pytest.mark.skipif(not FONTS["train"], reason="no DejaVu fonts on this machine")

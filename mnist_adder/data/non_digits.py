@@ -1,6 +1,5 @@
 """Pictures that are not one digit, drawn from a seed as white ink on black: printed, bent and hand-drawn glyphs,
-random hand-drawn shapes and turned digits (training only), several digits side by side, scribbles, strokes and
-noise.
+random hand-drawn shapes (training only), several digits side by side, scribbles, strokes and noise.
 
 Three splits share no glyph: "train" (Greek, Cyrillic, Armenian and Hebrew letters, arrows and other signs) makes
 the non-digit pictures the model is trained to refuse (`non_digit_images`); "val" and "test" (Latin letters and
@@ -211,13 +210,6 @@ def random_shape(_split: str, rng: np.random.Generator, _digit_images: np.ndarra
     return _by_hand([(points - low) / np.maximum(high - low, 1e-6) for points in strokes], rng)
 
 
-def turned_digit(_split: str, rng: np.random.Generator, digit_images: np.ndarray) -> np.ndarray:
-    """A digit turned a quarter left or right: a shape as near to a digit as can be, and none (Tack et al., 2020,
-    use such turned pictures as the negatives of what they detect); `digit_images` hold no 0, 1 or 8, which
-    turned are still read as digits (or a stroke)."""
-    return np.rot90(digit_images[rng.integers(len(digit_images))], 1 if rng.random() < 0.5 else -1).copy()
-
-
 def several_digits(_split: str, rng: np.random.Generator, digit_images: np.ndarray) -> np.ndarray:
     count = int(rng.choice([2, 2, 2, 3]))
     picked = digit_images[rng.choice(len(digit_images), count, replace=False)]
@@ -271,17 +263,16 @@ MAKERS: dict[str, Callable[[str, np.random.Generator, np.ndarray], np.ndarray]] 
     "hand-drawn": hand_drawn,
     "bent glyph": bent_glyph,
     "random shape": random_shape,
-    "turned digit": turned_digit,
     "several digits": several_digits,
     "scribble": scribble,
     "strokes and noise": strokes_and_noise,
 }
 
 
-def non_digit_images(count: int, seed: int, digit_images: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+def non_digit_images(count: int, seed: int, digit_images: torch.Tensor) -> torch.Tensor:
     """`count` MNIST-like non-digit pictures of the "train" split, uint8 [count, 28, 28], the kinds in turn, made
-    as `predict` makes a picture (`photos.centred`); the first 10,000 of `digit_images` (uint8 [N, 28, 28], their
-    labels `digits`) make the several-digit and turned-digit pictures."""
+    as `predict` makes a picture (`photos.centred`); the first 10,000 of `digit_images` (uint8 [N, 28, 28]) make the
+    several-digit pictures."""
     if len(FONTS["train"]) != TRAIN_FONTS:  # other fonts print other pictures: another training set
         warnings.warn(
             f"{len(FONTS['train'])} of the {TRAIN_FONTS} DejaVu fonts found (Pillow's default font if none): the "
@@ -291,10 +282,6 @@ def non_digit_images(count: int, seed: int, digit_images: torch.Tensor, digits: 
         )
     rng = np.random.default_rng([seed, 2])
     pool = digit_images[:10_000].numpy().astype(np.float32) / 255
-    turnable = pool[~np.isin(digits[:10_000].numpy(), (0, 1, 8))]
     makers = list(MAKERS.values())
-    images = [
-        centred(maker("train", rng, turnable if maker is turned_digit else pool))[0]
-        for maker in (makers[k % len(makers)] for k in range(count))
-    ]
+    images = [centred(makers[k % len(makers)]("train", rng, pool))[0] for k in range(count)]
     return (torch.stack(images) * 255).round().to(torch.uint8) if images else torch.zeros(0, 28, 28, dtype=torch.uint8)
