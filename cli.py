@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
-from mnist_adder.data.mnist_files import MNISTUnavailable, write_atomic
+from mnist_adder.data.mnist_files import MNISTUnavailable, check_writable, write_atomic
 from mnist_adder.errors import UsageError
 from mnist_adder.model.optimization import build_optimizer
 from mnist_adder.run.checkpoints import (
@@ -120,7 +120,7 @@ class AdderCLI(LightningCLI):
             config.data.seed = config.seed_everything
         if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise UsageError(
-                "trainer.accelerator is 'gpu' (configs/gpu.yaml) but this machine has no usable GPU: "
+                f"trainer.accelerator is {trainer.accelerator!r} but this machine has no usable GPU: "
                 "run `python cli.py fit` (any machine) or add --trainer.accelerator cpu"
             )
         if trainer.gradient_clip_algorithm not in (None, "norm"):
@@ -142,6 +142,8 @@ class AdderCLI(LightningCLI):
                 "trainer.accumulate_grad_batches does not apply to this model's manual-optimization "
                 "step; for larger effective batches raise --data.batch_size"
             )
+        if trainer.default_root_dir and not trainer.fast_dev_run:  # the run's folder goes there
+            check_writable(Path(trainer.default_root_dir), "trainer.default_root_dir")
         ckpt_path = config.get("ckpt_path")
         if self.subcommand in ("validate", "test", "predict") and not ckpt_path and not trainer.fast_dev_run:
             newest = newest_checkpoint(Path(trainer.default_root_dir or "."))

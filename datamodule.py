@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from mnist_adder.data.mnist_files import OFFICIAL_MD5, ensure_mnist, read_idx
+from mnist_adder.data.mnist_files import OFFICIAL_MD5, check_writable, ensure_mnist, read_idx
 from mnist_adder.data.non_digits import non_digit_images
 from mnist_adder.data.pairs import (
     AllPairs,
@@ -96,12 +96,15 @@ class MNISTAdderData(L.LightningDataModule):
         if self.hparams.predict_manifest and self.trainer is not None and self.trainer.predicting:
             return  # the manifest's pictures are all that predict reads: no MNIST needed
         if not all((self.raw_dir / name).is_file() for name in OFFICIAL_MD5):
-            _check_writable(Path(self.hparams.data_dir))
+            check_writable(Path(self.hparams.data_dir), "data_dir")
         rank_zero_info(f"MNIST in {self.raw_dir}: {ensure_mnist(self.raw_dir)}")
 
     def setup(self, stage: str) -> None:
         if stage == "predict" and self.hparams.predict_manifest:
             self.manifest_columns, self.manifest_rows = read_manifest(Path(self.hparams.predict_manifest), RESERVED)
+            if all(row["error"] for row in self.manifest_rows):  # Lightning would skip an empty loader, silently
+                first = next((f"{row['file']}: {row['error']}" for row in self.manifest_rows), "it has none")
+                raise UsageError(f"predict_manifest {self.hparams.predict_manifest!r}: no row to predict ({first})")
             return
         if not hasattr(self, "test_set"):
             self._load()
@@ -234,9 +237,3 @@ class MNISTAdderData(L.LightningDataModule):
             return images
         draws = tuple(u.to(images.device, non_blocking=True) for u in augment_draws(len(images), generator))
         return affine_augment(images, draws, hp.rotate, hp.translate, hp.scale)
-
-
-def _check_writable(data_dir: Path) -> None:
-    existing = next(p for p in (data_dir, *data_dir.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"data_dir {str(data_dir)!r} cannot be written (checked {str(existing)!r})")

@@ -129,13 +129,18 @@ def main(argv=None) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: this machine only)")
     args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be within 1..65535, got {args.port}")
     try:
         path = find_checkpoint(args.ckpt_path, Path("."))
         read_checkpoint(path)
         model = MNISTAdder.load_from_checkpoint(path, map_location="cpu").eval()
     except UsageError as err:
         sys.exit(f"error: {err}")
-    build_page(model).launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+    try:
+        build_page(model).launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+    except OSError as err:  # the port is taken, or the host is not this machine's
+        sys.exit(f"error: cannot serve on {args.host}:{args.port} ({str(err).split('.')[0]}): try another --port")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lightning_module import MNISTAdder
-from mnist_adder.data.mnist_files import write_atomic
+from mnist_adder.data.mnist_files import check_writable, write_atomic
 from mnist_adder.errors import UsageError
 from mnist_adder.run.checkpoints import find_checkpoint, read_checkpoint
 
@@ -38,6 +38,9 @@ def export(ckpt_path: str, output: Path) -> Path:
     checkpoint."""
     ckpt_path = find_checkpoint(ckpt_path, Path("."))
     read_checkpoint(ckpt_path)  # one clear line for a missing, truncated or foreign file
+    if output.is_dir():
+        raise UsageError(f"output {str(output)!r} is a folder: name the file, e.g. {output / 'model.onnx'}")
+    check_writable(output.parent, "output's folder")
     model = MNISTAdder.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
     model.net.to(memory_format=torch.contiguous_format)
     example = (torch.rand(2, 1, 28, 28), torch.tensor([3, 7]))
@@ -52,8 +55,10 @@ def export(ckpt_path: str, output: Path) -> Path:
         dynamo=True,
         verbose=False,
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(output, program.model_proto.SerializeToString())
+    try:
+        write_atomic(output, program.model_proto.SerializeToString())
+    except OSError as err:  # a full disk, say: nothing is left under the name
+        raise UsageError(f"cannot write {output}: {err.strerror or err}") from None
     return output
 
 

@@ -45,6 +45,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from datamodule import MNISTAdderData  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
 from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist  # noqa: E402
+from mnist_adder.errors import UsageError  # noqa: E402
 from mnist_adder.model.calibration import NOT_DIGIT_SHARE  # noqa: E402
 from mnist_adder.model.feature_distance import FeatureStats, feature_distance  # noqa: E402
 from mnist_adder.model.net import split_logits  # noqa: E402
@@ -292,4 +293,7 @@ def report(groups: dict[str, dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as err:  # a missing or unreadable checkpoint, say
+        sys.exit(f"error: {err}")

@@ -36,6 +36,8 @@ from bench import write_report  # noqa: E402
 from datamodule import MNISTAdderData  # noqa: E402
 from mnist_adder.data.mnist_files import ensure_mnist, read_idx  # noqa: E402
 from mnist_adder.data.photos import read_picture  # noqa: E402
+from mnist_adder.errors import UsageError  # noqa: E402
+from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
 from phone import TWELVE_MEGAPIXELS, phone_jpeg  # noqa: E402
 
 START, END = "<!-- photos:start -->", "<!-- photos:end -->"
@@ -106,6 +108,7 @@ def main(argv=None) -> str:
     parser.add_argument("--rows", type=int, default=1000, help="rows of the predicted manifest (1000)")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md as it is")
     args = parser.parse_args(argv)
+    read_checkpoint(str(args.ckpt_path))  # a bad one said in one line now, not after the photos are made
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         photos = make_photos(folder, args.photos, args.data_dir)
@@ -142,4 +145,7 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as err:  # a missing or unreadable checkpoint, say
+        sys.exit(f"error: {err}")

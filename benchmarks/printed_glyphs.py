@@ -23,6 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from lightning_module import MNISTAdder  # noqa: E402
 from mnist_adder.data.non_digits import GLYPHS, fonts_drawing, print_glyph  # noqa: E402
+from mnist_adder.errors import UsageError  # noqa: E402
 from mnist_adder.model.net import split_logits  # noqa: E402
 from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
 from non_digit_photos import photograph  # noqa: E402
@@ -84,4 +85,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as err:  # a missing or unreadable checkpoint, say
+        sys.exit(f"error: {err}")

@@ -22,6 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from datamodule import MNISTAdderData  # noqa: E402
 from lightning_module import MNISTAdder  # noqa: E402
 from mnist_adder.data.photos import gray_levels, to_mnist  # noqa: E402
+from mnist_adder.errors import UsageError  # noqa: E402
 from mnist_adder.model.calibration import UNSURE_BELOW  # noqa: E402
 from mnist_adder.model.net import split_logits  # noqa: E402
 from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
@@ -97,4 +98,7 @@ def main(argv=None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as err:  # a missing or unreadable checkpoint, say
+        sys.exit(f"error: {err}")

@@ -68,11 +68,12 @@ def test_apple_s_mps_is_refused_with_the_way_round(tmp_path, synthetic_data_dir,
     assert "MPS has no float64" in message and "--trainer.accelerator cpu" in message
 
 
-def test_unwritable_data_dir(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("option", ["data.data_dir", "trainer.default_root_dir"])
+def test_unwritable_folder(tmp_path, synthetic_data_dir, monkeypatch, capsys, option):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "blocker").write_text("a file, not a folder")
-    message = ends_in_clear_error(["fit", "--data.data_dir", "blocker/data"], capsys)
-    assert "cannot be written" in message
+    message = ends_in_clear_error(["fit", *SMALL, f"--{option}", "blocker/data"], capsys)
+    assert f"{option.split('.')[1]} 'blocker/data' cannot be written: Not a directory" in message
 
 
 def test_corrupted_idx_file_offline(tmp_path, synthetic_data_dir, no_sources, monkeypatch, capsys):

@@ -255,14 +255,20 @@ def run_script(script: str, *args: str) -> None:
 
 @pytest.mark.parametrize(
     "entry",
-    ["fit", "validate", "test", "predict", "export.py", "demo.py", "benchmarks/disagreements.py", "benchmarks/tta.py"],
+    [
+        *("fit", "validate", "test", "predict", "export.py", "demo.py", "benchmarks/disagreements.py"),
+        *("benchmarks/tta.py", "benchmarks/unsure.py", "benchmarks/not_a_digit.py", "benchmarks/printed_glyphs.py"),
+        "benchmarks/photos.py",
+    ],
 )
 def test_a_checkpoint_that_would_run_code_is_refused_on_every_path(code_checkpoint, tmp_path, monkeypatch, entry):
     """The message says why, and never suggests loading it anyway (torch's own text does)."""
     monkeypatch.setattr("sys.argv", ["cli.py"])  # run_script sets its own; restored after
+    option = {"export.py": ["--ckpt_path"], "demo.py": ["--ckpt_path"], "benchmarks/photos.py": ["--ckpt_path"]}
+    option["benchmarks/not_a_digit.py"] = ["--no-write", "--training", "mine"]
     with pytest.raises(SystemExit) as end:
         if entry.endswith(".py"):
-            run_script(entry, *(["--ckpt_path"] if entry in ("export.py", "demo.py") else []), str(code_checkpoint))
+            run_script(entry, *option.get(entry, []), str(code_checkpoint))
         else:
             cli_main([entry, "--ckpt_path", str(code_checkpoint), *QUIET])
     message = str(end.value.code)
@@ -271,19 +277,19 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_every_path(code_checkpoi
     assert not (tmp_path / "ran").exists()
 
 
-@pytest.mark.parametrize("name", ["best", "hpc", "registry", "registry:my-model:latest"])
+@pytest.mark.parametrize("name", ["hpc", "registry", "registry:my-model:latest"])
 def test_names_the_trainer_resolves_are_left_to_it(name):
     from mnist_adder.run.checkpoints import read_checkpoint
 
     assert read_checkpoint(name, trainer=True) is None
 
 
-@pytest.mark.parametrize("name, expected", [("last", "no lightning_logs/version_*"), ("best", "'best': no such file")])
-@pytest.mark.parametrize("script", ["export.py", "demo.py"])
-def test_export_and_demo_resolve_last_and_know_no_trainer_names(tmp_path, monkeypatch, script, name, expected):
-    """Without a Trainer, "best" is no file; "last" is the newest run's, as in the CLI (none here)."""
+@pytest.mark.parametrize("name, expected", [("last", "no lightning_logs/version_*"), ("best", "name the file")])
+@pytest.mark.parametrize("script", ["export.py", "demo.py", "cli.py"])
+def test_last_is_the_newest_runs_and_best_a_file_to_name(tmp_path, monkeypatch, script, name, expected):
+    """Everywhere: "last" is the newest run's (none here); "best", the Trainer's best of a fit in the same process."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["cli.py"])  # run_script sets its own; restored after
     with pytest.raises(SystemExit) as end:
-        run_script(script, "--ckpt_path", name)
+        run_script(script, *(["test"] if script == "cli.py" else []), "--ckpt_path", name)
     assert expected in str(end.value.code) and len(str(end.value.code).splitlines()) == 1

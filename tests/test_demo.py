@@ -71,3 +71,22 @@ def test_a_picture_that_looks_like_no_digit_is_answered_so_with_no_sum(model):
     line, digit_probs, sum_probs, shown = predictor(model)(PHOTO, drawing(False), photo, 4)
     assert line.startswith("not a digit") and "sum" not in line
     assert digit_probs is None and sum_probs is None and shown.size == (112, 112)  # still shows what it read
+
+
+def test_a_port_taken_or_out_of_range_is_one_line(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from demo import main
+
+    model = MNISTAdder(channels=(8, 16, 16), hidden=32)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "m.ckpt")
+    monkeypatch.setattr("demo.MNISTAdder.load_from_checkpoint", lambda *args, **kwargs: model)
+    with pytest.raises(SystemExit):
+        main(["--ckpt_path", str(tmp_path / "m.ckpt"), "--port", "99999"])
+    assert "--port must be within 1..65535, got 99999" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot serve on 127.0.0.1:{port} .*: try another --port"):
+            main(["--ckpt_path", str(tmp_path / "m.ckpt"), "--port", str(port)])

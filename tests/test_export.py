@@ -57,3 +57,11 @@ def test_bad_checkpoint_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as end:
         export_main(["--ckpt_path", str(tmp_path / "bad.ckpt"), "--output", str(tmp_path / "m.onnx")])
     assert "not a readable checkpoint" in str(end.value.code) and not (tmp_path / "m.onnx").exists()
+
+
+def test_an_output_that_is_a_folder_is_refused_before_the_export(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr("export.torch.onnx.export", None)  # reached, it would fail with a TypeError
+    with pytest.raises(SystemExit, match="'out' is a folder: name the file, e.g. out/model.onnx"):
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "out").mkdir()
+        export_main(["--ckpt_path", str(checkpoint), "--output", "out"])

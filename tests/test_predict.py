@@ -244,6 +244,15 @@ def test_predicting_pictures_needs_no_mnist(checkpoint, tmp_path):
     assert [row["error"] for row in csv.DictReader(output.open())] == [""]
 
 
+@pytest.mark.parametrize("lines, expected", [(["8.png,12"], "8.png: number must be an integer 0..9"), ([], "none")])
+def test_a_manifest_with_no_row_to_predict_is_refused(tmp_path, lines, expected):
+    """Lightning would skip the empty loader: no table, no CSV, exit 0, as if all were well."""
+    (tmp_path / "inputs.csv").write_text("\n".join(["file,number", *lines]) + "\n")
+    data = MNISTAdderData(str(tmp_path / "no_mnist"), predict_manifest=str(tmp_path / "inputs.csv"))
+    with pytest.raises(ValueError, match=f"no row to predict \\(.*{expected}"):
+        data.setup("predict")
+
+
 def test_a_manifest_column_named_as_a_prediction_is_refused(checkpoint, tmp_path, capsys):
     (tmp_path / "inputs.csv").write_text("file,number,pred_digit\nx.png,1,3\n")
     with pytest.raises(SystemExit) as end:

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mnist_adder.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 OFFICIAL_MD5 = {
@@ -66,6 +68,16 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """UsageError, in one line, unless `folder` is, or can be made, a folder this process can write in."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{option} {str(folder)!r} cannot be written: {err.strerror or err}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {str(folder)!r} cannot be written: no permission")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -16,12 +16,19 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mnist_adder.data.mnist_files import write_atomic
 from mnist_adder.errors import UsageError
 
-TRAINER_NAMES = ("best", "hpc", "registry")  # resolved by the Trainer itself; "last" by `find_checkpoint`
+TRAINER_NAMES = ("hpc", "registry")  # resolved by the Trainer itself; "last" and "best" by `find_checkpoint`
 
 
 def find_checkpoint(path: str, root: Path) -> str:
     """`path`; for "last", the newest run's last.ckpt under `root` (the Trainer would look in this run's new, empty
-    folder, and train from scratch). UsageError, in one line, if there is none."""
+    folder, and train from scratch). UsageError, in one line, if there is none, and for "best": the Trainer's best
+    of a fit in this same process, which a command never has."""
+    if path == "best":
+        newest = newest_checkpoint(root, "best-*.ckpt")
+        raise UsageError(
+            "ckpt_path 'best' is the best checkpoint of a fit in this same process: name the file"
+            + (f", e.g. --ckpt_path {newest}" if newest else "")
+        )
     if path != "last":
         return path
     newest = newest_checkpoint(root, "last.ckpt")
@@ -37,7 +44,9 @@ def read_checkpoint(path: str, trainer: bool = False) -> dict | None:
     if trainer and (path in TRAINER_NAMES or path.startswith("registry:")):
         return None
     if not Path(path).is_file():
-        raise UsageError(f"ckpt_path {path!r}: no such file")
+        raise UsageError(
+            f"ckpt_path {path!r}: " + ("a folder, not a checkpoint file" if Path(path).is_dir() else "no such file")
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
