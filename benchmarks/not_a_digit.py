@@ -13,6 +13,8 @@ and the real digits five ways, from the checkpoint's 29 logits or the conv featu
   (fitted by its last validation pass on the data module's feature images) and threshold;
 - mahalanobis_clean: the same distance (`feature_distance.py`), its means and covariance fitted here on 20,000
   training images without augmentation, through the net in eval mode;
+- relative_mahalanobis: mahalanobis_clean minus the distance to the mean of all 20,000 images under their own
+  covariance, one Gaussian for every digit (Ren et al., 2021, a fix for shapes near the digits);
 - mahalanobis_penultimate: the same fit and distance on the penultimate layer (the first FC layer's output,
   after its ReLU), which sees the picture's number too: each training image is fitted with a random one.
 
@@ -54,7 +56,7 @@ from non_digit_photos import KINDS, non_digit_photos  # noqa: E402
 from phone import phone_photo  # noqa: E402
 
 START, END = "<!-- not_a_digit:start -->", "<!-- not_a_digit:end -->"
-METHODS = ("msp", "energy", "mahalanobis", "mahalanobis_clean", "mahalanobis_penultimate")
+METHODS = ("msp", "energy", "mahalanobis", "mahalanobis_clean", "relative_mahalanobis", "mahalanobis_penultimate")
 
 
 def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
@@ -88,8 +90,10 @@ class Scores:
         features = self.features(train_images)
         self.fits = {
             "mahalanobis_clean": self.fit(features, train_digits),
+            "background": self.fit(features, torch.zeros_like(train_digits)),  # all as one digit: one Gaussian
             "mahalanobis_penultimate": self.fit(self.penultimate(features, numbers), train_digits),
         }
+        self.fits["background"] = (self.fits["background"][0][:1], self.fits["background"][1])  # that digit's mean
 
     @staticmethod
     def fit(features: torch.Tensor, digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +125,10 @@ class Scores:
             "energy": -torch.logsumexp(digit, dim=1).numpy(),
             "mahalanobis": self.model.not_digit_score(features).numpy(),
             "mahalanobis_clean": feature_distance(features, *self.fits["mahalanobis_clean"]).numpy(),
+            "relative_mahalanobis": (
+                feature_distance(features, *self.fits["mahalanobis_clean"])
+                - feature_distance(features, *self.fits["background"])
+            ).numpy(),
             "mahalanobis_penultimate": feature_distance(
                 self.penultimate(features, numbers), *self.fits["mahalanobis_penultimate"]
             ).numpy(),
