@@ -49,6 +49,21 @@ def test_a_fit_from_python_with_its_own_optimizer_is_not_resumed_with_another(tr
     assert MNISTAdder().python_callables == []  # the defaults: the CLI builds the same, and resumes them
 
 
+def test_best_names_the_newest_runs_best_checkpoint(trained, capsys):
+    message = ends_in_clear_error(["test", "--ckpt_path", "best", *QUIET], capsys)
+    assert "name the file, e.g. --ckpt_path lightning_logs/version_0/checkpoints/best-epoch=00.ckpt" in message
+
+
+def test_demo_serves_the_newest_runs_last_checkpoint(trained, monkeypatch):
+    import demo
+
+    served = []
+    monkeypatch.setattr(demo, "build_page", lambda model: SimpleNamespace(launch=lambda **kw: served.append(model)))
+    demo.main(["--ckpt_path", "last", "--port", "65535"])  # the highest port there is
+    saved = torch.load(trained, weights_only=True)["state_dict"]
+    assert len(served) == 1 and all(torch.equal(t, saved[k]) for k, t in served[0].state_dict().items())
+
+
 class CtrlC(Callback):
     """Ctrl-C once 3 steps are done: between two steps, or in the 4th, before its optimizer step."""
 
@@ -129,11 +144,14 @@ def test_last_ckpt_follows_every_epoch_not_only_a_new_best(tmp_path, synthetic_d
         ("text", "not a readable checkpoint"),
         ("other_model", "another model"),
         ("no_state_dict", "holds no Lightning state_dict"),
+        ("folder", "a folder, not a checkpoint file"),
     ],
 )
 def test_bad_checkpoints_give_one_clear_error(trained, capsys, damage, expected):
     bad = trained.with_name("bad.ckpt")
-    if damage == "truncated":
+    if damage == "folder":
+        bad.mkdir()
+    elif damage == "truncated":
         bad.write_bytes(trained.read_bytes()[: trained.stat().st_size // 2])
     elif damage == "text":
         bad.write_text("not a checkpoint\n")
@@ -282,6 +300,8 @@ def test_names_the_trainer_resolves_are_left_to_it(name):
     from mnist_adder.run.checkpoints import read_checkpoint
 
     assert read_checkpoint(name, trainer=True) is None
+    with pytest.raises(ValueError, match="no such file"):  # export.py and demo.py have no Trainer to resolve it
+        read_checkpoint(name)
 
 
 @pytest.mark.parametrize("name, expected", [("last", "no lightning_logs/version_*"), ("best", "name the file")])

@@ -1,5 +1,6 @@
 import gzip
 import hashlib
+import os
 import pickle
 import subprocess
 import sys
@@ -266,6 +267,12 @@ def test_unwritable_data_dir_fails_before_any_work(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ValueError, match="cannot be written"):
         MNISTAdderData(data_dir=str(blocker / "data")).prepare_data()
+
+
+def test_a_folder_without_write_permission_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist_files.os, "access", lambda path, mode: not mode & os.W_OK)  # root may write anywhere
+    with pytest.raises(ValueError, match="data_dir '.*' cannot be written: no permission"):
+        mnist_files.check_writable(tmp_path / "data", "data_dir")
 
 
 def test_md5_reads_a_file_larger_than_its_chunks(tmp_path):

@@ -73,7 +73,8 @@ def test_a_picture_that_looks_like_no_digit_is_answered_so_with_no_sum(model):
     assert digit_probs is None and sum_probs is None and shown.size == (112, 112)  # still shows what it read
 
 
-def test_a_port_taken_or_out_of_range_is_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("out_of_range", [0, 65536])
+def test_a_port_taken_or_out_of_range_is_one_line(tmp_path, monkeypatch, capsys, out_of_range):
     import socket
 
     from demo import main
@@ -82,8 +83,8 @@ def test_a_port_taken_or_out_of_range_is_one_line(tmp_path, monkeypatch, capsys)
     torch.save({"state_dict": model.state_dict()}, tmp_path / "m.ckpt")
     monkeypatch.setattr("demo.MNISTAdder.load_from_checkpoint", lambda *args, **kwargs: model)
     with pytest.raises(SystemExit):
-        main(["--ckpt_path", str(tmp_path / "m.ckpt"), "--port", "99999"])
-    assert "--port must be within 1..65535, got 99999" in capsys.readouterr().err
+        main(["--ckpt_path", str(tmp_path / "m.ckpt"), "--port", str(out_of_range)])
+    assert f"--port must be within 1..65535, got {out_of_range}" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
