@@ -142,8 +142,9 @@ class AdderCLI(LightningCLI):
                 "trainer.accumulate_grad_batches does not apply to this model's manual-optimization "
                 "step; for larger effective batches raise --data.batch_size"
             )
-        if trainer.default_root_dir and not trainer.fast_dev_run:  # the run's folder goes there
-            check_writable(Path(trainer.default_root_dir), "trainer.default_root_dir")
+        root = trainer.default_root_dir
+        if root and "://" not in str(root) and not trainer.fast_dev_run:  # the run's folder goes there (a URL: remote)
+            check_writable(Path(root), "trainer.default_root_dir")
         ckpt_path = config.get("ckpt_path")
         if self.subcommand in ("validate", "test", "predict") and not ckpt_path and not trainer.fast_dev_run:
             newest = newest_checkpoint(Path(trainer.default_root_dir or "."))
@@ -203,7 +204,8 @@ class AdderCLI(LightningCLI):
         elif self.subcommand in ("validate", "test", "predict"):  # a checkpoint outside any run
             config.trainer.logger = False  # no new, nearly empty run folder
         else:
-            args.save_dir = str(Path(config.trainer.default_root_dir or ".").resolve())
+            root = str(config.trainer.default_root_dir or ".")
+            args.save_dir = root if "://" in root else str(Path(root).resolve())  # a URL stays remote
 
     def _check_weights(self) -> None:
         if self.checkpoint is not None:

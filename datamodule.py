@@ -100,6 +100,8 @@ class MNISTAdderData(L.LightningDataModule):
         rank_zero_info(f"MNIST in {self.raw_dir}: {ensure_mnist(self.raw_dir)}")
 
     def setup(self, stage: str) -> None:
+        if stage == "predict" and self.hparams.predict_output:  # said now, not once every picture is predicted
+            check_writable(Path(self.hparams.predict_output).parent, "predict_output's folder")
         if stage == "predict" and self.hparams.predict_manifest:
             self.manifest_columns, self.manifest_rows = read_manifest(Path(self.hparams.predict_manifest), RESERVED)
             if all(row["error"] for row in self.manifest_rows):  # Lightning would skip an empty loader, silently

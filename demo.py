@@ -140,7 +140,9 @@ def main(argv=None) -> None:
     try:
         build_page(model).launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
     except OSError as err:  # the port is taken, or the host is not this machine's
-        sys.exit(f"error: cannot serve on {args.host}:{args.port} ({str(err).split('.')[0]}): try another --port")
+        sys.exit(
+            f"error: cannot serve on {args.host}:{args.port} ({str(err).split('.')[0]}): try another --port or --host"
+        )
 
 
 if __name__ == "__main__":

@@ -107,16 +107,9 @@ class MNISTAdder(L.LightningModule):
         if not 0 <= label_smoothing < 1 or not 0 <= dropout < 1:
             raise UsageError(f"label_smoothing and dropout must be within [0, 1), got {label_smoothing} and {dropout}")
         self.save_hyperparameters()
-        # From LightningCLI, their config. From Python, callables, which no config holds: left out, and any but the
-        # defaults (which configs/default.yaml spells out) named in the checkpoint, so that the CLI does not resume
-        # the run with another (checkpoints.apply_checkpoint).
-        self.python_callables = []
-        for name, default in (("optimizer", default_optimizer), ("scheduler", default_scheduler)):
-            value = self.hparams[name]
-            if callable(value):
+        for name in ("optimizer", "scheduler"):  # from LightningCLI, their config; from Python, callables: not kept
+            if callable(self.hparams[name]):
                 del self.hparams[name]
-                if value is not default:
-                    self.python_callables.append(f"model.{name} {getattr(value, '__qualname__', value)}")
         self.automatic_optimization = False
         self.optimizer, self.scheduler = optimizer, scheduler
         self.net = DualInputNet(tuple(channels), number_features, hidden, dropout, convs_per_stage)
@@ -307,9 +300,6 @@ class MNISTAdder(L.LightningModule):
                 f"this checkpoint's temperatures were fitted at step {calibrated}, its weights are from step "
                 f"{checkpoint['global_step']}: its probabilities are calibrated for slightly older weights"
             )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["python_callables"] = self.python_callables
 
     def configure_optimizers(self):
         return optimizer_and_schedule(self, self.optimizer, self.scheduler, self.hparams.scheduler_interval)

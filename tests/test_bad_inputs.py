@@ -76,6 +76,13 @@ def test_unwritable_folder(tmp_path, synthetic_data_dir, monkeypatch, capsys, op
     assert f"{option.split('.')[1]} 'blocker/data' cannot be written: Not a directory" in message
 
 
+def test_a_remote_root_stays_remote(tmp_path, synthetic_data_dir, monkeypatch):
+    """A URL (fsspec's: s3://, memory://) is no local folder to check or make."""
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main([*SMALL, "--trainer.default_root_dir", "memory://runs"], run=False)
+    assert cli.trainer.logger.save_dir == "memory://runs" and not (tmp_path / "memory:").exists()
+
+
 def test_corrupted_idx_file_offline(tmp_path, synthetic_data_dir, no_sources, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     labels = synthetic_data_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"

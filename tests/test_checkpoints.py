@@ -2,7 +2,6 @@ import errno
 import json
 import logging
 import os
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +10,6 @@ import torch
 from lightning import Callback
 
 from cli import cli_main
-from lightning_module import MNISTAdder
 from mnist_adder.data import mnist_files
 from mnist_adder.run.checkpoints import SaveOnInterrupt
 from test_bad_inputs import ends_in_clear_error
@@ -36,17 +34,6 @@ def test_ckpt_path_last_resumes_the_newest_run(trained, capsys):
     (trained.parents[3] / "elsewhere").mkdir()
     message = ends_in_clear_error(["fit", "--ckpt_path", "last", "--trainer.default_root_dir", "elsewhere"], capsys)
     assert "ckpt_path 'last': no elsewhere/lightning_logs/version_*/checkpoints/last.ckpt" in message
-
-
-def test_a_fit_from_python_with_its_own_optimizer_is_not_resumed_with_another(trained, capsys):
-    """The CLI would build the default optimizer and load the other's state into it, to fail at the first step."""
-    checkpoint = torch.load(trained, weights_only=True)
-    MNISTAdder(optimizer=partial(torch.optim.Adam)).on_save_checkpoint(checkpoint)  # as that model saves it
-    torch.save(checkpoint, trained.parent / "python.ckpt")
-    message = ends_in_clear_error(["fit", "--ckpt_path", str(trained.parent / "python.ckpt"), *QUIET], capsys)
-    assert "from Python with model.optimizer functools.partial(<class 'torch.optim.adam.Adam'>)" in message
-    cli_main(["validate", "--ckpt_path", str(trained.parent / "python.ckpt"), *QUIET])  # evaluating needs none
-    assert MNISTAdder().python_callables == []  # the defaults: the CLI builds the same, and resumes them
 
 
 def test_best_names_the_newest_runs_best_checkpoint(trained, capsys):

@@ -89,5 +89,5 @@ def test_a_port_taken_or_out_of_range_is_one_line(tmp_path, monkeypatch, capsys,
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(SystemExit, match=f"cannot serve on 127.0.0.1:{port} .*: try another --port"):
+        with pytest.raises(SystemExit, match=f"cannot serve on 127.0.0.1:{port} .*: try another --port or --host"):
             main(["--ckpt_path", str(tmp_path / "m.ckpt"), "--port", str(port)])

@@ -253,6 +253,15 @@ def test_a_manifest_with_no_row_to_predict_is_refused(tmp_path, lines, expected)
         data.setup("predict")
 
 
+def test_an_unwritable_predict_output_is_refused_before_any_picture_is_read(tmp_path):
+    (tmp_path / "inputs.csv").write_text("file,number\n8.png,1\n")
+    (tmp_path / "blocker").write_text("a file, where a folder would be")
+    output = tmp_path / "blocker" / "out.csv"
+    data = MNISTAdderData(str(tmp_path), predict_manifest=str(tmp_path / "inputs.csv"), predict_output=str(output))
+    with pytest.raises(ValueError, match="predict_output's folder '.*blocker' is a file, not a folder"):
+        data.setup("predict")
+
+
 def test_a_manifest_column_named_as_a_prediction_is_refused(checkpoint, tmp_path, capsys):
     (tmp_path / "inputs.csv").write_text("file,number,pred_digit\nx.png,1,3\n")
     with pytest.raises(SystemExit) as end:

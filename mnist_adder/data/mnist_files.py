@@ -72,6 +72,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def check_writable(folder: Path, option: str) -> None:
     """UsageError, in one line, unless `folder` is, or can be made, a folder this process can write in."""
+    if folder.is_file():
+        raise UsageError(f"{option} {str(folder)!r} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:

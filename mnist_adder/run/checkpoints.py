@@ -135,11 +135,6 @@ def apply_checkpoint(config, defaults, named: set[str], checkpoint: dict, path: 
             f"ckpt_path {path!r} was written by another version of this model (settings it no longer has: "
             f"{', '.join(unknown)}): train it anew with `python cli.py fit`"
         )
-    if checkpoint.get("python_callables") and not evaluating:
-        raise UsageError(
-            f"ckpt_path {path!r} was trained from Python with {', '.join(checkpoint['python_callables'])}, which the "
-            "CLI cannot build: resume it from Python, with the same"
-        )
     free = FREE + FREE_IN_EVALUATION * evaluating
     for key, value in saved.items():
         if key.startswith(free) or key not in asked:
