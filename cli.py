@@ -106,7 +106,7 @@ class AdderCLI(LightningCLI):
         path = config.get("ckpt_path")
         if path:
             path = config.ckpt_path = find_checkpoint(path, Path(config.trainer.default_root_dir or "."))
-        self.checkpoint = read_checkpoint(path, trainer=True) if path else None
+        self.checkpoint = read_checkpoint(path, trainer_names=True) if path else None
         if self.checkpoint is not None:
             defaults = parser.parse_args([subcommand])[subcommand]
             named = named_settings(sys.argv[1:] if args is None else args, config.get("config") or [])

@@ -90,10 +90,10 @@ class Scores:
         features = self.features(train_images)
         self.fits = {
             "mahalanobis_clean": self.fit(features, train_digits),
-            "background": self.fit(features, torch.zeros_like(train_digits)),  # all as one digit: one Gaussian
             "mahalanobis_penultimate": self.fit(self.penultimate(features, numbers), train_digits),
         }
-        self.fits["background"] = (self.fits["background"][0][:1], self.fits["background"][1])  # that digit's mean
+        means, whitening = self.fit(features, torch.zeros_like(train_digits))  # all as one digit: one Gaussian
+        self.fits["background"] = (means[:1], whitening)  # that digit's mean only
 
     @staticmethod
     def fit(features: torch.Tensor, digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

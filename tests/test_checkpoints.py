@@ -286,7 +286,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_every_path(code_checkpoi
 def test_names_the_trainer_resolves_are_left_to_it(name):
     from mnist_adder.run.checkpoints import read_checkpoint
 
-    assert read_checkpoint(name, trainer=True) is None
+    assert read_checkpoint(name, trainer_names=True) is None
     with pytest.raises(ValueError, match="no such file"):  # export.py and demo.py have no Trainer to resolve it
         read_checkpoint(name)
 

@@ -67,8 +67,7 @@ def optimizer_and_schedule(
 ):
     """What `configure_optimizers` returns: the optimizer over the model's parameters and its scheduler, which the
     manual step steps every `interval` (Lightning's own "interval" key would go unread); an unset `total_steps` is
-    the run's length. UsageError, in one line, for a schedule that
-    cannot work here."""
+    the run's length. UsageError, in one line, for a schedule that cannot work here."""
     built = build_optimizer(optimizer, model)
     if scheduler is None:
         return built

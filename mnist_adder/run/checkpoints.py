@@ -38,10 +38,10 @@ def find_checkpoint(path: str, root: Path) -> str:
     return str(newest)
 
 
-def read_checkpoint(path: str, trainer: bool = False) -> dict | None:
-    """The checkpoint at `path`; with a `trainer` to resolve them, None for its names (`TRAINER_NAMES`). UsageError,
-    in one line, if unreadable."""
-    if trainer and (path in TRAINER_NAMES or path.startswith("registry:")):
+def read_checkpoint(path: str, trainer_names: bool = False) -> dict | None:
+    """The checkpoint at `path`; with `trainer_names`, None for the names a Trainer resolves (`TRAINER_NAMES`).
+    UsageError, in one line, if unreadable."""
+    if trainer_names and (path in TRAINER_NAMES or path.startswith("registry:")):
         return None
     if not Path(path).is_file():
         raise UsageError(
