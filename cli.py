@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.accelerators import MPSAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -166,8 +166,11 @@ class AdderCLI(LightningCLI):
             self.trainer_defaults["callbacks"] += [LearningRateMonitor("step"), Dashboard()]
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """Checkpoints are written whole (AtomicCheckpointIO), unless the user brings a CheckpointIO plugin."""
+        """Checkpoints are written whole (AtomicCheckpointIO), unless the user brings a CheckpointIO plugin; none is
+        written with --trainer.enable_checkpointing false."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if config.trainer.enable_checkpointing is False:  # Lightning refuses any ModelCheckpoint then: ours go
+            config.checkpoint = config.last_checkpoint = Callback()
         plugins = config.trainer.plugins or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):

@@ -33,7 +33,23 @@ def test_ckpt_path_last_resumes_the_newest_run(trained, capsys):
     assert cli.trainer.global_step == torch.load(trained, weights_only=True)["global_step"]
     (trained.parents[3] / "elsewhere").mkdir()
     message = ends_in_clear_error(["fit", "--ckpt_path", "last", "--trainer.default_root_dir", "elsewhere"], capsys)
-    assert "ckpt_path 'last': no elsewhere/lightning_logs/version_*/checkpoints/last.ckpt" in message
+    assert (
+        "ckpt_path 'last': no last.ckpt in elsewhere/lightning_logs/version_*/checkpoints or elsewhere/check" in message
+    )
+
+
+def test_ckpt_path_last_is_the_newest_also_of_a_run_without_a_logger(trained):
+    """Without a logger ModelCheckpoint writes to checkpoints/; "last" is the newest last.ckpt of all the runs."""
+    cli_main(["fit", "--trainer.max_epochs", "1", "--trainer.logger", "false", *QUIET])
+    cli = cli_main(["validate", "--ckpt_path", "last", *QUIET])  # not the older lightning_logs/version_0's
+    assert cli.config.validate.ckpt_path == str(Path("checkpoints") / "last.ckpt")
+
+
+def test_enable_checkpointing_false_writes_no_checkpoint(tmp_path, synthetic_data_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false", *QUIET])
+    assert cli.trainer.checkpoint_callback is None and "test/sum_acc" in cli.trainer.callback_metrics
+    assert not list(tmp_path.rglob("*.ckpt")) and "(weights at the end of fit)" in capsys.readouterr().out
 
 
 def test_best_names_the_newest_runs_best_checkpoint(trained, capsys):
@@ -291,7 +307,9 @@ def test_names_the_trainer_resolves_are_left_to_it(name):
         read_checkpoint(name)
 
 
-@pytest.mark.parametrize("name, expected", [("last", "no lightning_logs/version_*"), ("best", "name the file")])
+@pytest.mark.parametrize(
+    "name, expected", [("last", "no last.ckpt in lightning_logs/version_*"), ("best", "name the file")]
+)
 @pytest.mark.parametrize("script", ["export.py", "demo.py", "cli.py"])
 def test_last_is_the_newest_runs_and_best_a_file_to_name(tmp_path, monkeypatch, script, name, expected):
     """Everywhere: "last" is the newest run's (none here); "best", the Trainer's best of a fit in the same process."""

@@ -33,7 +33,10 @@ def find_checkpoint(path: str, root: Path) -> str:
         return path
     newest = newest_checkpoint(root, "last.ckpt")
     if newest is None:
-        raise UsageError(f"ckpt_path 'last': no {root / 'lightning_logs'}/version_*/checkpoints/last.ckpt")
+        raise UsageError(
+            f"ckpt_path 'last': no last.ckpt in {root / 'lightning_logs'}/version_*/checkpoints "
+            f"or {root / 'checkpoints'}"
+        )
     rank_zero_info(f"ckpt_path last: {newest}")
     return str(newest)
 
@@ -158,7 +161,8 @@ def run_folder(checkpoint: Path) -> Path | None:
 
 
 def newest_checkpoint(root: Path, name: str = "*.ckpt") -> Path | None:
-    candidates = list((root / "lightning_logs").glob(f"version_*/checkpoints/{name}"))
+    """The newest `name` where ModelCheckpoint writes under `root`: a run's folder, or checkpoints/ with no logger."""
+    candidates = [*(root / "lightning_logs").glob(f"version_*/checkpoints/{name}"), *root.glob(f"checkpoints/{name}")]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
