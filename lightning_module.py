@@ -127,6 +127,7 @@ class MNISTAdder(L.LightningModule):
         self.val_sum_acc_best = MaxMetric(sync_on_compute=False)  # of val/sum_acc, synced already
         self.val_sum_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps its best so far
         self.val_fit = ValidationFit()
+        self._checkpoint_optimizers = None  # the optimizer classes of the checkpoint loaded last
 
     def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         return self.calibrated(self.net(images, numbers))
@@ -289,7 +290,21 @@ class MNISTAdder(L.LightningModule):
     def setup(self, stage: str) -> None:
         own_metric_states(self)  # runs before a restore
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Its state only fits an optimizer of the same class; from Python, the optimizer is no hyperparameter.
+        checkpoint["optimizer_classes"] = [_qualified(type(optimizer)) for optimizer in self.trainer.optimizers]
+
+    def on_fit_start(self) -> None:
+        # Here the optimizers are built, and a resumed fit's state is not loaded into them yet.
+        saved, built = self._checkpoint_optimizers, [_qualified(type(o)) for o in self.trainer.optimizers]
+        if self.trainer.ckpt_path and saved is not None and saved != built:
+            raise UsageError(
+                f"{self.trainer.ckpt_path} was trained with {', '.join(saved)} and this fit builds "
+                f"{', '.join(built)}: resume with the same optimizer (--model.optimizer, from Python optimizer=)"
+            )
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._checkpoint_optimizers = checkpoint.get("optimizer_classes")  # absent: saved before they were recorded
         if not {"calibrated_step", "feature_whitening"} <= checkpoint["state_dict"].keys():
             raise UsageError("this checkpoint was written by an older version of this model: train it anew")
         calibrated = int(checkpoint["state_dict"]["calibrated_step"])
@@ -303,3 +318,7 @@ class MNISTAdder(L.LightningModule):
 
     def configure_optimizers(self):
         return optimizer_and_schedule(self, self.optimizer, self.scheduler, self.hparams.scheduler_interval)
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

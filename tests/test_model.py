@@ -16,6 +16,7 @@ from cli import DEFAULT_CONFIG
 from conftest import synthetic_digits
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
+from mnist_adder.errors import UsageError
 from mnist_adder.model.net import logit_mismatch, split_logits, sum_consistency
 
 
@@ -121,6 +122,27 @@ def test_overfits_a_few_fixed_batches(tmp_path, sum_loss):
             logits = model(batch["image"], batch["number"])
             assert torch.equal(logits[:, :10].argmax(1), batch["digit"])
             assert torch.equal(logits[:, 10:].argmax(1), batch["sum"])
+
+
+def test_resuming_with_another_optimizer_is_refused_before_its_state_is_loaded(tmp_path):
+    """An optimizer given from Python is no hyperparameter: resumed with the default SGD, Adam's state would end in
+    a KeyError at the first step. The same optimizer resumes."""
+    adam, batches = partial(torch.optim.Adam, lr=3e-3), DataLoader(fixed_batches(), batch_size=None)
+    trainer = quiet_trainer(tmp_path, max_steps=2)
+    trainer.fit(MNISTAdder(channels=(8, 16, 16), optimizer=adam, scheduler=None), batches)
+    trainer.save_checkpoint(tmp_path / "adam.ckpt")
+    with pytest.raises(
+        UsageError, match=r"trained with torch\.optim\.adam\.Adam and this fit builds torch\.optim\.sgd"
+    ):
+        sgd = MNISTAdder(channels=(8, 16, 16), scheduler=None)
+        quiet_trainer(tmp_path, max_steps=3).fit(sgd, batches, ckpt_path=tmp_path / "adam.ckpt")
+    resumed = quiet_trainer(tmp_path, max_steps=3)
+    resumed.fit(
+        MNISTAdder(channels=(8, 16, 16), optimizer=adam, scheduler=None),
+        batches,
+        ckpt_path=tmp_path / "adam.ckpt",
+    )
+    assert resumed.global_step == 3
 
 
 def test_brier_sum_loss_rewards_probability_on_the_true_sum_and_nothing_else():
