@@ -4,7 +4,7 @@ minutes on two cores, and one more per checkpoint).
 Makes `--per-kind` phone-like photos of each kind of non-digit picture for validation and for the held-out test
 set (the "val" and "test" splits of mnist_adder/data/non_digits.py, photographed by non_digit_photos.py), reads
 them as `predict` does (a picture it refuses, a digit cut off by the edge say, counts as caught), and scores them
-and the real digits five ways, from the checkpoint's 29 logits or the conv features under them:
+and the real digits seven ways, from the checkpoint's 29 logits or the conv features under them:
 
 - msp: minus the calibrated maximum softmax probability of the digit head (Hendrycks & Gimpel, 2017);
 - energy: minus the log-sum-exp of the calibrated digit logits (Liu et al., 2020);
@@ -16,10 +16,12 @@ and the real digits five ways, from the checkpoint's 29 logits or the conv featu
 - relative_mahalanobis: mahalanobis_clean minus the distance to the mean of all 20,000 images under their own
   covariance, one Gaussian for every digit (Ren et al., 2021, a fix for shapes near the digits);
 - mahalanobis_penultimate: the same fit and distance on the penultimate layer (the first FC layer's output,
-  after its ReLU), which sees the picture's number too: each training image is fitted with a random one.
+  after its ReLU), which sees the picture's number too: each training image is fitted with a random one;
+- mahalanobis_layers: the conv features of every stage (Lee et al.'s ensemble of layers): the earlier stages'
+  averaged over their pixels, each stage's mahalanobis_clean distance divided by its width, summed.
 
 Training with outlier exposure (the data's `non_digits`, the model's `not_digit_weight`) is one more method: each
-`--training` group of checkpoints (trained with it or without, or on other non-digits) is scored these five
+`--training` group of checkpoints (trained with it or without, or on other non-digits) is scored these seven
 ways. Each score's threshold refuses `calibration.NOT_DIGIT_SHARE` of the validation digits (mahalanobis's is the
 one the last validation pass fitted, as `predict` uses it). Every picture is scored with a number, as `predict`
 scores it: a digit of the val or test set with its own, a photo with a random one.
@@ -50,13 +52,21 @@ from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist  # noqa: E
 from mnist_adder.errors import UsageError  # noqa: E402
 from mnist_adder.model.calibration import NOT_DIGIT_SHARE  # noqa: E402
 from mnist_adder.model.feature_distance import FeatureStats, feature_distance  # noqa: E402
-from mnist_adder.model.net import split_logits  # noqa: E402
+from mnist_adder.model.net import MNIST_MEAN, MNIST_STD, split_logits  # noqa: E402
 from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
 from non_digit_photos import KINDS, non_digit_photos  # noqa: E402
 from phone import phone_photo  # noqa: E402
 
 START, END = "<!-- not_a_digit:start -->", "<!-- not_a_digit:end -->"
-METHODS = ("msp", "energy", "mahalanobis", "mahalanobis_clean", "relative_mahalanobis", "mahalanobis_penultimate")
+METHODS = (
+    "msp",
+    "energy",
+    "mahalanobis",
+    "mahalanobis_clean",
+    "relative_mahalanobis",
+    "mahalanobis_penultimate",
+    "mahalanobis_layers",
+)
 
 
 def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
@@ -92,6 +102,7 @@ class Scores:
             "mahalanobis_clean": self.fit(features, train_digits),
             "mahalanobis_penultimate": self.fit(self.penultimate(features, numbers), train_digits),
         }
+        self.fits["layers"] = [self.fit(f, train_digits) for f in self.early(train_images)]
         means, whitening = self.fit(features, torch.zeros_like(train_digits))  # all as one digit: one Gaussian
         self.fits["background"] = (means[:1], whitening)  # that digit's mean only
 
@@ -107,6 +118,21 @@ class Scores:
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.model.net.image_features(chunk) for chunk in images.split(1000)])
+
+    @torch.no_grad()
+    def early(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Each earlier stage's output, averaged over its pixels: [N, channels] per stage."""
+        outputs = {}
+        for chunk in images.split(1000):
+            x = (chunk - MNIST_MEAN) / MNIST_STD
+            last = {}
+            for layer in self.model.net.image[:-1]:
+                x = layer(x)
+                if isinstance(layer, torch.nn.ReLU):
+                    last[x.shape[-1]] = x.mean((2, 3))
+            for size, pooled in last.items():
+                outputs.setdefault(size, []).append(pooled)
+        return [torch.cat(outputs[size]) for size in sorted(outputs, reverse=True)[:-1]]
 
     @torch.no_grad()
     def penultimate(self, features: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
@@ -131,6 +157,12 @@ class Scores:
             ).numpy(),
             "mahalanobis_penultimate": feature_distance(
                 self.penultimate(features, numbers), *self.fits["mahalanobis_penultimate"]
+            ).numpy(),
+            "mahalanobis_layers": sum(
+                feature_distance(f, *fit) / f.shape[1]
+                for f, fit in zip(
+                    [*self.early(images), features], [*self.fits["layers"], self.fits["mahalanobis_clean"]]
+                )
             ).numpy(),
         }
 
