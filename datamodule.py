@@ -107,6 +107,13 @@ class MNISTAdderData(L.LightningDataModule):
             if all(row["error"] for row in self.manifest_rows):  # Lightning would skip an empty loader, silently
                 first = next((f"{row['file']}: {row['error']}" for row in self.manifest_rows), "it has none")
                 raise UsageError(f"predict_manifest {self.hparams.predict_manifest!r}: no row to predict ({first})")
+            rows = sum(not row["error"] for row in self.manifest_rows)
+            processes = self.trainer.world_size if self.trainer else 1
+            if rows < processes:  # a process with no row would skip predict, the others wait for it
+                raise UsageError(
+                    f"predict_manifest {self.hparams.predict_manifest!r}: {rows} row(s) to predict for {processes} "
+                    f"processes: predict with --trainer.devices {rows} or fewer"
+                )
             return
         if not hasattr(self, "test_set"):
             self._load()

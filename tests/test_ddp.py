@@ -355,3 +355,6 @@ def test_predict_under_ddp_writes_one_complete_csv(tmp_path, real_data_dir):
     rows, expected = (list(csv.DictReader((tmp_path / name).open())) for name in ("ddp.csv", "one.csv"))
     assert [r["id"] for r in rows] == [line.split(",")[2] for line in lines[1:]]
     assert rows == expected and all(r["pred_digit"] for r in rows if r["id"].startswith("p"))
+    (tmp_path / "single_row.csv").write_text(f"file,number\n{pictures / row['file']},3\n")  # one row, two processes
+    done = cli_under_ddp(tmp_path, *predict[:-3], str(tmp_path / "single_row.csv"), timeout=300)  # waiting: a timeout
+    assert done.returncode != 0 and "1 row(s) to predict for 2 processes" in done.stderr, done.stderr[-3000:]
