@@ -5,7 +5,6 @@ the predicted digit, the sum, their probabilities and the 28x28 picture the net 
 import argparse
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
 
@@ -19,7 +18,7 @@ from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist  # noqa: E
 from mnist_adder.errors import UsageError  # noqa: E402
 from mnist_adder.model.calibration import UNSURE_BELOW  # noqa: E402
 from mnist_adder.model.net import split_logits  # noqa: E402
-from mnist_adder.run.checkpoints import find_checkpoint, read_checkpoint  # noqa: E402
+from mnist_adder.run.checkpoints import load_for_inference  # noqa: E402
 
 INTRO = (
     "# mnist-adder\nDraw a digit (or upload a photo of one: dark ink on light paper is fine), pick a "
@@ -132,9 +131,7 @@ def main(argv=None) -> None:
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be within 1..65535, got {args.port}")
     try:
-        path = find_checkpoint(args.ckpt_path, Path("."))
-        read_checkpoint(path)
-        model = MNISTAdder.load_from_checkpoint(path, map_location="cpu").eval()
+        model = load_for_inference(MNISTAdder, args.ckpt_path)
     except UsageError as err:
         sys.exit(f"error: {err}")
     try:

@@ -17,7 +17,7 @@ import torch
 from lightning_module import MNISTAdder
 from mnist_adder.data.mnist_files import check_writable, write_atomic
 from mnist_adder.errors import UsageError
-from mnist_adder.run.checkpoints import find_checkpoint, read_checkpoint
+from mnist_adder.run.checkpoints import load_for_inference
 
 OPSET = 18
 
@@ -36,12 +36,10 @@ class Answer(torch.nn.Module):
 def export(ckpt_path: str, output: Path) -> Path:
     """Write the checkpoint's model (net and temperatures) to `output` as ONNX (atomically); UsageError for a bad
     checkpoint."""
-    ckpt_path = find_checkpoint(ckpt_path, Path("."))
-    read_checkpoint(ckpt_path)  # one clear line for a missing, truncated or foreign file
     if output.is_dir():
         raise UsageError(f"output {str(output)!r} is a folder: name the file, e.g. {output / 'model.onnx'}")
     check_writable(output.parent, "output's folder")
-    model = MNISTAdder.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    model = load_for_inference(MNISTAdder, ckpt_path)
     model.net.to(memory_format=torch.contiguous_format)
     example = (torch.rand(2, 1, 28, 28), torch.tensor([3, 7]))
     batch = torch.export.Dim("batch", min=1)

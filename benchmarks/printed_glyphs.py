@@ -25,7 +25,7 @@ from lightning_module import MNISTAdder  # noqa: E402
 from mnist_adder.data.non_digits import GLYPHS, fonts_drawing, print_glyph  # noqa: E402
 from mnist_adder.errors import UsageError  # noqa: E402
 from mnist_adder.model.net import split_logits  # noqa: E402
-from mnist_adder.run.checkpoints import read_checkpoint  # noqa: E402
+from mnist_adder.run.checkpoints import load_for_inference  # noqa: E402
 from non_digit_photos import photograph  # noqa: E402
 
 START, END = "<!-- printed_glyphs:start -->", "<!-- printed_glyphs:end -->"
@@ -56,9 +56,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     source = commit()
-    for path in args.checkpoints:
-        read_checkpoint(path)  # one clear line for a missing or unreadable file
-    models = [MNISTAdder.load_from_checkpoint(path, map_location="cpu").eval() for path in args.checkpoints]
+    models = [load_for_inference(MNISTAdder, path) for path in args.checkpoints]
     rng = np.random.default_rng(0)
     found = {
         glyph: [caught(models, glyph, split, args.per_glyph, rng) for split in FONT_SETS.values()]

@@ -41,6 +41,14 @@ def find_checkpoint(path: str, root: Path) -> str:
     return str(newest)
 
 
+def load_for_inference(model_class: type[L.LightningModule], path: str) -> L.LightningModule:
+    """The `model_class` of the checkpoint at `path` (or "last"), on the CPU in eval mode; UsageError, in one line,
+    for a missing, unreadable or foreign file."""
+    path = find_checkpoint(path, Path("."))
+    read_checkpoint(path)
+    return model_class.load_from_checkpoint(path, map_location="cpu").eval()
+
+
 def read_checkpoint(path: str, trainer_names: bool = False) -> dict | None:
     """The checkpoint at `path`; with `trainer_names`, None for the names a Trainer resolves (`TRAINER_NAMES`).
     UsageError, in one line, if unreadable."""
