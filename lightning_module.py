@@ -107,9 +107,9 @@ class MNISTAdder(L.LightningModule):
         if not 0 <= label_smoothing < 1 or not 0 <= dropout < 1:
             raise UsageError(f"label_smoothing and dropout must be within [0, 1), got {label_smoothing} and {dropout}")
         self.save_hyperparameters()
-        for name in ("optimizer", "scheduler"):  # from LightningCLI, their config; from Python, callables: not kept
-            if callable(self.hparams[name]):
-                del self.hparams[name]
+        callables = [name for name in ("optimizer", "scheduler") if callable(self.hparams[name])]
+        if callables:  # from Python (from LightningCLI: their config), which no checkpoint or logger can hold
+            self.save_hyperparameters(ignore=callables)
         self.automatic_optimization = False
         self.optimizer, self.scheduler = optimizer, scheduler
         self.net = DualInputNet(tuple(channels), number_features, hidden, dropout, convs_per_stage)

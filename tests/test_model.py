@@ -8,6 +8,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from lightning import Callback, Trainer
 from lightning.pytorch.cli import LRSchedulerCallable
+from lightning.pytorch.core.saving import load_hparams_from_yaml, save_hparams_to_yaml
 from lightning.pytorch.plugins import MixedPrecision
 from torch.optim.lr_scheduler import OneCycleLR
 from torch.utils.data import DataLoader
@@ -122,6 +123,14 @@ def test_overfits_a_few_fixed_batches(tmp_path, sum_loss):
             logits = model(batch["image"], batch["number"])
             assert torch.equal(logits[:, :10].argmax(1), batch["digit"])
             assert torch.equal(logits[:, 10:].argmax(1), batch["sum"])
+
+
+def test_a_model_built_in_python_logs_hyperparameters_its_hparams_yaml_can_give_back(tmp_path):
+    """Its optimizer and scheduler are callables: neither hparams nor hparams_initial (what loggers write) has them."""
+    model = MNISTAdder(scheduler=partial(OneCycleLR, max_lr=0.1))
+    save_hparams_to_yaml(tmp_path / "hparams.yaml", model.hparams_initial)
+    assert load_hparams_from_yaml(tmp_path / "hparams.yaml") == model.hparams == {**model.hparams_initial}
+    assert {"optimizer", "scheduler"}.isdisjoint(model.hparams) and model.hparams.hidden == 512
 
 
 def test_resuming_with_another_optimizer_is_refused_before_its_state_is_loaded(tmp_path):

@@ -135,6 +135,17 @@ def test_a_setting_in_a_config_file_ckpt_path_included_is_checked_as_on_the_comm
     assert "model.hidden 512, this run sets 256" in ends_in_clear_error(args, capsys)
 
 
+def test_a_data_section_given_whole_names_only_the_keys_it_holds(run_in_runs, synthetic_data_dir, tmp_path, capsys):
+    """`--data FILE` (jsonargparse's form for a whole section) gives the file's keys, not every data setting."""
+    last, data = run_in_runs / "checkpoints" / "last.ckpt", tmp_path / "data.yaml"
+    data.write_text(f"data_dir: {synthetic_data_dir}\n")
+    args = ["fit", "--ckpt_path", str(last), "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
+    cli = cli_main([*args, "--data", str(data)])
+    assert cli.datamodule.hparams.val_size == 100  # the checkpoint's, not refused against the default 5000
+    data.write_text(f"data_dir: {synthetic_data_dir}\nbatch_size: 256\n")  # given, though the default
+    assert "data.batch_size 50, this run sets 256" in ends_in_clear_error([*args, "--data", str(data)], capsys)
+
+
 def test_the_checkpoint_decides_the_settings_a_run_does_not_give(tmp_path, synthetic_data_dir, monkeypatch):
     """Trained with other model and data settings, a checkpoint is resumed and tested without repeating them."""
     monkeypatch.chdir(tmp_path)

@@ -126,12 +126,26 @@ def checkpoint_settings(checkpoint: dict) -> dict:
 
 
 def named_settings(args: list[str], config_files) -> set[str]:
-    """The dotted keys a run names itself, on the command line or in a --config file, whatever their value."""
-    names = {arg[2:].partition("=")[0] for arg in args if arg.startswith("--")}
+    """The dotted keys a run names itself, on the command line or in a --config file, whatever their value. A
+    section given whole (`--data FILE` or `--data '{...}'`, as jsonargparse takes it) names the keys it holds."""
+    names = set()
+    for arg, following in zip(args, [*args[1:], ""]):
+        name, equals, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        section = yaml_dict(value if equals else following) if name in ("model", "data") else None
+        names |= {f"{name}.{key}" for key in flat(section)} if section else {name} - {""}
     for file in map(Path, map(str, config_files)):
         if file.is_file():
             names |= set(flat(yaml.safe_load(file.read_text()) or {}))
     return names
+
+
+def yaml_dict(value: str) -> dict | None:
+    """`value` as jsonargparse reads a section's value: a YAML file's content or inline YAML; None unless a dict."""
+    try:
+        loaded = yaml.safe_load(Path(value).read_text() if Path(value).is_file() else value)
+    except (OSError, yaml.YAMLError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 def apply_checkpoint(config, defaults, named: set[str], checkpoint: dict, path: str, evaluating: bool) -> None:
