@@ -44,7 +44,7 @@ from mnist_adder.run.progress import EpochLog, ProgressBar
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-DEFAULT_LOG_DIR = yaml.safe_load(DEFAULT_CONFIG.read_text())["trainer"]["logger"]["init_args"]["save_dir"]
+DEFAULT_SAVE_DIR = yaml.safe_load(DEFAULT_CONFIG.read_text())["trainer"]["logger"]["init_args"]["save_dir"]
 DESCRIPTION = """mnist-adder: a network reads an MNIST digit and a number 0-9 and predicts the digit and their sum.
 
   fit       train (configs/default.yaml unless --config says more), then test the best checkpoint
@@ -199,7 +199,7 @@ class AdderCLI(LightningCLI):
         if not (hasattr(logger, "class_path") and logger.class_path.endswith("TensorBoardLogger")):
             return
         args = logger.init_args
-        if (str(args.save_dir), args.name, args.version) != (DEFAULT_LOG_DIR, "lightning_logs", None):
+        if (str(args.save_dir), args.name, args.version) != (DEFAULT_SAVE_DIR, "lightning_logs", None):
             return  # set by the user: theirs
         folder = run_folder(Path(ckpt_path)) if ckpt_path and not config.trainer.default_root_dir else None
         if folder is not None:

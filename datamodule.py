@@ -211,10 +211,10 @@ class MNISTAdderData(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         """The train loader's state, kept here as well: Lightning sets the loader up before it restores a checkpoint
-        (the schedule needs the run's length), and then does not hand the loader its saved state. The loader keeps
-        its own state_dict / load_state_dict: they tell Lightning that it resumes mid-epoch, and serve a run whose
-        schedule does not need the run's length."""
-        return {"train_loader": self._train_position()} if self._fitting() else {}
+        (the schedule needs the run's length), and then does not hand the loader its saved state (Lightning issue
+        #20550). The loader keeps its own state_dict / load_state_dict: they tell Lightning that it resumes
+        mid-epoch, and serve a run whose schedule does not need the run's length."""
+        return {"train_loader": self._train_position()} if self._has_train_loader() else {}
 
     def _train_position(self) -> dict:
         """The train loader's epoch, the batches trained in it (one a step, so a batch that Ctrl-C stopped mid-step
@@ -230,7 +230,7 @@ class MNISTAdderData(L.LightningDataModule):
         if "train_loader" in state and self.trainer is not None and self.trainer.state.fn == "fit":
             self.train_set.resume = state["train_loader"]
 
-    def _fitting(self) -> bool:
+    def _has_train_loader(self) -> bool:
         return self.trainer is not None and isinstance(self.trainer.train_dataloader, ResumableLoader)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:

@@ -244,7 +244,7 @@ class MNISTAdder(L.LightningModule):
                 # The value, not the object, which Lightning would reset every epoch. It is the same on every
                 # process; sync_dist (a mean of equal values) tells Lightning so.
                 self.log("val/sum_acc_best", self.val_sum_acc_best.compute(), sync_dist=True)
-            logits, digits, sums = self.val_fit.local()
+            logits, digits, sums = self.val_fit.logits_and_targets()
             update_calibration(self.val_metrics, "", self.calibrated(logits), digits, sums)
         self.val_fit.reset()
         self.feature_fit.reset()

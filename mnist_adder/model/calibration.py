@@ -66,12 +66,13 @@ class ValidationFit(Metric):
         self.digits.append(digits)
         self.sums.append(sums)
 
-    def local(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This process's own logits, digits and sums (outside `compute`, the states are unsynced)."""
+    def logits_and_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The logits, digits and sums: this process's own, or every process's within `compute` (torchmetrics syncs
+        the states for it)."""
         return dim_zero_cat(self.logits), dim_zero_cat(self.digits), dim_zero_cat(self.sums)
 
     def compute(self, not_digit_score: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, digits, sums = self.local()
+        logits, digits, sums = self.logits_and_targets()
         digit_logits, sum_logits = split_logits(logits)
         temperatures = torch.tensor([fit_temperature(digit_logits, digits), fit_temperature(sum_logits, sums)])
         scores = not_digit_score(dim_zero_cat(self.features)).double()
