@@ -142,9 +142,6 @@ class AdderCLI(LightningCLI):
                 "trainer.accumulate_grad_batches does not apply to this model's manual-optimization "
                 "step; for larger effective batches raise --data.batch_size"
             )
-        root = trainer.default_root_dir
-        if root and "://" not in str(root) and not trainer.fast_dev_run:  # the run's folder goes there (a URL: remote)
-            check_writable(Path(root), "trainer.default_root_dir")
         ckpt_path = config.get("ckpt_path")
         if self.subcommand in ("validate", "test", "predict") and not ckpt_path and not trainer.fast_dev_run:
             newest = newest_checkpoint(Path(trainer.default_root_dir or "."))
@@ -153,9 +150,12 @@ class AdderCLI(LightningCLI):
                 + (
                     f" (the newest here: --ckpt_path {newest})"
                     if newest
-                    else " (none found under lightning_logs/: train with `python cli.py fit` first)"
+                    else " (none found in lightning_logs/ or checkpoints/: train with `python cli.py fit` first)"
                 )
             )
+        root = trainer.default_root_dir
+        if root and "://" not in str(root) and not trainer.fast_dev_run:  # made after the refusals above
+            check_writable(Path(root), "trainer.default_root_dir")
         self._place_logs(config, ckpt_path)
         bar = trainer.enable_progress_bar
         show_bar = bar or (bar is None and sys.stdout.isatty())
