@@ -32,6 +32,7 @@ from mnist_adder.run.checkpoints import (
     apply_checkpoint,
     check_weights,
     find_checkpoint,
+    is_url,
     named_settings,
     newest_checkpoint,
     read_checkpoint,
@@ -154,7 +155,7 @@ class AdderCLI(LightningCLI):
                 )
             )
         root = trainer.default_root_dir
-        if root and "://" not in str(root) and not trainer.fast_dev_run:  # made after the refusals above
+        if root and not is_url(root) and not trainer.fast_dev_run:  # made after the refusals above
             check_writable(Path(root), "trainer.default_root_dir")
         self._place_logs(config, ckpt_path)
         bar = trainer.enable_progress_bar
@@ -208,7 +209,7 @@ class AdderCLI(LightningCLI):
             config.trainer.logger = False  # no new, nearly empty run folder
         else:
             root = str(config.trainer.default_root_dir or ".")
-            args.save_dir = root if "://" in root else str(Path(root).resolve())  # a URL stays remote
+            args.save_dir = root if is_url(root) else str(Path(root).resolve())
 
     def _check_weights(self) -> None:
         if self.checkpoint is not None:

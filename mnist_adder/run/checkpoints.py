@@ -217,6 +217,11 @@ class SaveOnInterrupt(Callback):
         rank_zero_info(f"Stopped by {cause}: saved {path}\nResume with the same options plus: --ckpt_path {path}")
 
 
+def is_url(path) -> bool:
+    """A URL (s3://..., memory://...) names a place fsspec writes to, not a local file or folder."""
+    return "://" in str(path)
+
+
 class CheckpointNotWritten(Exception):
     """A checkpoint could not be written (a full disk, a read-only folder): the message is one line."""
 
@@ -228,7 +233,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     or a crash can cut short under the checkpoint's name. Remote paths (a URL) keep Lightning's save."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        if "://" in str(path):
+        if is_url(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         buffer = io.BytesIO()
