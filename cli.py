@@ -305,7 +305,6 @@ def cli_main(args=None, run: bool = True) -> AdderCLI:
             MNISTAdderData,
             args=args,
             run=run,
-            seed_everything_default=0,
             parser_class=ShortErrorParser,
             parser_kwargs=parser_kwargs,
             auto_configure_optimizers=False,
