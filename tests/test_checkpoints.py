@@ -65,6 +65,7 @@ def test_demo_serves_the_newest_runs_last_checkpoint(trained, monkeypatch):
     demo.main(["--ckpt_path", "last", "--port", "65535"])  # the highest port there is
     saved = torch.load(trained, weights_only=True)["state_dict"]
     assert len(served) == 1 and all(torch.equal(t, saved[k]) for k, t in served[0].state_dict().items())
+    assert not served[0].training  # BatchNorm reads its running statistics, and leaves them as they are
 
 
 class CtrlC(Callback):

@@ -152,6 +152,9 @@ def test_resuming_with_another_optimizer_is_refused_before_its_state_is_loaded(t
         ckpt_path=tmp_path / "adam.ckpt",
     )
     assert resumed.global_step == 3
+    tuned = quiet_trainer(tmp_path, max_steps=2)  # a loaded model fitted afresh (no ckpt_path) may take another
+    tuned.fit(MNISTAdder.load_from_checkpoint(tmp_path / "adam.ckpt", optimizer=sgd.optimizer), batches)
+    assert tuned.global_step == 2
 
 
 def test_brier_sum_loss_rewards_probability_on_the_true_sum_and_nothing_else():

@@ -1,6 +1,7 @@
 import csv
 import io
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -242,6 +243,17 @@ def test_predicting_pictures_needs_no_mnist(checkpoint, tmp_path):
         str(output),
     )
     assert [row["error"] for row in csv.DictReader(output.open())] == [""]
+
+
+def test_a_manifest_with_fewer_rows_than_processes_is_refused(tmp_path):
+    """A process with no row would skip predict while the others wait for it in a collective."""
+    (tmp_path / "inputs.csv").write_text("file,number\n4.png,5\n")
+    data = MNISTAdderData(str(tmp_path / "no_mnist"), predict_manifest=str(tmp_path / "inputs.csv"))
+    data.trainer = SimpleNamespace(world_size=1)
+    data.setup("predict")
+    data.trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match=r"1 row\(s\) to predict for 2 processes: predict with --trainer.devices 1"):
+        data.setup("predict")
 
 
 @pytest.mark.parametrize("lines, expected", [(["8.png,12"], "8.png: number must be an integer 0..9"), ([], "none")])

@@ -8,6 +8,7 @@ import torch
 from lightning import Callback
 
 from cli import cli_main
+from mnist_adder.run.checkpoints import named_settings
 from test_bad_inputs import ends_in_clear_error
 from test_cli import SMALL, val_curve
 
@@ -144,6 +145,14 @@ def test_a_data_section_given_whole_names_only_the_keys_it_holds(run_in_runs, sy
     assert cli.datamodule.hparams.val_size == 100  # the checkpoint's, not refused against the default 5000
     data.write_text(f"data_dir: {synthetic_data_dir}\nbatch_size: 256\n")  # given, though the default
     assert "data.batch_size 50, this run sets 256" in ends_in_clear_error([*args, "--data", str(data)], capsys)
+
+
+def test_a_section_given_inline_names_the_keys_it_holds():
+    assert named_settings(["--data", "{data_dir: x, batch_size: 256}"], []) == {"data.data_dir", "data.batch_size"}
+    assert named_settings(["--model={hidden: 256}", "--seed_everything", "1"], []) == {
+        "model.hidden",
+        "seed_everything",
+    }
 
 
 def test_the_checkpoint_decides_the_settings_a_run_does_not_give(tmp_path, synthetic_data_dir, monkeypatch):
