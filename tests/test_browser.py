@@ -216,7 +216,7 @@ def test_tensorboard_opens_on_the_dashboard_after_a_default_run(default_checkpoi
         "losses",
         "learning rate",
         "sum = predicted digit + number",
-        "calibration error",
+        "calibration error (in-sample: the temperatures fitted on the same pass)",
     ):
         page.get_by_text(title, exact=True).first.wait_for(timeout=60_000)
     page.wait_for_timeout(3000)  # the charts draw their lines

@@ -30,7 +30,10 @@ CHARTS = [
     ),
     ("learning rate", ["lr-.*"]),
     ("sum = predicted digit + number", ["val/sum_consistency", "test/sum_consistency_all_pairs"]),
-    ("calibration error", ["val/digit_ece", "val/sum_ece", "val/digit_ece_uncalibrated", "val/sum_ece_uncalibrated"]),
+    (
+        "calibration error (in-sample: the temperatures fitted on the same pass)",
+        ["val/digit_ece", "val/sum_ece", "val/digit_ece_uncalibrated", "val/sum_ece_uncalibrated"],
+    ),
 ]
 # The figures an HPARAMS row shows beside the settings.
 HPARAM_METRICS = ["val/sum_acc_best", "test/digit_acc", "test/sum_acc_all_pairs"]
