@@ -48,8 +48,9 @@ class MNISTAdderData(L.LightningDataModule):
         non_digits: generated pictures that are no digit (mnist_adder/data/non_digits.py) added to the training
             images, as a share of them, with the digit -1: the model learns to refuse them (0 adds none).
         feature_images: training images (the first of the seeded split), as they are, that each validation also
-            reads (a second loader): the model's "not a digit" distance is measured to their conv features (0: no
-            second loader, and no picture is answered "not a digit").
+            reads (a second loader, which the Trainer's ``limit_val_batches`` limits too): the model's "not a digit"
+            distance is measured to their conv features (0: no second loader, and no picture is answered "not a
+            digit").
         on_device: keep all images on the accelerator and cut batches there (fast on a GPU).
         predict_manifest: a CSV with the columns ``file,number`` (paths relative to the CSV's folder):
             ``predict`` then reads these pictures instead of the test set.
