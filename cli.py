@@ -1,6 +1,7 @@
 """Command line: `python cli.py fit|validate|test|predict [--config FILE] [--key value ...]`."""
 
 import argparse
+import importlib
 import json
 import signal
 import sys
@@ -12,8 +13,8 @@ import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.accelerators import MPSAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ProgressBar as BaseProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import CheckpointIO
@@ -63,6 +64,15 @@ UNACTIONABLE_WARNINGS = ["LightningCLI's args parameter", r"`isinstance\(treespe
 
 def _data_seed(seed: int | bool) -> int:
     return 0 if isinstance(seed, bool) else seed
+
+
+def _as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def _class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -160,9 +170,11 @@ class AdderCLI(LightningCLI):
         self._place_logs(config, ckpt_path)
         bar = trainer.enable_progress_bar
         show_bar = bar or (bar is None and sys.stdout.isatty())
-        if not show_bar:  # the epoch lines instead; left unset, Lightning would add its own bar beside them
-            trainer.enable_progress_bar = False
-        self.trainer_defaults["callbacks"].append(ProgressBar() if show_bar else EpochLog())
+        own_bar = any(issubclass(_class(c.class_path), BaseProgressBar) for c in _as_list(trainer.callbacks))
+        if not own_bar:  # the user's own progress bar, say TQDMProgressBar, shows instead
+            if not show_bar:  # the epoch lines instead; left unset, Lightning would add its own bar beside them
+                trainer.enable_progress_bar = False
+            self.trainer_defaults["callbacks"].append(ProgressBar() if show_bar else EpochLog())
         if config.trainer.logger:  # both draw into the logger (LearningRateMonitor refuses a Trainer without one)
             self.trainer_defaults["callbacks"] += [LearningRateMonitor("step"), Dashboard()]
 
@@ -172,24 +184,13 @@ class AdderCLI(LightningCLI):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if config.trainer.enable_checkpointing is False:  # Lightning refuses any ModelCheckpoint then: ours go
             config.checkpoint = config.last_checkpoint = Callback()
-        plugins = config.trainer.plugins or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
+        plugins = _as_list(config.trainer.plugins)
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except ValueError as err:  # Lightning's word on a trainer setting, e.g. a strategy it does not know
             raise UsageError(f"trainer: {err}") from None
-        if trainer.precision not in ("32-true", "16-mixed", "bf16-mixed"):  # "-true" casts every buffer
-            raise UsageError(
-                f'trainer.precision {trainer.precision}: the temperatures and the "not a digit" statistics stay '
-                "float32; use 32-true, or 16-mixed / bf16-mixed for speed"
-            )
-        if isinstance(trainer.accelerator, MPSAccelerator):  # `auto` picks it on Apple silicon
-            raise UsageError(
-                "trainer.accelerator: Apple's MPS has no float64, which the temperatures' and the \"not a digit\" "
-                "fits sum in; add --trainer.accelerator cpu"
-            )
         return trainer
 
     def _place_logs(self, config, ckpt_path) -> None:

@@ -4,6 +4,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import MPSAccelerator
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -288,6 +289,17 @@ class MNISTAdder(L.LightningModule):
         }
 
     def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        if trainer.precision not in ("32-true", "16-mixed", "bf16-mixed"):  # "-true" casts every buffer
+            raise UsageError(
+                f'trainer.precision {trainer.precision}: the temperatures and the "not a digit" statistics stay '
+                "float32; use 32-true, or 16-mixed / bf16-mixed for speed"
+            )
+        if isinstance(trainer.accelerator, MPSAccelerator):  # `auto` picks it on Apple silicon
+            raise UsageError(
+                "trainer.accelerator: Apple's MPS has no float64, which the temperatures' and the \"not a digit\" "
+                "fits sum in; add --trainer.accelerator cpu"
+            )
         own_metric_states(self)  # runs before a restore
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

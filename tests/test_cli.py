@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import TQDMProgressBar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -15,7 +16,7 @@ from conftest import SYNTHETIC_SIZES
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
 from mnist_adder.run.checkpoints import flat
-from mnist_adder.run.progress import ProgressBar
+from mnist_adder.run.progress import EpochLog, ProgressBar
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -49,6 +50,13 @@ def test_fast_dev_run_each_subcommand(in_tmp, subcommand):
     else:
         stage = {"validate": "val", "test": "test"}[subcommand]
         assert {f"{stage}/digit_acc", f"{stage}/sum_acc", f"{stage}/digit_ece_uncalibrated"} <= set(metrics)
+
+
+def test_a_progress_bar_of_the_user_s_own_is_kept(in_tmp):
+    """Out of a terminal (as here) the run would print epoch lines and turn Lightning's bar off, refusing theirs."""
+    cli = cli_main(["fit", "--trainer.fast_dev_run", "1", *SMALL, "--trainer.callbacks+=TQDMProgressBar"])
+    assert type(cli.trainer.progress_bar_callback) is TQDMProgressBar
+    assert not any(isinstance(c, (EpochLog, ProgressBar)) for c in cli.trainer.callbacks)
 
 
 def test_fit_without_a_logger(in_tmp):

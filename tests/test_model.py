@@ -133,6 +133,12 @@ def test_a_model_built_in_python_logs_hyperparameters_its_hparams_yaml_can_give_
     assert {"optimizer", "scheduler"}.isdisjoint(model.hparams) and model.hparams.hidden == 512
 
 
+def test_a_trainer_that_would_cast_the_buffers_is_refused_from_python_too(tmp_path):
+    """bf16-true would cast the temperatures and the "not a digit" statistics to bfloat16 before any step."""
+    with pytest.raises(UsageError, match="trainer.precision bf16-true: the temperatures"):
+        quiet_trainer(tmp_path, max_steps=1, precision="bf16-true").fit(MNISTAdder(channels=(8, 16, 16)), [])
+
+
 def test_resuming_with_another_optimizer_is_refused_before_its_state_is_loaded(tmp_path):
     """An optimizer given from Python is no hyperparameter: resumed with the default SGD, Adam's state would end in
     a KeyError at the first step. The same optimizer resumes."""
