@@ -1,7 +1,8 @@
 """Pictures that are not one digit, drawn from a seed as white ink on black: printed, bent and hand-drawn glyphs,
 random hand-drawn shapes (training only), several digits side by side, scribbles, strokes and noise.
 
-Three splits share no glyph: "train" (Greek, Cyrillic, Armenian and Hebrew letters, arrows and other signs) makes
+Three splits share no glyph: "train" (Greek, Cyrillic, Armenian, Hebrew, Georgian, N'Ko and Lao letters, arrows and
+other signs) makes
 the non-digit pictures the model is trained to refuse (`non_digit_images`); "val" and "test" (Latin letters and
 common symbols; DejaVu and Liberation fonts) make the benchmark's (benchmarks/not_a_digit.py). Glyphs that
 people read as digits too (O, I, l, S, Z, B, b, g, q, θ, δ, ε, Э...), strokes like "/" or "|", and the training
@@ -22,7 +23,8 @@ from mnist_adder.data.photos import centred
 
 SIZE = 84  # the ink is drawn on an 84x84 canvas (three times MNIST's), white on black
 GLYPHS = {
-    "train": "αηλξπφψωΓΔΞΠΣΨΩЖШЩЮЯФЦЙДЛЫИжшщюяфцйлыиԹԽԾՃՄՓՖթխծճփֆאמשתצקפÆŒæœŋħ♥♠♣♦♫★☆☺☼⌘※‰¤£¶©®±÷∞√∑≈≠≤≥∀∇⊕⊗←→↑↓↔↕⇒⇔✓",
+    "train": "αηλξπφψωΓΔΞΠΣΨΩЖШЩЮЯФЦЙДЛЫИжшщюяфцйлыиԹԽԾՃՄՓՖթխծճփֆאמשתצקפÆŒæœŋħ♥♠♣♦♫★☆☺☼⌘※‰¤£¶©®±÷∞√∑≈≠≤≥∀∇⊕⊗←→↑↓↔↕⇒⇔✓"
+    "ადჟტუფღშწჭჯߍߏߐߑߔߘߛߝߢߦߧຊຜຝພຟສຫປຢຂຄ",
     "val": "ACEFHKMNRVWXYacefhkmnrw#%&+=?@<",
     "test": "DGJLPTUdjtuvxy*$€^~>",
 }
