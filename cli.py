@@ -1,7 +1,6 @@
 """Command line: `python cli.py fit|validate|test|predict [--config FILE] [--key value ...]`."""
 
 import argparse
-import importlib
 import json
 import signal
 import sys
@@ -68,11 +67,6 @@ def _data_seed(seed: int | bool) -> int:
 
 def _as_list(value) -> list:
     return [] if value is None else value if isinstance(value, list) else [value]
-
-
-def _class(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -168,23 +162,24 @@ class AdderCLI(LightningCLI):
         if root and not is_url(root) and not trainer.fast_dev_run:  # made after the refusals above
             check_writable(Path(root), "trainer.default_root_dir")
         self._place_logs(config, ckpt_path)
-        bar = trainer.enable_progress_bar
-        show_bar = bar or (bar is None and sys.stdout.isatty())
-        own_bar = any(issubclass(_class(c.class_path), BaseProgressBar) for c in _as_list(trainer.callbacks))
-        if not own_bar:  # the user's own progress bar, say TQDMProgressBar, shows instead
-            if not show_bar:  # the epoch lines instead; left unset, Lightning would add its own bar beside them
-                trainer.enable_progress_bar = False
-            self.trainer_defaults["callbacks"].append(ProgressBar() if show_bar else EpochLog())
         if config.trainer.logger:  # both draw into the logger (LearningRateMonitor refuses a Trainer without one)
             self.trainer_defaults["callbacks"] += [LearningRateMonitor("step"), Dashboard()]
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Checkpoints are written whole (AtomicCheckpointIO), unless the user brings a CheckpointIO plugin; none is
-        written with --trainer.enable_checkpointing false."""
+        written with --trainer.enable_checkpointing false. Progress: a bar in a terminal, else a line per epoch,
+        unless the user brings a progress bar."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if config.trainer.enable_checkpointing is False:  # Lightning refuses any ModelCheckpoint then: ours go
             config.checkpoint = config.last_checkpoint = Callback()
-        plugins = _as_list(config.trainer.plugins)
+        settings = config.trainer
+        if not any(isinstance(c, BaseProgressBar) for c in _as_list(settings.callbacks)):  # else the user's shows
+            bar = settings.enable_progress_bar
+            show_bar = bar or (bar is None and sys.stdout.isatty())
+            if not show_bar:  # the epoch lines instead; left unset, Lightning would add its own bar beside them
+                settings.enable_progress_bar = False
+            self.trainer_defaults["callbacks"].append(ProgressBar() if show_bar else EpochLog())
+        plugins = _as_list(settings.plugins)
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         try:

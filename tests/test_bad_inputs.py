@@ -63,9 +63,8 @@ def test_bad_fit_option(tmp_path, synthetic_data_dir, monkeypatch, capsys, args,
 def test_apple_s_mps_is_refused_with_the_way_round(tmp_path, synthetic_data_dir, monkeypatch, capsys):
     """`accelerator: auto` picks MPS on Apple silicon, which has no float64: a clear line, not a crash at validation."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(
-        lightning_module, "MPSAccelerator", CPUAccelerator
-    )  # this machine's CPU stands in for an Apple GPU
+    # this machine's CPU stands in for an Apple GPU
+    monkeypatch.setattr(lightning_module, "MPSAccelerator", CPUAccelerator)
     message = ends_in_clear_error(["fit", *SMALL], capsys)
     assert "MPS has no float64" in message and "--trainer.accelerator cpu" in message
 
