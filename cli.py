@@ -162,17 +162,17 @@ class AdderCLI(LightningCLI):
         if root and not is_url(root) and not trainer.fast_dev_run:  # made after the refusals above
             check_writable(Path(root), "trainer.default_root_dir")
         self._place_logs(config, ckpt_path)
-        if config.trainer.logger:  # both draw into the logger (LearningRateMonitor refuses a Trainer without one)
-            self.trainer_defaults["callbacks"] += [LearningRateMonitor("step"), Dashboard()]
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """Checkpoints are written whole (AtomicCheckpointIO), unless the user brings a CheckpointIO plugin; none is
-        written with --trainer.enable_checkpointing false. Progress: a bar in a terminal, else a line per epoch,
-        unless the user brings a progress bar."""
+        """Our callbacks join the user's. Checkpoints are written whole (AtomicCheckpointIO), unless the user brings a
+        CheckpointIO plugin; none is written with --trainer.enable_checkpointing false. Progress: a bar in a
+        terminal, else a line per epoch, unless the user brings a progress bar."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if config.trainer.enable_checkpointing is False:  # Lightning refuses any ModelCheckpoint then: ours go
             config.checkpoint = config.last_checkpoint = Callback()
         settings = config.trainer
+        if settings.logger:  # both draw into the logger (LearningRateMonitor refuses a Trainer without one)
+            self.trainer_defaults["callbacks"] += [LearningRateMonitor("step"), Dashboard()]
         if not any(isinstance(c, BaseProgressBar) for c in _as_list(settings.callbacks)):  # else the user's shows
             bar = settings.enable_progress_bar
             show_bar = bar or (bar is None and sys.stdout.isatty())
