@@ -279,6 +279,8 @@ class AdderCLI(LightningCLI):
     def after_predict(self) -> None:
         """PredictionsCSV has written the CSV; a picture that could not be predicted fails."""
         writer = next(c for c in self.trainer.callbacks if isinstance(c, PredictionsCSV))
+        if writer.output is None:  # Lightning skips an empty predict loop without a word
+            sys.exit(f"error: nothing predicted (trainer.limit_predict_batches {self.trainer.limit_predict_batches})")
         if writer.failed:
             rows = len(self.datamodule.manifest_rows)
             sys.exit(f"error: {writer.failed} of {rows} rows could not be predicted (see the error column)")

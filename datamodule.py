@@ -102,7 +102,10 @@ class MNISTAdderData(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "predict" and self.hparams.predict_output:  # said now, not once every picture is predicted
-            check_writable(Path(self.hparams.predict_output).parent, "predict_output's folder")
+            output = Path(self.hparams.predict_output)
+            if output.is_dir():
+                raise UsageError(f"predict_output {str(output)!r} is a folder: name a CSV file in it")
+            check_writable(output.parent, "predict_output's folder")
         if stage == "predict" and self.hparams.predict_manifest:
             self.manifest_columns, self.manifest_rows = read_manifest(Path(self.hparams.predict_manifest), RESERVED)
             if all(row["error"] for row in self.manifest_rows):  # Lightning would skip an empty loader, silently

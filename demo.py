@@ -94,8 +94,12 @@ def build_page(model: MNISTAdder) -> gr.Blocks:
                             elem_id="drawing",
                         )
                     with gr.Tab(PHOTO):
-                        photo = gr.Image(
-                            type="pil", sources=["upload", "clipboard"], label="photo of a digit", elem_id="photo"
+                        photo = gr.Image(  # image_mode None: its own mode, transparency kept, as predict reads it
+                            type="pil",
+                            image_mode=None,
+                            sources=["upload", "clipboard"],
+                            label="photo of a digit",
+                            elem_id="photo",
                         )
                 number = gr.Radio([str(n) for n in range(10)], value="7", label="number", elem_id="number")
                 with gr.Row():

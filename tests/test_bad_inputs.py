@@ -39,6 +39,7 @@ BAD_FIT_OPTIONS = [
     (["--trainer.precision", "bf16-true"], "trainer.precision bf16-true: the temperatures"),
     (["--trainer.precision", "64"], "trainer.precision 64-true: the temperatures"),
     (["--trainer.max_steps", "5"], "cannot span a run this short"),
+    (["--trainer.limit_train_batches", "0"], "trainer.limit_train_batches is 0: fit has no training step"),
     (["--model.scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"], "ReduceLROnPlateau"),
 ]
 

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from gradio.data_classes import ImageData
 from PIL import Image, ImageDraw
 
-from demo import DRAW, PHOTO, answer_line, predictor
+from demo import DRAW, PHOTO, answer_line, build_page, predictor
 from lightning_module import MNISTAdder
-from mnist_adder.data.photos import gray_levels, to_mnist
+from mnist_adder.data.photos import gray_levels, load_gray, to_mnist
 from mnist_adder.model.net import split_logits
 from printed import printed_digit
 
@@ -91,3 +92,12 @@ def test_a_port_taken_or_out_of_range_is_one_line(tmp_path, monkeypatch, capsys,
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit, match=f"cannot serve on 127.0.0.1:{port} .*: try another --port or --host"):
             main(["--ckpt_path", str(tmp_path / "m.ckpt"), "--port", str(port)])
+
+
+def test_an_uploaded_photo_keeps_its_transparency_as_predict_reads_it(model, tmp_path):
+    """Black ink on a transparent background: converted to RGB on upload, it would be black on black, blank."""
+    ink = Image.eval(printed_digit(4, 0, np.random.default_rng(0)).convert("L"), lambda v: 255 - v)
+    Image.merge("RGBA", [Image.new("L", ink.size, 0)] * 3 + [ink]).save(tmp_path / "ink.png")
+    photo = next(block for block in build_page(model).blocks.values() if getattr(block, "elem_id", None) == "photo")
+    uploaded = photo.preprocess(ImageData(path=str(tmp_path / "ink.png")))
+    assert np.array_equal(to_mnist(gray_levels(uploaded)), to_mnist(load_gray(tmp_path / "ink.png")))

@@ -53,6 +53,8 @@ def test_forward_contract():
     model = MNISTAdder().eval()
     logits = model(torch.rand(5, 1, 28, 28), torch.arange(5))
     assert logits.shape == (5, 29) and logits.dtype == torch.float32
+    with pytest.raises(TypeError, match="images must be float in \\[0, 1\\], got torch.uint8"):
+        model.answer(torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8), torch.arange(5))  # a confident wrong
 
 
 class Recording(MNISTAdder):

@@ -37,6 +37,16 @@ def test_each_format_and_mode_reads(tmp_path, suffix, mode):
     assert image.max() > 0.9 and image[0, 0].abs().sum() == 0  # bright ink, black border
 
 
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_16_bit_and_float_gray_read_as_their_ink(tmp_path, mode):
+    """A scanner's 16-bit gray (or a float TIFF) is read on its own scale, not clipped to white as 8 bits."""
+    gray = np.asarray(printed_digit(4, 0, np.random.default_rng(0)).convert("L"), dtype=np.float32) / 255
+    scale = 65535 if mode == "I;16" else 1
+    Image.fromarray((gray * scale).astype(np.uint16 if scale > 1 else np.float32), mode).save(tmp_path / "d.tiff")
+    assert np.abs(load_gray(tmp_path / "d.tiff") - gray).max() < 1e-3
+    assert to_mnist(load_gray(tmp_path / "d.tiff")).max() > 0.9
+
+
 def test_first_frame_of_an_animated_gif(tmp_path):
     frames = [printed_digit(7, 0, np.random.default_rng(1)), Image.new("RGB", (50, 50), "white")]
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
@@ -82,10 +92,11 @@ def test_manifest_rows_each_get_their_own_error(tmp_path):
     Image.new("RGB", (30, 30), "white").save(tmp_path / "blank.png")
     (tmp_path / "notes.png").write_text("not a picture")
     (tmp_path / "inputs.csv").write_text(
-        "file,number\nfive.png,3\nmissing.png,1\nnotes.png,2\nblank.png,4\nfive.png,12\nfive.png,x\n"
+        "file,number\nfive.png,3\nmissing.png,1\nnotes.png,2\nblank.png,4\nfive.png,12\nfive.png,x\n ,5\n"
     )
     _, rows = read_manifest(tmp_path / "inputs.csv")  # the numbers are checked here, the pictures when read
-    assert [bool(r["error"]) for r in rows] == [False, False, False, False, True, True]
+    assert [bool(r["error"]) for r in rows] == [False, False, False, False, True, True, True]
+    assert rows[-1]["error"] == "no file named in this row"  # not the CSV's folder, read as a picture
     assert rows[0]["number"] == 3 and rows[0]["path"] == tmp_path / "five.png"
     image, error = read_picture(rows[0]["path"])
     assert image.shape == (1, 28, 28) and error == ""

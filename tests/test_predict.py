@@ -268,10 +268,14 @@ def test_a_manifest_with_no_row_to_predict_is_refused(tmp_path, lines, expected)
 def test_an_unwritable_predict_output_is_refused_before_any_picture_is_read(tmp_path):
     (tmp_path / "inputs.csv").write_text("file,number\n8.png,1\n")
     (tmp_path / "blocker").write_text("a file, where a folder would be")
-    output = tmp_path / "blocker" / "out.csv"
-    data = MNISTAdderData(str(tmp_path), predict_manifest=str(tmp_path / "inputs.csv"), predict_output=str(output))
-    with pytest.raises(ValueError, match="predict_output's folder '.*blocker' is a file, not a folder"):
-        data.setup("predict")
+    (tmp_path / "folder").mkdir()
+    for output, message in [
+        (tmp_path / "blocker" / "out.csv", "predict_output's folder '.*blocker' is a file, not a folder"),
+        (tmp_path / "folder", "predict_output '.*folder' is a folder: name a CSV file in it"),
+    ]:
+        data = MNISTAdderData(str(tmp_path), predict_manifest=str(tmp_path / "inputs.csv"), predict_output=str(output))
+        with pytest.raises(ValueError, match=message):
+            data.setup("predict")
 
 
 def test_a_manifest_column_named_as_a_prediction_is_refused(checkpoint, tmp_path, capsys):
@@ -279,6 +283,16 @@ def test_a_manifest_column_named_as_a_prediction_is_refused(checkpoint, tmp_path
     with pytest.raises(SystemExit) as end:
         predict(checkpoint, tmp_path / "inputs.csv")
     assert "has the column(s) pred_digit" in str(end.value.code)
+
+
+def test_a_predict_limited_to_no_batch_says_that_nothing_was_predicted(checkpoint, tmp_path):
+    """Lightning skips the empty loop without a word: no table, no CSV, and exit 0 would read as success."""
+    printed_digit(8, 0, np.random.default_rng(0)).save(tmp_path / "8.png")
+    (tmp_path / "inputs.csv").write_text("file,number\n8.png,1\n")
+    with pytest.raises(SystemExit) as end:
+        predict(checkpoint, tmp_path / "inputs.csv", "--trainer.limit_predict_batches", "0")
+    assert end.value.code == "error: nothing predicted (trainer.limit_predict_batches 0)"
+    assert not (tmp_path / "lightning_logs" / "version_0" / "predictions.csv").exists()
 
 
 def test_pictures_are_read_in_worker_processes_and_answer_as_in_one(

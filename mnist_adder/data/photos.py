@@ -27,6 +27,11 @@ def gray_levels(image: Image.Image) -> np.ndarray:
     frame = image.convert("RGBA") if "A" in image.getbands() or "transparency" in image.info else image
     if frame.mode == "RGBA" and np.asarray(frame.getchannel("A")).min() < 255:
         return np.asarray(frame.getchannel("A"), dtype=np.float32) / 255  # opaque strokes are the ink
+    if frame.mode.startswith("I"):  # 16-bit gray (a scanner's): convert("L") would clip it to white
+        return np.asarray(frame, dtype=np.float32) / 65535
+    if frame.mode == "F":
+        gray = np.asarray(frame, dtype=np.float32)
+        return gray / max(1.0, float(gray.max()))
     return np.asarray(frame.convert("L"), dtype=np.float32) / 255
 
 
@@ -166,7 +171,9 @@ def read_manifest(path: Path, reserved: tuple[str, ...] = ()) -> tuple[list[str]
     for row in rows:
         file, number = (row["columns"][names[key]].strip() for key in ("file", "number"))
         row.update(file=file, path=path.parent / file, number=int(number) if number in NUMBERS else number, error="")
-        if number not in NUMBERS:
+        if not file:
+            row["error"] = "no file named in this row"
+        elif number not in NUMBERS:
             row["error"] = f"number must be an integer 0..9, got {number!r}"
     return columns, rows
 

@@ -54,6 +54,8 @@ class DualInputNet(nn.Module):
         self.to(memory_format=torch.channels_last)  # measurably faster convolutions on CPU and GPU
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        if not images.is_floating_point():  # 0..255 would read as ink everywhere, and answer confidently wrong
+            raise TypeError(f"images must be float in [0, 1], got {images.dtype}: divide uint8 pictures by 255")
         x = (images - MNIST_MEAN) / MNIST_STD
         return self.image(x.contiguous(memory_format=torch.channels_last))
 

@@ -34,6 +34,8 @@ def takes_unset_total_steps(scheduler: LRSchedulerCallable) -> bool:
 
 def run_length(trainer: L.Trainer, interval: str) -> int:
     """The run's length in scheduler steps, which only the trainer knows."""
+    if trainer.limit_train_batches == 0:
+        raise UsageError("trainer.limit_train_batches is 0: fit has no training step (to measure weights: validate)")
     total = trainer.max_epochs if interval == "epoch" else trainer.estimated_stepping_batches
     if total in (None, -1) or total == float("inf"):
         raise UsageError(
