@@ -45,6 +45,7 @@ from mnist_adder.run.progress import EpochLog, ProgressBar
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+PLACES = ("logger", "save_dir", "name", "version")  # the logger settings that place a run's folder
 DEFAULT_SAVE_DIR = yaml.safe_load(DEFAULT_CONFIG.read_text())["trainer"]["logger"]["init_args"]["save_dir"]
 DESCRIPTION = """mnist-adder: a network reads an MNIST digit and a number 0-9 and predicts the digit and their sum.
 
@@ -104,18 +105,18 @@ class AdderCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """As LightningCLI's; with a ckpt_path (on the command line or in a --config file), the checkpoint is read
         (here, for one clear line on a bad file; LightningCLI and the Trainer read it again) and decides the settings
-        it was trained with (checkpoints.apply_checkpoint)."""
+        it was trained with (checkpoints.apply_checkpoint). `named`: the settings this run gives itself."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        self.named = named_settings(sys.argv[1:] if args is None else args, config.get("config") or [])
         path = config.get("ckpt_path")
         if path:
             path = config.ckpt_path = find_checkpoint(path, Path(config.trainer.default_root_dir or "."))
         self.checkpoint = read_checkpoint(path, trainer_names=True) if path else None
         if self.checkpoint is not None:
             defaults = parser.parse_args([subcommand])[subcommand]
-            named = named_settings(sys.argv[1:] if args is None else args, config.get("config") or [])
-            apply_checkpoint(config, defaults, named, self.checkpoint, path, evaluating=subcommand != "fit")
+            apply_checkpoint(config, defaults, self.named, self.checkpoint, path, evaluating=subcommand != "fit")
 
     def before_instantiate_classes(self) -> None:
         """Settings that Lightning would take badly, turned into what the user meant or one clear error."""
@@ -196,8 +197,9 @@ class AdderCLI(LightningCLI):
         if not (hasattr(logger, "class_path") and logger.class_path.endswith("TensorBoardLogger")):
             return
         args = logger.init_args
-        if (str(args.save_dir), args.name, args.version) != (DEFAULT_SAVE_DIR, "lightning_logs", None):
-            return  # set by the user: theirs
+        placed = any(n.startswith("trainer.logger") and n.split(".")[-1] in PLACES for n in self.named)
+        if placed or (str(args.save_dir), args.name, args.version) != (DEFAULT_SAVE_DIR, "lightning_logs", None):
+            return  # set by the user (to the default's values too): theirs
         folder = run_folder(Path(ckpt_path)) if ckpt_path and not config.trainer.default_root_dir else None
         if folder is not None:
             args.save_dir, args.name, args.version = str(folder.parent.parent), folder.parent.name, folder.name
