@@ -42,6 +42,7 @@ from mnist_adder.run.dashboard import HPARAM_METRICS, Dashboard, run_hparams
 from mnist_adder.run.divergence import StopOnNonFiniteLoss
 from mnist_adder.run.predictions import PredictionsCSV
 from mnist_adder.run.progress import EpochLog, ProgressBar
+from mnist_adder.run.results import results_table
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -250,23 +251,6 @@ class AdderCLI(LightningCLI):
             "temperature": dict(zip(("digit", "sum"), self.model.temperature.tolist())),
             **metrics,
         }
-        rows = [("checkpoint", best or "(weights at the end of fit)"), ("fit time", f"{fit_seconds:.1f} s")]
-        rows += [
-            (label, f"{100 * metrics[key]:.2f} %")
-            for key, label in (
-                ("test/digit_acc", "digit accuracy (fixed pairs)"),
-                ("test/sum_acc", "sum accuracy (fixed pairs)"),
-                ("test/sum_acc_all_pairs", "sum accuracy (each image with all 10 numbers)"),
-                ("test/sum_consistency_all_pairs", "sum = predicted digit + number (all pairs)"),
-            )
-            if key in metrics
-        ]
-        rows += [
-            (f"{head} calibration error", f"{100 * metrics[key + '_uncalibrated']:.2f} % -> {100 * metrics[key]:.2f} %")
-            for head, key in (("digit", "test/digit_ece"), ("sum", "test/sum_ece"))
-            if key in metrics
-        ]
-        width = max(len(label) for label, _ in rows)
         log_dir = self.trainer.log_dir  # a collective under DDP: every process asks
         if isinstance(self.trainer.logger, TensorBoardLogger) and best_val is not None:
             shown = {key: summary[key] for key in HPARAM_METRICS if summary.get(key) is not None}
@@ -274,7 +258,7 @@ class AdderCLI(LightningCLI):
                 run_hparams(self.config.fit, self.model), shown, self.trainer.global_step
             )
         if self.trainer.is_global_zero:
-            print("\n".join(["", "Official MNIST test set", *(f"  {a:<{width}}  {b}" for a, b in rows)]))
+            print(results_table(summary))
             if log_dir:
                 write_atomic(Path(log_dir) / "results.json", json.dumps(summary, indent=2).encode())
 
