@@ -12,8 +12,7 @@ import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.callbacks import ProgressBar as BaseProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import CheckpointIO
@@ -41,7 +40,7 @@ from mnist_adder.run.checkpoints import (
 from mnist_adder.run.dashboard import HPARAM_METRICS, Dashboard, run_hparams
 from mnist_adder.run.divergence import StopOnNonFiniteLoss
 from mnist_adder.run.predictions import PredictionsCSV
-from mnist_adder.run.progress import EpochLog, ProgressBar
+from mnist_adder.run.progress import EpochLog, RichBar
 from mnist_adder.run.results import results_table
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
@@ -174,13 +173,13 @@ class AdderCLI(LightningCLI):
             config.checkpoint = config.last_checkpoint = Callback()
         settings = config.trainer
         if settings.logger:  # both draw into the logger (LearningRateMonitor refuses a Trainer without one)
-            self.trainer_defaults["callbacks"] += [LearningRateMonitor("step"), Dashboard()]
-        if not any(isinstance(c, BaseProgressBar) for c in _as_list(settings.callbacks)):  # else the user's shows
+            self.trainer_defaults["callbacks"] += [LearningRateMonitor(), Dashboard()]
+        if not any(isinstance(c, ProgressBar) for c in _as_list(settings.callbacks)):  # else the user's shows
             bar = settings.enable_progress_bar
             show_bar = bar or (bar is None and sys.stdout.isatty())
             if not show_bar:  # the epoch lines instead; left unset, Lightning would add its own bar beside them
                 settings.enable_progress_bar = False
-            self.trainer_defaults["callbacks"].append(ProgressBar() if show_bar else EpochLog())
+            self.trainer_defaults["callbacks"].append(RichBar() if show_bar else EpochLog())
         plugins = _as_list(settings.plugins)
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
@@ -191,9 +190,10 @@ class AdderCLI(LightningCLI):
         return trainer
 
     def _place_logs(self, config, ckpt_path) -> None:
-        """Unless the user placed them, the logs go to DEFAULT_ROOT_DIR/lightning_logs/version_N as absolute paths;
-        a resumed fit, and validate, test or predict with a run's checkpoint, write into that run's folder, unless
-        --trainer.default_root_dir says where."""
+        """Unless the user placed them, the logs go to default_root_dir/lightning_logs/version_N as absolute paths; a
+        resumed fit writes on into its run's folder, unless --trainer.default_root_dir says where: Lightning restores
+        its step, so its curves go on. validate, test and predict get a folder of their own, as Lightning gives them:
+        they log at step 0, which in the run's folder would put points at the start of its curves."""
         logger = config.trainer.logger
         if not (hasattr(logger, "class_path") and logger.class_path.endswith("TensorBoardLogger")):
             return
@@ -201,11 +201,10 @@ class AdderCLI(LightningCLI):
         placed = any(n.startswith("trainer.logger") and n.split(".")[-1] in PLACES for n in self.named)
         if placed or (str(args.save_dir), args.name, args.version) != (DEFAULT_SAVE_DIR, "lightning_logs", None):
             return  # set by the user (to the default's values too): theirs
-        folder = run_folder(Path(ckpt_path)) if ckpt_path and not config.trainer.default_root_dir else None
+        resumed = self.subcommand == "fit" and ckpt_path and not config.trainer.default_root_dir
+        folder = run_folder(Path(ckpt_path)) if resumed else None
         if folder is not None:
             args.save_dir, args.name, args.version = str(folder.parent.parent), folder.parent.name, folder.name
-        elif self.subcommand in ("validate", "test", "predict"):  # a checkpoint outside any run
-            config.trainer.logger = False  # no new, nearly empty run folder
         else:
             root = str(config.trainer.default_root_dir or ".")
             args.save_dir = root if is_url(root) else str(Path(root).resolve())
@@ -281,34 +280,35 @@ def cli_main(args=None, run: bool = True) -> AdderCLI:
         if run
         else defaults
     )
-    for message in UNACTIONABLE_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
-    try:
-        return AdderCLI(
-            MNISTAdder,
-            MNISTAdderData,
-            args=args,
-            run=run,
-            parser_class=ShortErrorParser,
-            parser_kwargs=parser_kwargs,
-            auto_configure_optimizers=False,
-            save_config_callback=SaveFitConfig,
-            save_config_kwargs={"overwrite": True},  # a resumed run writes on into its own folder
-            trainer_defaults={
-                "callbacks": [
-                    StopOnNonFiniteLoss(),
-                    SaveOnInterrupt(),
-                    PredictionsCSV(),
-                ]
-            },
-        )
-    except SIGTERMException:
-        print("error: stopped by SIGTERM", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
-    except (UsageError, FloatingPointError, MNISTUnavailable, CheckpointNotWritten) as err:
-        sys.exit(f"error: {err}")
-    except MisconfigurationException as err:  # Lightning's word on a Trainer setting: its first line says it
-        sys.exit(f"error: {str(err).strip().splitlines()[0]}")
+    with warnings.catch_warnings():  # the caller's own filters are theirs again afterwards
+        for message in UNACTIONABLE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        try:
+            return AdderCLI(
+                MNISTAdder,
+                MNISTAdderData,
+                args=args,
+                run=run,
+                parser_class=ShortErrorParser,
+                parser_kwargs=parser_kwargs,
+                auto_configure_optimizers=False,
+                save_config_callback=SaveFitConfig,
+                save_config_kwargs={"overwrite": True},  # a resumed run writes on into its own folder
+                trainer_defaults={
+                    "callbacks": [
+                        StopOnNonFiniteLoss(),
+                        SaveOnInterrupt(),
+                        PredictionsCSV(),
+                    ]
+                },
+            )
+        except SIGTERMException:
+            print("error: stopped by SIGTERM", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
+        except (UsageError, FloatingPointError, MNISTUnavailable, CheckpointNotWritten) as err:
+            sys.exit(f"error: {err}")
+        except MisconfigurationException as err:  # Lightning's word on a Trainer setting: its first line says it
+            sys.exit(f"error: {str(err).strip().splitlines()[0]}")
 
 
 if __name__ == "__main__":

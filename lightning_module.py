@@ -134,7 +134,7 @@ class MNISTAdder(L.LightningModule):
         return self.calibrated(self.net(images, numbers))
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
-        digit, sum_ = split_logits(logits)
+        digit, sum_ = split_logits(logits.float())  # float32 probabilities, bf16-mixed's logits too
         return torch.cat([digit / self.temperature[0], sum_ / self.temperature[1]], dim=-1)
 
     def answer(self, images: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,9 +206,9 @@ class MNISTAdder(L.LightningModule):
             scheduler.step()
 
     def on_validation_epoch_start(self) -> None:
-        # Under manual optimization, Lightning's DDP forward turns DDP's broadcast of the buffers off after the first
-        # step: each process's BatchNorm statistics follow its own batches. Every process validates rank 0's, which
-        # its checkpoints save.
+        # DDP broadcasts rank 0's buffers before a training forward pass, which then updates each process's BatchNorm
+        # statistics with its own batch: after the last step they differ. Every process validates rank 0's, which its
+        # checkpoints save.
         if self.trainer.world_size > 1:
             for buffer in self.net.buffers():
                 torch.distributed.broadcast(buffer, src=0)

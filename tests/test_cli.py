@@ -1,6 +1,7 @@
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from conftest import SYNTHETIC_SIZES
 from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
 from mnist_adder.run.checkpoints import flat
-from mnist_adder.run.progress import EpochLog, ProgressBar
+from mnist_adder.run.progress import EpochLog, RichBar
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -56,7 +57,7 @@ def test_a_progress_bar_of_the_user_s_own_is_kept(in_tmp):
     """Out of a terminal (as here) the run would print epoch lines and turn Lightning's bar off, refusing theirs."""
     cli = cli_main(["fit", "--trainer.fast_dev_run", "1", *SMALL, "--trainer.callbacks+=TQDMProgressBar"])
     assert type(cli.trainer.progress_bar_callback) is TQDMProgressBar
-    assert not any(isinstance(c, (EpochLog, ProgressBar)) for c in cli.trainer.callbacks)
+    assert not any(isinstance(c, (EpochLog, RichBar)) for c in cli.trainer.callbacks)
 
 
 def test_fit_without_a_logger(in_tmp):
@@ -78,7 +79,7 @@ def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
     lines = re.findall(r"^epoch .*$", out, re.M)
     pattern = r"epoch {}/2  step \d+  \d+ s  train loss \d+\.\d{{4}}  val digit \d+\.\d\d%  val sum \d+\.\d\d%"
     assert len(lines) == 2 and all(re.fullmatch(pattern.format(k + 1), line) for k, line in enumerate(lines)), lines
-    assert ProgressBar().get_metrics(cli.trainer, cli.model)["v_num"] == "0"  # not 0.000
+    assert RichBar().get_metrics(cli.trainer, cli.model)["v_num"] == "0"  # not 0.000
     events = EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0}).Reload()
     tags = set(events.Tags()["scalars"])
     for stage in ("train", "val", "test"):
@@ -135,7 +136,7 @@ def test_fit_then_files_metrics_and_tensorboard_tags(in_tmp, capsys):
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
-def test_every_config_parses_and_every_value_it_sets_is_in_effect(config, capsys):
+def test_every_config_parses_and_every_value_it_sets_is_parsed_as_written(config, capsys):
     path = ROOT / "configs" / config
     with pytest.raises(SystemExit) as end:
         cli_main(["fit", "--config", str(path), "--print_config"])
@@ -269,3 +270,11 @@ def test_a_grid_of_misclassified_samples_has_a_row_for_every_sample():
     labels = [torch.arange(n)] * 5
     grid = sample_grid(torch.rand(n, 1, 28, 28), *labels)
     assert grid.shape[1] == 2 * (84 + 40) and grid.shape[2] == 6 * 84
+
+
+def test_the_cli_leaves_the_callers_warning_filters_as_they_were(tmp_path, monkeypatch):
+    """It silences a few warnings no user can act on while it runs, not for the rest of a notebook's session."""
+    monkeypatch.chdir(tmp_path)
+    before = list(warnings.filters)
+    cli_main(["--trainer.logger", "false"], run=False)
+    assert warnings.filters == before

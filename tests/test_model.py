@@ -53,6 +53,8 @@ def test_forward_contract():
     model = MNISTAdder().eval()
     logits = model(torch.rand(5, 1, 28, 28), torch.arange(5))
     assert logits.shape == (5, 29) and logits.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16-mixed: the net's logits are bf16, the answer is not
+        assert model(torch.rand(5, 1, 28, 28), torch.arange(5)).dtype == torch.float32
     with pytest.raises(TypeError, match="images must be float in \\[0, 1\\], got torch.uint8"):
         model.answer(torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8), torch.arange(5))  # a confident wrong
 
@@ -385,9 +387,10 @@ def test_one_cycle_spans_the_run_unless_given_its_length(tmp_path, scheduler):
     trainer.fit(model, DataLoader(fixed_batches(), batch_size=None))
     one_cycle = trainer.lr_scheduler_configs[0].scheduler
     assert one_cycle.total_steps == one_cycle.last_epoch == 4  # 2 epochs of 2 batches
+    assert trainer.lr_scheduler_configs[0].interval == "step"  # what a LearningRateMonitor logs by
     # given a length, no trainer is asked for one (none is attached here)
     given = MNISTAdder(scheduler=partial(scheduler, total_steps=7)).configure_optimizers()
-    assert given["lr_scheduler"].total_steps == 7
+    assert given["lr_scheduler"]["scheduler"].total_steps == 7
 
 
 def test_images_are_standardised_with_mnists_mean_and_deviation():

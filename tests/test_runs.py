@@ -221,13 +221,14 @@ def test_evaluating_without_weights_names_the_newest_checkpoint(run_in_runs, tmp
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
-def test_evaluating_a_runs_checkpoint_writes_into_that_run(
+def test_evaluating_a_runs_checkpoint_leaves_that_run_as_it_is(
     run_in_runs, tmp_path, synthetic_data_dir, monkeypatch, subcommand
 ):
-    """No new, nearly empty version folder; the run's own config.yaml stays the fit's; predictions land there."""
+    """A folder of its own, as Lightning gives it: logged at step 0, its figures in the run's folder would sit at the
+    start of the run's curves. Predictions land in it too."""
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    config = (run_in_runs / "config.yaml").read_bytes()
+    before = {p.name: p.stat().st_mtime_ns for p in run_in_runs.iterdir()}
     cli = cli_main(
         [
             subcommand,
@@ -238,20 +239,10 @@ def test_evaluating_a_runs_checkpoint_writes_into_that_run(
             *QUIET,
         ]
     )
-    assert cli.trainer.log_dir == str(run_in_runs)
-    assert [p.name for p in run_in_runs.parent.iterdir()] == ["version_0"]
-    assert not list((tmp_path / "elsewhere").iterdir())
-    assert (run_in_runs / "config.yaml").read_bytes() == config
-    assert (run_in_runs / "predictions.csv").is_file() == (subcommand == "predict")
-
-
-def test_a_checkpoint_outside_any_run_makes_no_run_folder(run_in_runs, tmp_path, synthetic_data_dir, monkeypatch):
-    (tmp_path / "loose").mkdir()
-    loose = tmp_path / "loose" / "model.ckpt"
-    loose.write_bytes((run_in_runs / "checkpoints" / "last.ckpt").read_bytes())
-    monkeypatch.chdir(tmp_path / "loose")
-    cli_main(["test", "--ckpt_path", str(loose), "--data.data_dir", str(synthetic_data_dir), *QUIET])
-    assert [p.name for p in (tmp_path / "loose").iterdir()] == ["model.ckpt"]
+    own = tmp_path / "elsewhere" / "lightning_logs" / "version_0"
+    assert cli.trainer.log_dir == str(own)
+    assert {p.name: p.stat().st_mtime_ns for p in run_in_runs.iterdir()} == before  # no new events, nothing rewritten
+    assert (own / "predictions.csv").is_file() == (subcommand == "predict")
 
 
 def test_logger_paths_the_user_sets_are_kept(tmp_path, synthetic_data_dir, monkeypatch):
@@ -279,15 +270,14 @@ def test_logger_paths_the_user_sets_are_kept(tmp_path, synthetic_data_dir, monke
 def test_a_logger_place_the_user_gives_is_kept_even_when_it_is_the_default(
     run_in_runs, tmp_path, synthetic_data_dir, monkeypatch
 ):
-    """`save_dir .` is the default's value, but named: the run's own folder here, not the checkpoint's run."""
+    """`save_dir .` is the default's value, but named: a resumed fit writes there, not on into the checkpoint's run."""
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     checkpoint = str(run_in_runs / "checkpoints" / "last.ckpt")
-    args = ["--ckpt_path", checkpoint, "--data.data_dir", str(synthetic_data_dir), *QUIET]
-    cli = cli_main(["validate", *args, "--trainer.logger.init_args.save_dir", "."])
+    args = ["fit", "--ckpt_path", checkpoint, "--trainer.max_epochs", "1", "--data.data_dir", str(synthetic_data_dir)]
+    cli = cli_main([*args, *QUIET, "--trainer.logger.init_args.save_dir", "."])
     assert cli.trainer.log_dir == "./lightning_logs/version_0"
-    assert (tmp_path / "elsewhere" / "lightning_logs" / "version_0").is_dir()
-    assert cli_main(["validate", *args]).trainer.log_dir == str(run_in_runs)  # unnamed: the checkpoint's run
+    assert (tmp_path / "elsewhere" / "lightning_logs" / "version_0" / "results.json").is_file()
 
 
 def test_data_seed_is_the_one_seed(tmp_path, synthetic_data_dir, monkeypatch, capsys):

@@ -68,8 +68,8 @@ def optimizer_and_schedule(
     model: L.LightningModule, optimizer: OptimizerCallable, scheduler: LRSchedulerCallable | None, interval: str
 ):
     """What `configure_optimizers` returns: the optimizer over the model's parameters and its scheduler, which the
-    manual step steps every `interval` (Lightning's own "interval" key would go unread); an unset `total_steps` is
-    the run's length. UsageError, in one line, for a schedule that cannot work here."""
+    manual step steps every `interval` (Lightning reads the "interval" key only to tell LearningRateMonitor when to
+    log); an unset `total_steps` is the run's length. UsageError, in one line, for a schedule that cannot work here."""
     built = build_optimizer(optimizer, model)
     if scheduler is None:
         return built
@@ -88,4 +88,4 @@ def optimizer_and_schedule(
             "a scheduler that steps on a monitored value (ReduceLROnPlateau) does not fit this "
             "model's manual-optimization step: use one that steps by time (OneCycleLR, StepLR, ...)"
         )
-    return {"optimizer": built, "lr_scheduler": schedule}
+    return {"optimizer": built, "lr_scheduler": {"scheduler": schedule, "interval": interval}}

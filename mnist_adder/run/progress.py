@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar
 SHOWN = [("train/loss", "train loss", ".4f"), ("val/digit_acc", "val digit", ".2%"), ("val/sum_acc", "val sum", ".2%")]
 
 
-class ProgressBar(RichProgressBar):
+class RichBar(RichProgressBar):
     """Lightning's rich bar, with the run's version as the integer it is (the bar formats numbers as floats)."""
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict:
