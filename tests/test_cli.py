@@ -18,6 +18,7 @@ from datamodule import MNISTAdderData
 from lightning_module import MNISTAdder
 from mnist_adder.run.checkpoints import flat
 from mnist_adder.run.progress import EpochLog, RichBar
+from mnist_adder.run.results import results_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -278,3 +279,31 @@ def test_the_cli_leaves_the_callers_warning_filters_as_they_were(tmp_path, monke
     before = list(warnings.filters)
     cli_main(["--trainer.logger", "false"], run=False)
     assert warnings.filters == before
+
+
+def test_the_printed_summary_gives_each_figure_under_its_own_name():
+    summary = {
+        "checkpoint": "best.ckpt",
+        "fit_seconds": 12.34,
+        "test/digit_acc": 0.9911,
+        "test/sum_acc": 0.9822,
+        "test/sum_acc_all_pairs": 0.9733,
+        "test/sum_consistency_all_pairs": 0.9644,
+        "test/digit_ece_uncalibrated": 0.08,
+        "test/digit_ece": 0.0014,
+        "test/sum_ece_uncalibrated": 0.12,
+        "test/sum_ece": 0.0015,
+    }
+    lines = results_table(summary).splitlines()
+    assert lines[:2] == ["", "Official MNIST test set"]
+    assert dict(re.split(r"\s{2,}", line.strip()) for line in lines[2:]) == {
+        "checkpoint": "best.ckpt",
+        "fit time": "12.3 s",
+        "digit accuracy (fixed pairs)": "99.11 %",
+        "sum accuracy (fixed pairs)": "98.22 %",
+        "sum accuracy (each image with all 10 numbers)": "97.33 %",
+        "sum = predicted digit + number (all pairs)": "96.44 %",
+        "digit calibration error": "8.00 % -> 0.14 %",  # before the temperatures -> after
+        "sum calibration error": "12.00 % -> 0.15 %",
+    }
+    assert "(weights at the end of fit)" in results_table({**summary, "checkpoint": None})
