@@ -13,7 +13,7 @@ import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -45,7 +45,6 @@ from mnist_adder.run.results import results_table
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-PLACES = ("logger", "save_dir", "name", "version")  # the logger settings that place a run's folder
 DEFAULT_SAVE_DIR = yaml.safe_load(DEFAULT_CONFIG.read_text())["trainer"]["logger"]["init_args"]["save_dir"]
 DESCRIPTION = """mnist-adder: a network reads an MNIST digit and a number 0-9 and predicts the digit and their sum.
 
@@ -81,14 +80,6 @@ class ShortErrorParser(LightningArgumentParser):
         pass
 
 
-class SaveFitConfig(SaveConfigCallback):
-    """config.yaml is the fit's: validate, test and predict, which write into the run's folder, leave it as it is."""
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            super().setup(trainer, pl_module, stage)
-
-
 class AdderCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Two of Lightning's own: the best checkpoints by val/sum_acc, and last.ckpt after every epoch.
@@ -105,18 +96,18 @@ class AdderCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """As LightningCLI's; with a ckpt_path (on the command line or in a --config file), the checkpoint is read
         (here, for one clear line on a bad file; LightningCLI and the Trainer read it again) and decides the settings
-        it was trained with (checkpoints.apply_checkpoint). `named`: the settings this run gives itself."""
+        it was trained with (checkpoints.apply_checkpoint)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
-        self.named = named_settings(sys.argv[1:] if args is None else args, config.get("config") or [])
         path = config.get("ckpt_path")
         if path:
             path = config.ckpt_path = find_checkpoint(path, Path(config.trainer.default_root_dir or "."))
         self.checkpoint = read_checkpoint(path, trainer_names=True) if path else None
         if self.checkpoint is not None:
             defaults = parser.parse_args([subcommand])[subcommand]
-            apply_checkpoint(config, defaults, self.named, self.checkpoint, path, evaluating=subcommand != "fit")
+            named = named_settings(sys.argv[1:] if args is None else args, config.get("config") or [])
+            apply_checkpoint(config, defaults, named, self.checkpoint, path, evaluating=subcommand != "fit")
 
     def before_instantiate_classes(self) -> None:
         """Settings that Lightning would take badly, turned into what the user meant or one clear error."""
@@ -173,7 +164,7 @@ class AdderCLI(LightningCLI):
             config.checkpoint = config.last_checkpoint = Callback()
         settings = config.trainer
         if settings.logger:  # both draw into the logger (LearningRateMonitor refuses a Trainer without one)
-            self.trainer_defaults["callbacks"] += [LearningRateMonitor(), Dashboard()]
+            self.trainer_defaults["callbacks"] += [LearningRateMonitor("step"), Dashboard()]
         if not any(isinstance(c, ProgressBar) for c in _as_list(settings.callbacks)):  # else the user's shows
             bar = settings.enable_progress_bar
             show_bar = bar or (bar is None and sys.stdout.isatty())
@@ -198,9 +189,8 @@ class AdderCLI(LightningCLI):
         if not (hasattr(logger, "class_path") and logger.class_path.endswith("TensorBoardLogger")):
             return
         args = logger.init_args
-        placed = any(n.startswith("trainer.logger") and n.split(".")[-1] in PLACES for n in self.named)
-        if placed or (str(args.save_dir), args.name, args.version) != (DEFAULT_SAVE_DIR, "lightning_logs", None):
-            return  # set by the user (to the default's values too): theirs
+        if (str(args.save_dir), args.name, args.version) != (DEFAULT_SAVE_DIR, "lightning_logs", None):
+            return  # set by the user: theirs
         resumed = self.subcommand == "fit" and ckpt_path and not config.trainer.default_root_dir
         folder = run_folder(Path(ckpt_path)) if resumed else None
         if folder is not None:
@@ -292,7 +282,6 @@ def cli_main(args=None, run: bool = True) -> AdderCLI:
                 parser_class=ShortErrorParser,
                 parser_kwargs=parser_kwargs,
                 auto_configure_optimizers=False,
-                save_config_callback=SaveFitConfig,
                 save_config_kwargs={"overwrite": True},  # a resumed run writes on into its own folder
                 trainer_defaults={
                     "callbacks": [

@@ -54,7 +54,7 @@ class MNISTAdderData(L.LightningDataModule):
         on_device: keep all images on the accelerator and cut batches there (fast on a GPU).
         predict_manifest: a CSV with the columns ``file,number`` (paths relative to the CSV's folder):
             ``predict`` then reads these pictures instead of the test set.
-        predict_output: where ``predict`` writes its CSV (default: ``predictions.csv`` in the run's folder).
+        predict_output: where ``predict`` writes its CSV (default: ``predictions.csv`` in its run's folder).
         num_workers: worker processes that read and prepare a manifest's pictures for ``predict``, batch by batch
             (default: the machine's cores, up to 4; 0 reads them in the main process). The train, val and test
             loaders keep none: they cut batches out of tensors in memory, where a worker would only add copies.

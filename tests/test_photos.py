@@ -37,13 +37,15 @@ def test_each_format_and_mode_reads(tmp_path, suffix, mode):
     assert image.max() > 0.9 and image[0, 0].abs().sum() == 0  # bright ink, black border
 
 
-@pytest.mark.parametrize("mode", ["I;16", "F"])
-def test_16_bit_and_float_gray_read_as_their_ink(tmp_path, mode):
-    """A scanner's 16-bit gray (or a float TIFF) is read on its own scale, not clipped to white as 8 bits."""
-    gray = np.asarray(printed_digit(4, 0, np.random.default_rng(0)).convert("L"), dtype=np.float32) / 255
-    scale = 65535 if mode == "I;16" else 1
-    Image.fromarray((gray * scale).astype(np.uint16 if scale > 1 else np.float32), mode).save(tmp_path / "d.tiff")
-    assert np.abs(load_gray(tmp_path / "d.tiff") - gray).max() < 1e-3
+@pytest.mark.parametrize("mode, white", [("I;16", 65535), ("I;16", 4095), ("I", 255), ("F", 1)])
+def test_deep_and_float_gray_read_as_their_ink(tmp_path, mode, white):
+    """A scanner's 16-bit gray (12 bits used, or 8), or a float TIFF, is read on its own scale, not clipped to white
+    as 8 bits would be."""
+    gray = np.asarray(printed_digit(4, 0, np.random.default_rng(0)).convert("L"), dtype=np.float32)
+    gray /= gray.max()  # the paper at the scale's top
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    Image.fromarray((gray * white).round().astype(dtype) if white > 1 else gray, mode).save(tmp_path / "d.tiff")
+    assert np.abs(load_gray(tmp_path / "d.tiff") - gray).max() <= 0.5 / white + 1e-6  # a level's rounding at most
     assert to_mnist(load_gray(tmp_path / "d.tiff")).max() > 0.9
 
 

@@ -267,19 +267,6 @@ def test_logger_paths_the_user_sets_are_kept(tmp_path, synthetic_data_dir, monke
     assert (tmp_path / "mine" / "adder" / "version_0" / "results.json").is_file()
 
 
-def test_a_logger_place_the_user_gives_is_kept_even_when_it_is_the_default(
-    run_in_runs, tmp_path, synthetic_data_dir, monkeypatch
-):
-    """`save_dir .` is the default's value, but named: a resumed fit writes there, not on into the checkpoint's run."""
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")
-    checkpoint = str(run_in_runs / "checkpoints" / "last.ckpt")
-    args = ["fit", "--ckpt_path", checkpoint, "--trainer.max_epochs", "1", "--data.data_dir", str(synthetic_data_dir)]
-    cli = cli_main([*args, *QUIET, "--trainer.logger.init_args.save_dir", "."])
-    assert cli.trainer.log_dir == "./lightning_logs/version_0"
-    assert (tmp_path / "elsewhere" / "lightning_logs" / "version_0" / "results.json").is_file()
-
-
 def test_data_seed_is_the_one_seed(tmp_path, synthetic_data_dir, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     message = ends_in_clear_error(["fit", "--data.seed", "5", *QUIET], capsys)

@@ -27,11 +27,9 @@ def gray_levels(image: Image.Image) -> np.ndarray:
     frame = image.convert("RGBA") if "A" in image.getbands() or "transparency" in image.info else image
     if frame.mode == "RGBA" and np.asarray(frame.getchannel("A")).min() < 255:
         return np.asarray(frame.getchannel("A"), dtype=np.float32) / 255  # opaque strokes are the ink
-    if frame.mode.startswith("I"):  # 16-bit gray (a scanner's): convert("L") would clip it to white
-        return np.asarray(frame, dtype=np.float32) / 65535
-    if frame.mode == "F":
+    if frame.mode.startswith("I") or frame.mode == "F":  # 16-bit, 32-bit or float gray: convert("L") would clip it
         gray = np.asarray(frame, dtype=np.float32)
-        return gray / max(1.0, float(gray.max()))
+        return gray / max(1.0, float(gray.max()))  # its own scale, whatever its depth (12 bits in 16, say)
     return np.asarray(frame.convert("L"), dtype=np.float32) / 255
 
 
