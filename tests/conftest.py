@@ -1,5 +1,7 @@
 """Small synthetic stand-ins for MNIST, so that the tests run offline in seconds."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,16 @@ from mnist_adder.data import mnist_files
 from mnist_adder.data.mnist_files import idx_bytes, md5
 
 SYNTHETIC_SIZES = {"train": 600, "t10k": 200}
+RUN_OUTPUTS = ("lightning_logs", "checkpoints", "predictions.csv")  # what a run started in a folder writes there
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_run_written_into_the_repository():
+    """Every run a test starts writes under its tmp_path: in the clone it would be a user's surprise."""
+    root = Path(__file__).resolve().parents[1]
+    before = {name for name in RUN_OUTPUTS if (root / name).exists()}
+    yield
+    assert {name for name in RUN_OUTPUTS if (root / name).exists()} <= before, "a test wrote a run into the clone"
 
 
 def synthetic_digits(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

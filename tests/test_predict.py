@@ -91,8 +91,9 @@ def test_bad_manifest_stops_before_any_work(checkpoint, tmp_path, manifest, expe
 
 
 @pytest.mark.slow
-def test_printed_digits_floor_with_a_default_run(tmp_path, default_checkpoint):
+def test_printed_digits_floor_with_a_default_run(tmp_path, default_checkpoint, monkeypatch):
     """200 photos of printed digits through `cli.py predict`."""
+    monkeypatch.chdir(tmp_path)  # predict's own run folder
     rng = np.random.default_rng(0)
     lines, truth = ["file,number"], []
     for k in range(200):
