@@ -113,6 +113,8 @@ class AdderCLI(LightningCLI):
         """Settings that Lightning would take badly, turned into what the user meant or one clear error."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
+        if self.subcommand in ("validate", "test", "predict"):  # in a run folder of its own, which is no news
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")  # cli_main's catch_warnings
         if not isinstance(config.seed_everything, bool):  # the seed `--seed_everything true` drew by now
             config.data.seed = config.seed_everything
         if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():

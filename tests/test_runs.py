@@ -222,7 +222,7 @@ def test_evaluating_without_weights_names_the_newest_checkpoint(run_in_runs, tmp
 
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
 def test_evaluating_a_runs_checkpoint_leaves_that_run_as_it_is(
-    run_in_runs, tmp_path, synthetic_data_dir, monkeypatch, subcommand
+    run_in_runs, tmp_path, synthetic_data_dir, monkeypatch, recwarn, subcommand
 ):
     """A folder of its own, as Lightning gives it: logged at step 0, its figures in the run's folder would sit at the
     start of the run's curves. Predictions land in it too."""
@@ -243,6 +243,7 @@ def test_evaluating_a_runs_checkpoint_leaves_that_run_as_it_is(
     assert cli.trainer.log_dir == str(own)
     assert {p.name: p.stat().st_mtime_ns for p in run_in_runs.iterdir()} == before  # no new events, nothing rewritten
     assert (own / "predictions.csv").is_file() == (subcommand == "predict")
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]  # Lightning's note that it moved
 
 
 def test_logger_paths_the_user_sets_are_kept(tmp_path, synthetic_data_dir, monkeypatch):
