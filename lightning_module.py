@@ -13,14 +13,7 @@ from torchmetrics import MaxMetric
 from mnist_adder.errors import UsageError
 from mnist_adder.model.calibration import UNSURE_BELOW, ValidationFit
 from mnist_adder.model.feature_distance import FeatureStats, feature_distance
-from mnist_adder.model.losses import (
-    DEFAULT_SUM_LOSS_WEIGHT,
-    Losses,
-    SumLoss,
-    compute_losses,
-    mix_non_digits,
-    weighted_sum_loss,
-)
+from mnist_adder.model.losses import DEFAULT_SUM_LOSS_WEIGHT, Losses, SumLoss, compute_losses, weighted_sum_loss
 from mnist_adder.model.metrics import (
     accuracy,
     calibration_metrics,
@@ -98,7 +91,6 @@ class MNISTAdder(L.LightningModule):
         label_smoothing: float = 0.1,
         agreement: float = 3.0,
         not_digit_weight: float = 0.5,
-        not_digit_mix: bool = False,
     ):
         super().__init__()
         if sum_loss not in ("cross_entropy", "mse"):
@@ -154,7 +146,7 @@ class MNISTAdder(L.LightningModule):
     def not_digit_score(self, image_features: torch.Tensor) -> torch.Tensor:
         return feature_distance(image_features, self.feature_means, self.feature_whitening)
 
-    def losses(self, logits: torch.Tensor, batch: dict, not_digit_target: torch.Tensor | None = None) -> Losses:
+    def losses(self, logits: torch.Tensor, batch: dict) -> Losses:
         """The losses of a batch's logits against its "digit" and "sum" (-1: no digit), given its "number"."""
         hp = self.hparams
         return compute_losses(
@@ -167,16 +159,12 @@ class MNISTAdder(L.LightningModule):
             hp.label_smoothing,
             hp.agreement,
             hp.not_digit_weight,
-            not_digit_target,
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
-        images, target = batch["image"], None
-        if self.hparams.not_digit_mix:
-            images, target = mix_non_digits(images, batch["digit"])
-        logits = self.net(images, batch["number"])
-        losses = self.losses(logits, batch, target)
+        logits = self.net(batch["image"], batch["number"])
+        losses = self.losses(logits, batch)
         optimizer.zero_grad()
         # Under DDP the first backward pass only accumulates: the gradients are all-reduced once, in the second.
         with optimizer.toggle_model(sync_grad=False):

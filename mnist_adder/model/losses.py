@@ -32,7 +32,6 @@ def compute_losses(
     label_smoothing: float,
     agreement: float,
     not_digit_weight: float,
-    not_digit_target: torch.Tensor | None = None,
 ) -> Losses:
     """Pictures that are no digit (digit and sum -1) have no digit and no sum to learn: they add to the digit loss
     `not_digit_weight` times the cross-entropy of their digit softmax against equal odds, 1/10 each (outlier
@@ -44,8 +43,7 @@ def compute_losses(
     smoothed = {"label_smoothing": label_smoothing, "ignore_index": -1, "reduction": "sum"}
     digit_loss = F.cross_entropy(digit_logits, digits, **smoothed) / count
     if not_digit_weight:  # masked, not indexed: no host sync per step
-        target = torch.full_like(digit_logits, 0.1) if not_digit_target is None else not_digit_target
-        flat = F.cross_entropy(digit_logits, target, reduction="none")
+        flat = F.cross_entropy(digit_logits, torch.full_like(digit_logits, 0.1), reduction="none")
         digit_loss = digit_loss + not_digit_weight * (flat * ~is_digit).sum() / (~is_digit).sum().clamp(min=1)
     if sum_loss == "mse":
         target = F.one_hot(sums.clamp(min=0), 19).to(logits.dtype)
@@ -60,18 +58,3 @@ def compute_losses(
 def weighted_sum_loss(sum_loss: torch.Tensor, agreement: torch.Tensor, sum_loss_weight: float) -> torch.Tensor:
     """The objective's part that the second backward pass takes."""
     return sum_loss_weight * (sum_loss + agreement)
-
-
-def mix_non_digits(images: torch.Tensor, digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixture outlier exposure (Zhang et al., 2023): each non-digit picture (digit -1) blended with a random picture
-    of the batch, weight w ~ U(0, 1) on that one; its digit target w times the partner's one-hot (equal odds for a
-    non-digit) plus (1 - w) times equal odds. Digits are left as they are. Returns (images, targets [B, 10])."""
-    n = len(images)
-    partner = torch.randint(n, (n,), device=images.device)
-    w = torch.rand(n, device=images.device) * (digits < 0)
-    mixed = images + w.view(-1, 1, 1, 1) * (images[partner] - images)
-    partner_digits = digits[partner]
-    one_hot = F.one_hot(partner_digits.clamp(min=0), 10).to(images.dtype)
-    one_hot = torch.where((partner_digits >= 0).unsqueeze(1), one_hot, torch.full_like(one_hot, 0.1))
-    w = w.unsqueeze(1).to(images.dtype)
-    return mixed, w * one_hot + (1 - w) * 0.1
