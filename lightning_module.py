@@ -128,7 +128,7 @@ class MNISTAdder(L.LightningModule):
         self.val_sum_acc_best = MaxMetric(sync_on_compute=False)  # of val/sum_acc, synced already
         self.val_sum_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps its best so far
         self.val_fit = ValidationFit()
-        self._checkpoint_optimizers = None  # the optimizer classes of the checkpoint loaded last
+        self._checkpoint_classes = None  # the optimizer and schedule classes of the checkpoint loaded last
 
     def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         return self.calibrated(self.net(images, numbers))
@@ -303,20 +303,26 @@ class MNISTAdder(L.LightningModule):
         own_metric_states(self)  # runs before a restore
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Its state only fits an optimizer of the same class; from Python, the optimizer is no hyperparameter.
-        checkpoint["optimizer_classes"] = [_qualified(type(optimizer)) for optimizer in self.trainer.optimizers]
+        # Their states only fit an optimizer and schedule of the same classes; from Python, neither is a hyperparameter.
+        checkpoint["optimization_classes"] = self._optimization_classes()
 
     def on_fit_start(self) -> None:
-        # Here the optimizers are built, and a resumed fit's state is not loaded into them yet.
-        saved, built = self._checkpoint_optimizers, [_qualified(type(o)) for o in self.trainer.optimizers]
+        # Here the optimizers and schedules are built, and a resumed fit's states are not loaded into them yet.
+        saved, built = self._checkpoint_classes, self._optimization_classes()
         if self.trainer.ckpt_path and saved is not None and saved != built:
             raise UsageError(
                 f"{self.trainer.ckpt_path} was trained with {', '.join(saved)} and this fit builds "
-                f"{', '.join(built)}: resume with the same optimizer (--model.optimizer, from Python optimizer=)"
+                f"{', '.join(built)}: resume with the same optimizer and schedule (--model.optimizer and "
+                "--model.scheduler, from Python optimizer= and scheduler=)"
             )
 
+    def _optimization_classes(self) -> list[str]:
+        trainer = self.trainer
+        schedules = [config.scheduler for config in trainer.lr_scheduler_configs]
+        return [_qualified(type(part)) for part in [*trainer.optimizers, *schedules]]
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._checkpoint_optimizers = checkpoint.get("optimizer_classes")  # absent: saved before they were recorded
+        self._checkpoint_classes = checkpoint.get("optimization_classes")  # absent: saved before they were recorded
         if not {"calibrated_step", "feature_whitening"} <= checkpoint["state_dict"].keys():
             raise UsageError("this checkpoint was written by an older version of this model: train it anew")
         calibrated = int(checkpoint["state_dict"]["calibrated_step"])

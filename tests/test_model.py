@@ -143,9 +143,10 @@ def test_a_trainer_that_would_cast_the_buffers_is_refused_from_python_too(tmp_pa
         quiet_trainer(tmp_path, max_steps=1, precision="bf16-true").fit(MNISTAdder(channels=(8, 16, 16)), [])
 
 
-def test_resuming_with_another_optimizer_is_refused_before_its_state_is_loaded(tmp_path):
+def test_resuming_with_another_optimizer_or_schedule_is_refused_before_its_state_is_loaded(tmp_path):
     """An optimizer given from Python is no hyperparameter: resumed with the default SGD, Adam's state would end in
-    a KeyError at the first step. The same optimizer resumes."""
+    a KeyError at the first step; a schedule added on resuming would load without a word. The same optimizer
+    and schedule resume."""
     adam, batches = partial(torch.optim.Adam, lr=3e-3), DataLoader(fixed_batches(), batch_size=None)
     trainer = quiet_trainer(tmp_path, max_steps=2)
     trainer.fit(MNISTAdder(channels=(8, 16, 16), optimizer=adam, scheduler=None), batches)
@@ -162,6 +163,13 @@ def test_resuming_with_another_optimizer_is_refused_before_its_state_is_loaded(t
         ckpt_path=tmp_path / "adam.ckpt",
     )
     assert resumed.global_step == 3
+    with pytest.raises(
+        UsageError, match=r"this fit builds torch\.optim\.adam\.Adam, torch\.optim\.lr_scheduler\.StepLR"
+    ):
+        stepped = MNISTAdder(
+            channels=(8, 16, 16), optimizer=adam, scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1)
+        )
+        quiet_trainer(tmp_path, max_steps=3).fit(stepped, batches, ckpt_path=tmp_path / "adam.ckpt")
     tuned = quiet_trainer(tmp_path, max_steps=2)  # a loaded model fitted afresh (no ckpt_path) may take another
     tuned.fit(MNISTAdder.load_from_checkpoint(tmp_path / "adam.ckpt", optimizer=sgd.optimizer), batches)
     assert tuned.global_step == 2
@@ -396,12 +404,10 @@ def test_one_cycle_spans_the_run_unless_given_its_length(tmp_path, scheduler):
 def test_images_are_standardised_with_mnists_mean_and_deviation():
     """The first conv sees (image - 0.1307) / 0.3081: an image at MNIST's mean pixel is zero, one a deviation
     above it is one."""
-    from mnist_adder.model.net import MNIST_MEAN, MNIST_STD
-
     seen = []
     model = MNISTAdder(channels=(8, 16, 16), hidden=32).eval()
     model.net.image[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    images = torch.stack([torch.full((1, 28, 28), MNIST_MEAN), torch.full((1, 28, 28), MNIST_MEAN + MNIST_STD)])
+    images = torch.stack([torch.full((1, 28, 28), 0.1307), torch.full((1, 28, 28), 0.1307 + 0.3081)])
     with torch.no_grad():
         model(images, torch.tensor([0, 1]))
     assert torch.allclose(seen[0][0], torch.zeros(1, 28, 28), atol=1e-6)
