@@ -4,7 +4,7 @@ minutes on two cores, and one more per checkpoint).
 Makes `--per-kind` phone-like photos of each kind of non-digit picture for validation and for the held-out test
 set (the "val" and "test" splits of mnist_adder/data/non_digits.py, photographed by non_digit_photos.py), reads
 them as `predict` does (a picture it refuses, a digit cut off by the edge say, counts as caught), and scores them
-and the real digits seven ways, from the checkpoint's 29 logits or the conv features under them:
+and the real digits ten ways, from the checkpoint's 29 logits or the conv features under them:
 
 - msp: minus the calibrated maximum softmax probability of the digit head (Hendrycks & Gimpel, 2017);
 - energy: minus the log-sum-exp of the calibrated digit logits (Liu et al., 2020);
@@ -18,10 +18,15 @@ and the real digits seven ways, from the checkpoint's 29 logits or the conv feat
 - mahalanobis_penultimate: the same fit and distance on the penultimate layer (the first FC layer's output,
   after its ReLU), which sees the picture's number too: each training image is fitted with a random one;
 - mahalanobis_layers: the conv features of every stage (Lee et al.'s ensemble of layers): the earlier stages'
-  averaged over their pixels, each stage's mahalanobis_clean distance divided by its width, summed.
+  averaged over their pixels, each stage's mahalanobis_clean distance divided by its width, summed;
+- mahalanobis_classwise: a covariance of each digit's own (half its own, half the shared one), each digit's
+  distance plus its covariance's log-determinant, the smallest (a Gaussian per digit, fitted like mahalanobis_clean);
+- mahalanobis_normalized: mahalanobis_clean of the features scaled to length 1;
+- knn: minus the cosine similarity of the features to their 10th nearest among the 20,000 training images' (Sun et
+  al., 2022).
 
 Training with outlier exposure (the data's `non_digits`, the model's `not_digit_weight`) is one more method: each
-`--training` group of checkpoints (trained with it or without, or on other non-digits) is scored these seven
+`--training` group of checkpoints (trained with it or without, or on other non-digits) is scored these ten
 ways. Each score's threshold refuses `calibration.NOT_DIGIT_SHARE` of the validation digits (mahalanobis's is the
 one the last validation pass fitted, as `predict` uses it). Every picture is scored with a number, as `predict`
 scores it: a digit of the val or test set with its own, a photo with a random one.
@@ -40,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bench import ROOT, write_report
 from seeds import commit
@@ -66,7 +72,11 @@ METHODS = (
     "relative_mahalanobis",
     "mahalanobis_penultimate",
     "mahalanobis_layers",
+    "mahalanobis_classwise",
+    "mahalanobis_normalized",
+    "knn",
 )
+NEIGHBOUR = 10  # knn's: the 10th nearest training image
 
 
 def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
@@ -105,6 +115,9 @@ class Scores:
         self.fits["layers"] = [self.fit(f, train_digits) for f in self.early(train_images)]
         means, whitening = self.fit(features, torch.zeros_like(train_digits))  # all as one digit: one Gaussian
         self.fits["background"] = (means[:1], whitening)  # that digit's mean only
+        self.fits["mahalanobis_normalized"] = self.fit(F.normalize(features, dim=1), train_digits)
+        self.fits["mahalanobis_classwise"] = self.fit_classwise(features, train_digits)
+        self.train_directions = F.normalize(features, dim=1)
 
     @staticmethod
     def fit(features: torch.Tensor, digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +127,22 @@ class Scores:
             stats.update(chunk, chunk_digits)
         means, whitening = stats.compute()
         return means @ whitening, whitening
+
+    def fit_classwise(self, features: torch.Tensor, digits: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Per digit, in the shared fit's whitened space (where the shared covariance is the identity): its mean, the
+        whitening of half its own covariance plus half the identity, and that covariance's log-determinant."""
+        whitened = features @ self.fits["mahalanobis_clean"][1]
+        fits = []
+        for digit in range(10):
+            own = whitened[digits == digit]
+            variances, directions = torch.linalg.eigh(0.5 * torch.cov(own.T) + 0.5 * torch.eye(own.shape[1]))
+            fits.append((own.mean(0), directions / variances.sqrt(), variances.log().sum()))
+        return fits
+
+    def classwise(self, features: torch.Tensor) -> torch.Tensor:
+        whitened = features @ self.fits["mahalanobis_clean"][1]
+        fits = self.fits["mahalanobis_classwise"]
+        return torch.stack([((whitened - m) @ w).square().sum(1) + log_det for m, w, log_det in fits], 1).min(1).values
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -164,6 +193,14 @@ class Scores:
                     [*self.early(images), features], [*self.fits["layers"], self.fits["mahalanobis_clean"]]
                 )
             ).numpy(),
+            "mahalanobis_classwise": self.classwise(features).numpy(),
+            "mahalanobis_normalized": feature_distance(
+                F.normalize(features, dim=1), *self.fits["mahalanobis_normalized"]
+            ).numpy(),
+            "knn": -(F.normalize(features, dim=1) @ self.train_directions.T)
+            .topk(NEIGHBOUR, dim=1)
+            .values[:, -1]
+            .numpy(),
         }
 
     def thresholds(self, validation_digits: dict[str, np.ndarray]) -> dict[str, float]:
