@@ -25,6 +25,17 @@ def test_the_three_splits_share_no_glyph_printed_or_drawn():
     assert not glyphs["val"] & glyphs["test"]
 
 
+def test_several_digits_keep_the_digits_own_gray_levels():
+    """The digits that make the several-digit training pictures are read as MNIST's uint8: a faint stroke stays
+    faint, as it is in a real picture of several digits, instead of turning solid."""
+    digits = torch.zeros(50, 28, 28, dtype=torch.uint8)
+    digits[:, 6:22, 8:11] = 255  # a solid stroke
+    digits[:, 6:22, 16:19] = 64  # a faint one
+    several = non_digit_images(14, 0, digits)[4::7].float() / 255  # the kinds in turn: the fifth makes them
+    inked = several > 0.1
+    assert ((several > 0.9) & inked).sum() < 0.5 * inked.sum()
+
+
 def test_a_random_shape_is_never_nearly_a_line():
     """A line is a 1 to people: training to refuse it would teach the model to refuse the digit."""
     rng = np.random.default_rng(0)

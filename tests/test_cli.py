@@ -273,6 +273,30 @@ def test_a_grid_of_misclassified_samples_has_a_row_for_every_sample():
     assert grid.shape[1] == 2 * (84 + 40) and grid.shape[2] == 6 * 84
 
 
+def test_the_misclassified_samples_are_the_pairs_with_either_answer_wrong():
+    """A wrong sum beside a right digit is the sum head failing to add: it is shown, as is a wrong digit."""
+    from types import SimpleNamespace
+
+    from mnist_adder.run.dashboard import Dashboard
+
+    batch = {
+        "image": torch.rand(3, 1, 28, 28),
+        "number": torch.tensor([4, 1, 0]),
+        "digit": torch.tensor([3, 5, 0]),
+        "sum": torch.tensor([7, 6, 0]),
+    }
+    answered = [(3, 8), (2, 6), (0, 0)]  # the digit right and the sum wrong, the other way round, both right
+    logits = torch.zeros(3, 29)
+    for row, (digit, sum_) in enumerate(answered):
+        logits[row, digit] = logits[row, 10 + sum_] = 5.0
+    dashboard = Dashboard()
+    dashboard.on_validation_epoch_start(None, SimpleNamespace(device="cpu"))
+    dashboard.on_validation_batch_end(None, None, logits, batch, 0)
+    [shown] = dashboard.misclassified
+    assert shown["digit"].tolist() == [3, 5] and shown["number"].tolist() == [4, 1]
+    assert shown["digit_pred"].tolist() == [3, 2] and shown["sum_pred"].tolist() == [8, 6]
+
+
 def test_the_cli_leaves_the_callers_warning_filters_as_they_were(tmp_path, monkeypatch):
     """It silences a few warnings no user can act on while it runs, not for the rest of a notebook's session."""
     monkeypatch.chdir(tmp_path)

@@ -99,6 +99,19 @@ def test_augmentation_is_a_rotation_zoom_and_shift(synthetic_data_dir, monkeypat
     assert (angles > 0).any() and (angles < 0).any()
 
 
+def test_translate_is_the_share_of_the_picture_a_full_draw_shifts_it_by():
+    """translate 0.25 and a full draw move a lone pixel a quarter of 28 pixels, across only."""
+    from datamodule import affine_augment
+
+    image = torch.zeros(1, 1, 28, 28)
+    image[0, 0, 14, 10] = 1
+    draws = (torch.zeros(1), torch.zeros(1), torch.tensor([[1.0, 0.0]]))
+    moved = affine_augment(image, draws, rotate=0, translate=0.25, scale=0)
+    row, column = divmod(int(moved.flatten().argmax()), 28)
+    assert (row, abs(column - 10)) == (14, 7)
+    assert moved.max() == pytest.approx(1.0)
+
+
 class RecordPairs(Callback):
     """The number each training image (by its index in the train set) was paired with, and the order the
     images came in, per epoch."""
