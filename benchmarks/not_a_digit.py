@@ -115,9 +115,9 @@ class Scores:
         self.fits["layers"] = [self.fit(f, train_digits) for f in self.early(train_images)]
         means, whitening = self.fit(features, torch.zeros_like(train_digits))  # all as one digit: one Gaussian
         self.fits["background"] = (means[:1], whitening)  # that digit's mean only
-        self.fits["mahalanobis_normalized"] = self.fit(F.normalize(features, dim=1), train_digits)
+        self.train_directions = F.normalize(features, dim=1)  # the features scaled to length 1
+        self.fits["mahalanobis_normalized"] = self.fit(self.train_directions, train_digits)
         self.fits["mahalanobis_classwise"] = self.fit_classwise(features, train_digits)
-        self.train_directions = F.normalize(features, dim=1)
 
     @staticmethod
     def fit(features: torch.Tensor, digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +174,7 @@ class Scores:
         if not len(images):
             return {method: np.zeros(0) for method in METHODS}
         features = self.features(images)
+        directions = F.normalize(features, dim=1)
         digit = split_logits(self.model.calibrated(self.model.net.logits(features, numbers))).digit
         return {
             "msp": -digit.softmax(1).max(1).values.numpy(),
@@ -194,13 +195,8 @@ class Scores:
                 )
             ).numpy(),
             "mahalanobis_classwise": self.classwise(features).numpy(),
-            "mahalanobis_normalized": feature_distance(
-                F.normalize(features, dim=1), *self.fits["mahalanobis_normalized"]
-            ).numpy(),
-            "knn": -(F.normalize(features, dim=1) @ self.train_directions.T)
-            .topk(NEIGHBOUR, dim=1)
-            .values[:, -1]
-            .numpy(),
+            "mahalanobis_normalized": feature_distance(directions, *self.fits["mahalanobis_normalized"]).numpy(),
+            "knn": -(directions @ self.train_directions.T).topk(NEIGHBOUR, dim=1).values[:, -1].numpy(),
         }
 
     def thresholds(self, validation_digits: dict[str, np.ndarray]) -> dict[str, float]:
