@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_adder.data.non_digits import FONTS, GLYPHS, STROKES, fonts_drawing, non_digit_images, random_shape
+from mnist_adder.data.non_digits import (
+    FONTS,
+    GLYPHS,
+    MAKERS,
+    STROKES,
+    fonts_drawing,
+    non_digit_images,
+    random_shape,
+)
 from mnist_adder.data.photos import PhotoError, gray_levels, to_mnist
 from non_digit_photos import KINDS, non_digit_photos
 from not_a_digit import auroc
@@ -31,7 +39,8 @@ def test_several_digits_keep_the_digits_own_gray_levels():
     digits = torch.zeros(50, 28, 28, dtype=torch.uint8)
     digits[:, 6:22, 8:11] = 255  # a solid stroke
     digits[:, 6:22, 16:19] = 64  # a faint one
-    several = non_digit_images(14, 0, digits)[4::7].float() / 255  # the kinds in turn: the fifth makes them
+    kind = list(MAKERS).index("several digits")  # the kinds are made in turn
+    several = non_digit_images(2 * len(MAKERS), 0, digits)[kind :: len(MAKERS)].float() / 255
     inked = several > 0.1
     assert ((several > 0.9) & inked).sum() < 0.5 * inked.sum()
 
